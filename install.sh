@@ -1,0 +1,27 @@
+#!/bin/sh
+# Install ascendfactory into the current Python environment.
+#   sh install.sh [modellink]
+# Keeps an existing torch / torch_npu (Ascend images ship their own); installs the CPU
+# build of torch only where no torch is importable.
+set -e
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null 2>&1 || PY=python
+if "$PY" -c "import torch" >/dev/null 2>&1; then
+  echo "install.sh: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+else
+  echo "install.sh: no torch found, installing the CPU build"
+  "$PY" -m pip install "torch==2.13.0" || "$PY" -m pip install torch --index-url https://download.pytorch.org/whl/cpu
+fi
+# -c pins torch to the one installed so no dependency can upgrade or replace it.
+TORCH_PIN=$(mktemp)
+"$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
+"$PY" -m pip install -c "$TORCH_PIN" -e ".[test]"
+rm -f "$TORCH_PIN"
+if [ "${1:-}" = "modellink" ] && "$PY" -c "import torch_npu" >/dev/null 2>&1; then
+  echo "install.sh: torch_npu present ($("$PY" -c 'import torch_npu; print(torch_npu.__version__)'))"
+fi
+"$PY" -m pip install matplotlib >/dev/null 2>&1 || echo "install.sh: matplotlib not installed; training_loss.png will be skipped"
+BIN=$("$PY" -c "import sysconfig; print(sysconfig.get_path('scripts'))")
+case ":$PATH:" in *":$BIN:"*) ;; *) echo "install.sh: add $BIN to PATH to use ascendfactory-cli";; esac
+echo "install.sh: done; try: ascendfactory-cli --help"

@@ -1,0 +1,109 @@
+"""Megatron legacy checkpoint layout (SPEC.md section 6), shared by the converter and the trainer.
+
+    <dir>/latest_checkpointed_iteration.txt
+    <dir>/iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt            PP = 1
+    <dir>/iter_0000001/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   PP > 1
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from ascendfactory.errors import UserError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
+_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+
+
+def iter_dir_name(iteration: int) -> str:
+    return f"iter_{iteration:07d}"
+
+
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
+    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+
+
+def rank_file(ckpt_dir: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
+    return Path(ckpt_dir) / iter_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size) / MODEL_FILE
+
+
+def iterations_on_disk(ckpt_dir: str | Path) -> list[int]:
+    """Every iter_XXXXXXX folder name, newest first (complete or not: callers validate)."""
+    p = Path(ckpt_dir)
+    if not p.is_dir():
+        return []
+    its = [int(m.group(1)) for d in p.iterdir() if d.is_dir() and (m := _ITER_RE.match(d.name))]
+    return sorted(its, reverse=True)
+
+
+def layout_of(iter_path: str | Path) -> tuple[int, int]:
+    """(tp, pp) from the mp_rank_* folder names of one iteration folder."""
+    tps, pps = set(), set()
+    for d in Path(iter_path).iterdir():
+        m = _RANK_RE.match(d.name)
+        if m:
+            tps.add(int(m.group(1)))
+            pps.add(int(m.group(2) or 0))
+    if not tps:
+        raise UserError(f"{iter_path}: no mp_rank_* folders; not a Megatron checkpoint iteration")
+    return max(tps) + 1, max(pps) + 1
+
+
+def read_tracker(ckpt_dir: str | Path) -> int:
+    """The iteration named by the tracker file; UserError naming the file when absent or bad."""
+    path = Path(ckpt_dir) / TRACKER
+    if not Path(ckpt_dir).is_dir():
+        raise UserError(f"{ckpt_dir}: checkpoint directory does not exist")
+    if not path.is_file():
+        raise UserError(f"{path}: tracker file missing; {ckpt_dir} is not a complete Megatron checkpoint")
+    text = path.read_text().strip()
+    if text == "release":
+        raise UserError(f"{path}: 'release' checkpoints are not supported; convert with ascendfactory-cli convert")
+    try:
+        return int(text)
+    except ValueError:
+        raise UserError(f"{path}: expected an iteration number, found {text!r}") from None
+
+
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write + fsync + rename: readers see the old content or the new, never a partial file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: str | Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_tracker(ckpt_dir: str | Path, iteration: int) -> None:
+    write_text_atomic(Path(ckpt_dir) / TRACKER, str(iteration))
+
+
+def checkpoint_args(tp: int, pp: int, num_layer_list: list[int] | None, source_model: str,
+                    architecture: str, vocab_size: int, padded_vocab_size: int, **extra) -> dict:
+    """The `args` entry of every checkpoint file we write: the layout and the source, checked on load."""
+    return {
+        "tensor_model_parallel_size": tp,
+        "pipeline_model_parallel_size": pp,
+        "num_layer_list": num_layer_list,
+        "source_model": source_model,
+        "architecture": architecture,
+        "vocab_size": vocab_size,
+        "padded_vocab_size": padded_vocab_size,
+        **extra,
+    }

@@ -1,0 +1,188 @@
+"""The device adapter: every device-specific line of the project lives here.
+
+npu  : torch_npu + transfer_to_npu (which maps torch.cuda.* onto the NPU), backend hccl.
+cuda : nothing to patch, backend nccl.
+cpu  : backend gloo; megatron-core assumes CUDA in a few spots (current_device, the cuda RNG
+       state and its tracker, synchronize), which are pointed at the CPU here.
+
+Everything else (trainer, model builder, checkpointing) asks this module for the torch device,
+the process-group backend and the RNG state, and never branches on the device itself.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str  # "npu" | "cuda" | "cpu"
+    backend: str  # "hccl" | "nccl" | "gloo"
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.kind == "cpu":
+            return torch.device("cpu")
+        # transfer_to_npu makes "cuda" mean the NPU, so npu and cuda share this path.
+        return torch.device("cuda", torch.cuda.current_device())
+
+    @property
+    def default_precision(self) -> str:
+        return "fp32" if self.kind == "cpu" else "bf16"
+
+
+_ACTIVE: Device | None = None
+
+
+def npu_available() -> bool:
+    try:
+        import torch_npu  # noqa: F401
+    except Exception:
+        return False
+    return bool(getattr(torch, "npu", None)) and torch.npu.is_available() and torch.npu.device_count() > 0
+
+
+def detect_kind(requested: str = "auto") -> str:
+    """auto: npu if torch_npu sees devices, else cuda, else cpu."""
+    if requested != "auto":
+        return requested
+    if npu_available():
+        return "npu"
+    if torch.cuda.is_available():
+        return "cuda"
+    return "cpu"
+
+
+def device_count(kind: str) -> int:
+    if kind == "npu":
+        return torch.npu.device_count()
+    if kind == "cuda":
+        return torch.cuda.device_count()
+    return 1
+
+
+def setup(requested: str = "auto") -> Device:
+    """Prepare the process for `requested` (auto|npu|cuda|cpu); idempotent. Call before megatron-core runs."""
+    global _ACTIVE
+    kind = detect_kind(requested)
+    if _ACTIVE is not None:
+        if _ACTIVE.kind != kind:
+            raise RuntimeError(f"device already set up as {_ACTIVE.kind}, cannot switch to {kind}")
+        return _ACTIVE
+    if kind == "npu":
+        import torch_npu  # noqa: F401
+        from torch_npu.contrib import transfer_to_npu  # noqa: F401
+
+        os.environ.setdefault("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dev = Device("npu", "hccl")
+    elif kind == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dev = Device("cuda", "nccl")
+    elif kind == "cpu":
+        _patch_megatron_for_cpu()
+        dev = Device("cpu", "gloo")
+    else:
+        raise ValueError(f"unknown device {kind!r}: use auto, npu, cuda or cpu")
+    _ACTIVE = dev
+    return dev
+
+
+def active() -> Device:
+    if _ACTIVE is None:
+        raise RuntimeError("device.setup() has not been called")
+    return _ACTIVE
+
+
+def synchronize() -> None:
+    if active().kind != "cpu":
+        torch.cuda.synchronize()
+
+
+def rng_state() -> dict:
+    """Every RNG a training step consumes: python, numpy, torch CPU, the accelerator and megatron's tracker."""
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    return {
+        "random_rng_state": random.getstate(),
+        "np_rng_state": np.random.get_state(),
+        "torch_rng_state": torch.get_rng_state(),
+        "cuda_rng_state": torch.cuda.get_rng_state() if active().kind != "cpu" else None,
+        "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random_rng_state"])
+    np.random.set_state(state["np_rng_state"])
+    torch.set_rng_state(state["torch_rng_state"])
+    if state.get("cuda_rng_state") is not None and active().kind != "cpu":
+        torch.cuda.set_rng_state(state["cuda_rng_state"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["rng_tracker_states"])
+
+
+_CPU_PATCHED = False
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    return isinstance(dev, torch.device) and dev.type == "cuda"
+
+
+class _CudaToCpu(torch.overrides.TorchFunctionMode):
+    """Rewrites `device="cuda"` (megatron-core's schedules, masks, buffers) to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+def _patch_megatron_for_cpu() -> None:
+    """Point megatron-core's CUDA assumptions at the CPU.
+
+    The "cuda" RNG becomes the CPU generator: megatron's tracker forks/restores it around
+    tensor-parallel regions exactly as it would the GPU one, so dropout stays deterministic.
+    """
+    global _CPU_PATCHED
+    if _CPU_PATCHED:
+        return
+    _CPU_PATCHED = True
+
+    def cpu_get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def cpu_set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda device=None: None
+    torch.cuda.get_rng_state = cpu_get_rng_state
+    torch.cuda.random.get_rng_state = cpu_get_rng_state
+    torch.cuda.set_rng_state = cpu_set_rng_state
+    # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+    torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    torch.cuda.manual_seed_all = lambda seed: None
+
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kw: self
+    _CudaToCpu().__enter__()  # stays active for the life of the process
+
+    from megatron.core.tensor_parallel import random as mc_random
+
+    mc_random._set_cuda_rng_state = cpu_set_rng_state
+    mc_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()

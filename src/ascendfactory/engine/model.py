@@ -1,0 +1,121 @@
+"""megatron-core GPTModel built from an HF config.json (Llama, Qwen2, Qwen3, Mistral).
+
+Local layer spec: its parameter names are the ones the converter's tables target.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ascendfactory.modelinfo import ModelFacts
+
+
+@dataclass(frozen=True)
+class Parallel:
+    tp: int = 1
+    pp: int = 1
+    cp: int = 1
+    sequence_parallel: bool = False
+
+
+def _dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision: str = "fp32",
+                       num_layers: int | None = None, use_cpu_initialization: bool = True,
+                       init_method_std: float = 0.02, **overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    kw = dict(
+        num_layers=num_layers or facts.num_layers,
+        hidden_size=facts.hidden_size,
+        num_attention_heads=facts.num_heads,
+        num_query_groups=facts.num_kv_heads,
+        kv_channels=facts.head_dim,
+        ffn_hidden_size=facts.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=facts.rms_norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=facts.qkv_bias,
+        qk_layernorm=facts.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        # Fused kernels are GPU-only; the unfused paths are numerically the reference.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        persist_layer_norm=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        tensor_model_parallel_size=par.tp,
+        pipeline_model_parallel_size=par.pp,
+        context_parallel_size=par.cp,
+        sequence_parallel=par.sequence_parallel and par.tp > 1,
+        params_dtype=_dtype(precision),
+        pipeline_dtype=_dtype(precision),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu_initialization=use_cpu_initialization,
+        init_method_std=init_method_std,
+    )
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def llama3_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
+    """HF's llama3 rope scaling with the config's own factors (GPTModel hard-codes 1/4/8192)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    factor = float(scaling.get("factor", 8.0))
+    low = float(scaling.get("low_freq_factor", 1.0))
+    high = float(scaling.get("high_freq_factor", 4.0))
+    old_len = float(scaling.get("original_max_position_embeddings", 8192))
+    low_wavelen, high_wavelen = old_len / low, old_len / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_scaling_type(facts: ModelFacts) -> str | None:
+    if not facts.rope_scaling:
+        return None
+    return facts.rope_scaling.get("rope_type") or facts.rope_scaling.get("type")
+
+
+def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_process: bool = True,
+                    max_sequence_length: int | None = None, vocab_size: int | None = None):
+    """GPTModel for one pipeline stage. `config` is from transformer_config() with this stage's num_layers
+    (megatron-core splits layers evenly itself when given the full count)."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    kind = rope_scaling_type(facts)
+    if kind not in (None, "default", "llama3"):
+        from ascendfactory.errors import UserError
+
+        raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: llama3)")
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=facts.qk_norm),
+        vocab_size=vocab_size or facts.vocab_size,
+        max_sequence_length=max_sequence_length or facts.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=facts.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=facts.rope_theta,
+        rotary_percent=1.0,
+    )
+    if kind == "llama3":
+        inv = llama3_inv_freq(facts.head_dim, facts.rope_theta, facts.rope_scaling)
+        model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
+    return model

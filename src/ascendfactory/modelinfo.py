@@ -1,0 +1,107 @@
+"""Model facts from an HF `config.json`, read without importing torch or transformers.
+
+The layout rules, the model builder and the converter all take their shapes from here.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ascendfactory.errors import UserError
+
+# Per-architecture traits that config.json does not spell out the same way in every family.
+ARCHITECTURES: dict[str, dict] = {
+    "LlamaForCausalLM": {"qkv_bias_key": "attention_bias", "qkv_bias": False, "qk_norm": False},
+    "MistralForCausalLM": {"qkv_bias_key": None, "qkv_bias": False, "qk_norm": False},
+    "Qwen2ForCausalLM": {"qkv_bias_key": None, "qkv_bias": True, "qk_norm": False},
+    "Qwen3ForCausalLM": {"qkv_bias_key": "attention_bias", "qkv_bias": False, "qk_norm": True},
+}
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    architecture: str
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    max_position_embeddings: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    rope_scaling: dict | None = field(default=None, hash=False)
+    torch_dtype: str | None = None
+
+
+def config_path(model_dir: str | Path) -> Path:
+    return Path(model_dir) / "config.json"
+
+
+def load_config_json(model_dir: str | Path) -> dict:
+    path = config_path(model_dir)
+    if not Path(model_dir).is_dir():
+        raise UserError(f"model_name_or_path: {model_dir} is not a directory; point it at an HF model folder")
+    if not path.is_file():
+        raise UserError(f"{path}: config.json not found; model_name_or_path must be an HF model folder")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore the model's config.json") from None
+
+
+def supported_architectures() -> str:
+    return ", ".join(sorted(ARCHITECTURES))
+
+
+def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
+    archs = cfg.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise UserError(
+            f"{source}: unsupported architecture {archs or '(none)'}; supported: {supported_architectures()}"
+        )
+    traits = ARCHITECTURES[arch]
+    try:
+        heads = int(cfg["num_attention_heads"])
+        hidden = int(cfg["hidden_size"])
+        qkv_bias = traits["qkv_bias"]
+        if traits["qkv_bias_key"]:
+            qkv_bias = bool(cfg.get(traits["qkv_bias_key"], qkv_bias))
+        rope_theta = cfg.get("rope_theta")
+        rope_params = cfg.get("rope_parameters") or {}
+        if rope_theta is None:
+            rope_theta = rope_params.get("rope_theta", 10000.0)
+        scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
+        return ModelFacts(
+            architecture=arch,
+            hidden_size=hidden,
+            num_layers=int(cfg["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            ffn_hidden_size=int(cfg["intermediate_size"]),
+            vocab_size=int(cfg["vocab_size"]),
+            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            qk_norm=traits["qk_norm"],
+            rope_scaling=scaling,
+            torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+        )
+    except KeyError as e:
+        raise UserError(f"{source}: missing key {e.args[0]!r}; is this an HF causal-LM config.json?") from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{source}: bad value ({e})") from None
+
+
+def read_model_facts(model_dir: str | Path) -> ModelFacts:
+    return facts_from_config(load_config_json(model_dir), source=str(config_path(model_dir)))

@@ -1,0 +1,204 @@
+"""Tiny HF models and tokenizers built offline, for tests, the demo and benchmarks.
+
+Nothing here downloads anything: tokenizers are byte-level BPE trained on a few KB of
+embedded text, models are random-init from transformers config classes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+
+# Qwen2 / Qwen2.5 Instruct template (without tool calling).
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Llama-3 Instruct template.
+LLAMA3_CHAT_TEMPLATE = (
+    "{% set loop_messages = messages %}"
+    "{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n'"
+    " + message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+_WORDS = (
+    "the model learns to answer questions about numbers colours animals cities and code "
+    "a quick brown fox jumps over the lazy dog while the cat sleeps on a warm mat "
+    "please write a short poem about the sea and the sky in spring "
+    "def add(a, b): return a + b  # python code with numbers 0 1 2 3 4 5 6 7 8 9 "
+    "assistant user system hello world what is the capital of france paris is the answer "
+    "translate this sentence into english summarise the following text in one line "
+)
+
+
+def corpus_text(repeats: int = 40) -> list[str]:
+    """A few KB of deterministic English-like text (lines), enough to train a small BPE."""
+    words = _WORDS.split()
+    lines = []
+    for i in range(repeats):
+        rot = words[i % len(words):] + words[: i % len(words)]
+        lines.append(" ".join(rot[: 12 + i % 17]).capitalize() + ".")
+    return lines
+
+
+def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 512) -> Path:
+    """Train a byte-level BPE tokenizer and save it with save_pretrained.
+
+    flavor "qwen": Qwen2-style specials and chat template, eos <|im_end|>, pad <|endoftext|>, no bos.
+    flavor "llama3": Llama-3 specials and chat template, bos <|begin_of_text|>, eos <|eot_id|>.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = QWEN_SPECIALS + LLAMA3_SPECIALS
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus_text(), trainer=trainer)
+    if flavor == "qwen":
+        tok.post_processor = processors.ByteLevel(trim_offsets=False)
+        kwargs = dict(eos_token="<|im_end|>", pad_token="<|endoftext|>", chat_template=QWEN_CHAT_TEMPLATE)
+    elif flavor == "llama3":
+        bos_id = tok.token_to_id("<|begin_of_text|>")
+        tok.post_processor = processors.TemplateProcessing(
+            single="<|begin_of_text|> $A",
+            pair="<|begin_of_text|> $A <|begin_of_text|> $B",
+            special_tokens=[("<|begin_of_text|>", bos_id)],
+        )
+        kwargs = dict(
+            bos_token="<|begin_of_text|>",
+            eos_token="<|eot_id|>",
+            pad_token="<|end_of_text|>",
+            chat_template=LLAMA3_CHAT_TEMPLATE,
+        )
+    else:
+        raise ValueError(f"unknown tokenizer flavor {flavor!r}")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **kwargs)
+    fast.save_pretrained(str(out))
+    return out
+
+
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", "llama3"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "qwen"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen"),
+    "mistral": ("MistralConfig", "MistralForCausalLM", "llama3"),
+}
+
+
+def tiny_config(family: str = "qwen2", vocab_size: int = 512, **overrides):
+    """A transformers config of the given family with tiny sizes (GQA: 4 heads, 2 kv groups, 4 layers)."""
+    import transformers
+
+    cls_name, _, _ = FAMILIES[family]
+    kw = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+    )
+    if family == "qwen3":
+        kw["head_dim"] = 16
+    if family == "llama":
+        kw["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
+    kw.update(overrides)
+    return getattr(transformers, cls_name)(**kw)
+
+
+def make_tiny_model(
+    out_dir: str | Path,
+    family: str = "qwen2",
+    seed: int = 0,
+    with_tokenizer: bool = True,
+    dtype: str = "float32",
+    **overrides,
+) -> Path:
+    """Save a random-init tiny HF model (safetensors + config) and, by default, a matching tokenizer."""
+    import torch
+    import transformers
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = overrides.pop("vocab_size", None)
+    if with_tokenizer:
+        make_tokenizer(out, flavor=FAMILIES[family][2])
+        if vocab_size is None:
+            vocab_size = len(transformers.AutoTokenizer.from_pretrained(str(out)))
+    cfg = tiny_config(family, vocab_size=vocab_size or 512, **overrides)
+    torch.manual_seed(seed)
+    model = getattr(transformers, FAMILIES[family][1])(cfg)
+    # Random-init norms are all ones; perturb them so conversion mistakes on norms show up.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or name.endswith(".bias"):
+                p.add_(0.1 * torch.randn_like(p))
+    model.to(getattr(torch, dtype)).save_pretrained(str(out))
+    return out
+
+
+def write_instruction_data(path: str | Path, n: int = 64, style: str = "alpaca") -> Path:
+    """A small deterministic instruction dataset (alpaca or sharegpt json lines) of our own."""
+    lines = corpus_text(n + 8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for i in range(n):
+            a, b = i % 10, (i * 3) % 10
+            q = f"what is {a} plus {b}"
+            ans = f"{a} plus {b} is {a + b}. {lines[i]}"
+            if style == "alpaca":
+                rec = {"instruction": q, "input": "", "output": ans}
+            else:
+                rec = {"conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": ans}]}
+            f.write(json.dumps(rec) + "\n")
+    return path
+
+
+def write_pretrain_data(path: str | Path, n: int = 64) -> Path:
+    """A small jsonl corpus with a `text` column."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for line in corpus_text(n):
+            f.write(json.dumps({"text": line}) + "\n")
+    return path
