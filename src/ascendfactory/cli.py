@@ -1,0 +1,178 @@
+"""ascendfactory-cli: thin Typer commands. Logic lives in the modules they call.
+
+Imports of torch / megatron / transformers happen inside the commands only, so `--help`
+and `plan` stay fast.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import List, Optional
+
+import typer
+
+from ascendfactory.errors import UserError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Fine-tune and pretrain LLMs on megatron-core: preprocess, convert, train, export in one command.",
+)
+convert_app = typer.Typer(no_args_is_help=True, help="HF <-> Megatron weight conversion with TP/PP sharding.")
+app.add_typer(convert_app, name="convert")
+
+_STATE = {"debug": False}
+_PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")):
+    _STATE["debug"] = debug
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def train(
+    ctx: typer.Context,
+    cfgs_yaml: str = typer.Argument(..., help="experiment YAML file"),
+    model_name: str = typer.Argument(..., help="model block, e.g. qwen2-7b"),
+    exp_name: str = typer.Argument(..., help="experiment block, e.g. 4096-sft-full"),
+    master_addr: Optional[str] = typer.Option(None, "--master_addr", "--master-addr"),
+    num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
+    rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Resolve and validate the experiment, write exp-config.yaml, run the pipeline."""
+    _STATE["debug"] |= debug
+    from ascendfactory.pipeline import run_train
+
+    run_train(cfgs_yaml, model_name, exp_name, ctx.args, _flags(master_addr, num_nodes, rank))
+
+
+@app.command(context_settings=_PASSTHROUGH)
+def plan(
+    ctx: typer.Context,
+    cfgs_yaml: str = typer.Argument(...),
+    model_name: str = typer.Argument(...),
+    exp_name: str = typer.Argument(...),
+    master_addr: Optional[str] = typer.Option(None, "--master_addr", "--master-addr"),
+    num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
+    rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    debug: bool = typer.Option(False, "--debug"),
+):
+    """Resolve + validate + show what `train` would do. Runs nothing, writes nothing."""
+    _STATE["debug"] |= debug
+    from ascendfactory.pipeline import show_plan
+
+    show_plan(cfgs_yaml, model_name, exp_name, ctx.args, _flags(master_addr, num_nodes, rank), as_json)
+
+
+@app.command("list")
+def list_(cfgs_yaml: str = typer.Argument(...)):
+    """Model names and, under each, its experiment names."""
+    from ascendfactory.config.loader import list_experiments
+
+    for model, exps in list_experiments(cfgs_yaml).items():
+        typer.echo(model)
+        for exp in exps:
+            typer.echo(f"  {exp}")
+
+
+@app.command()
+def preprocess(
+    input: str = typer.Option(..., "--input", help="file or folder: json, jsonl, parquet, csv, arrow, txt"),
+    tokenizer_name_or_path: str = typer.Option(..., "--tokenizer-name-or-path"),
+    output_prefix: str = typer.Option(..., "--output-prefix"),
+    handler_name: str = typer.Option("GeneralPretrainHandler", "--handler-name"),
+    prompt_type: str = typer.Option("auto", "--prompt-type"),
+    seq_length: int = typer.Option(4096, "--seq-length"),
+    pack: bool = typer.Option(False, "--pack"),
+    append_eod: bool = typer.Option(False, "--append-eod"),
+    json_keys: List[str] = typer.Option(["text"], "--json-keys"),
+    map_keys: Optional[str] = typer.Option(None, "--map-keys", help="JSON mapping of column/role names"),
+    workers: int = typer.Option(1, "--workers"),
+    skip_bad_records: bool = typer.Option(False, "--skip-bad-records"),
+):
+    """Raw dataset -> Megatron indexed dataset (.bin/.idx)."""
+    from ascendfactory.data.preprocess import preprocess_command
+
+    preprocess_command(
+        input=input,
+        tokenizer_name_or_path=tokenizer_name_or_path,
+        output_prefix=output_prefix,
+        handler_name=handler_name,
+        prompt_type=prompt_type,
+        seq_length=seq_length,
+        pack=pack,
+        append_eod=append_eod,
+        json_keys=json_keys,
+        map_keys=map_keys,
+        workers=workers,
+        skip_bad_records=skip_bad_records,
+    )
+
+
+@convert_app.command("hf2mg")
+def convert_hf2mg(
+    hf_dir: str = typer.Option(..., "--hf-dir"),
+    mg_dir: str = typer.Option(..., "--mg-dir"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    num_layer_list: Optional[str] = typer.Option(None, "--num-layer-list"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the HF dtype)"),
+    make_vocab_size_divisible_by: Optional[int] = typer.Option(None, "--make-vocab-size-divisible-by"),
+    verify: bool = typer.Option(False, "--verify"),
+):
+    """HF safetensors -> Megatron TP/PP shards."""
+    from ascendfactory.convert.api import hf2mg_command
+
+    hf2mg_command(hf_dir=hf_dir, mg_dir=mg_dir, tp=tp, pp=pp, num_layer_list=num_layer_list, dtype=dtype,
+                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, verify=verify)
+
+
+@convert_app.command("mg2hf")
+def convert_mg2hf(
+    mg_dir: str = typer.Option(..., "--mg-dir"),
+    hf_dir: str = typer.Option(..., "--hf-dir"),
+    hf_config_dir: str = typer.Option(..., "--hf-config-dir"),
+    iteration: Optional[int] = typer.Option(None, "--iteration"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    shard_size: str = typer.Option("5GB", "--shard-size"),
+    verify: bool = typer.Option(False, "--verify"),
+):
+    """Megatron checkpoint (any TP/PP) -> HF safetensors."""
+    from ascendfactory.convert.api import mg2hf_command
+
+    mg2hf_command(mg_dir=mg_dir, hf_dir=hf_dir, hf_config_dir=hf_config_dir, iteration=iteration, dtype=dtype,
+                  shard_size=shard_size, verify=verify)
+
+
+def _flags(master_addr, num_nodes, rank) -> dict:
+    return {"master_addr": master_addr, "num_nodes": num_nodes, "rank": rank}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _STATE["debug"] = "--debug" in argv
+    try:
+        app(args=argv, standalone_mode=False)
+    except UserError as e:
+        if _STATE["debug"]:
+            raise
+        for line in str(e).splitlines() or ["error"]:
+            print(f"error: {line}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except SystemExit:
+        raise
+    except Exception as e:  # click usage errors arrive here with standalone_mode=False
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
