@@ -91,10 +91,7 @@ class ExpConfig(BaseModel):
     # cluster
     device: Literal["auto", "npu", "cuda", "cpu"] = "auto"
     nproc_per_node: int | None = None
-    master_addr: str | None = None
     master_port: int = 29500
-    num_nodes: int | None = None
-    rank: int | None = None
 
     # passed through to the trainer untouched
     extra_args: dict[str, Any] = Field(default_factory=dict)

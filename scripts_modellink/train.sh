@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Stage script: distributed training. Run by `ascendfactory-cli train`, which sets the AF_* variables.
+# Copy this folder and point `scripts_dir` at the copy to customise the environment of a site.
+set -e
+if [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]; then
+  # shellcheck disable=SC1091
+  source /usr/local/Ascend/ascend-toolkit/set_env.sh
+fi
+export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+if [ "$AF_DEVICE" = "cpu" ]; then
+  # Each worker gets its share of the cores instead of all of them (oversubscription is slow).
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+mkdir -p "$AF_LOG_DIR/torchrun"
+exec "${AF_PYTHON:-python3}" -m torch.distributed.run \
+  --nnodes "$AF_NNODES" --node_rank "$AF_NODE_RANK" --nproc_per_node "$AF_NPROC_PER_NODE" \
+  --master_addr "$AF_MASTER_ADDR" --master_port "$AF_MASTER_PORT" \
+  --max_restarts "$AF_MAX_RESTARTS" \
+  --log_dir "$AF_LOG_DIR/torchrun" --redirects 3 --tee 3 \
+  -m ascendfactory.engine --config "$AF_CONFIG"

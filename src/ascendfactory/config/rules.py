@@ -1,0 +1,163 @@
+"""Every rule a resolved config must satisfy before anything heavy runs; all violations reported together.
+
+Each problem names the YAML keys, their values and the rule. Model facts (heads, kv heads, layers) come
+from `<model_name_or_path>/config.json`; when it cannot be read, the rules needing it are listed as unchecked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ascendfactory import ckpt_layout
+from ascendfactory.config.loader import Resolved
+from ascendfactory.config.paths import run_paths
+from ascendfactory.config.schema import HANDLERS
+from ascendfactory.errors import UserError
+from ascendfactory.launch.layout import Layout
+from ascendfactory.modelinfo import load_config_json
+
+MODEL_RULES = (
+    "TP*CP divides num_attention_heads",
+    "num_key_value_heads divisible by TP",
+    "num_hidden_layers divisible by PP",
+)
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    unchecked: list[str] = field(default_factory=list)  # rules that need model files we could not read
+    model_error: str | None = None  # why config.json could not be read
+
+    def raise_if_problems(self) -> None:
+        if self.problems:
+            from ascendfactory.errors import UserErrors
+
+            raise UserErrors(self.problems)
+
+
+def parse_layer_list(text: str | None) -> list[int] | None:
+    if text in (None, ""):
+        return None
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
+    except ValueError:
+        raise UserError(f"num_layer_list = {text!r}: expected comma-separated integers such as 10,12,10") from None
+
+
+def check(res: Resolved, layout: Layout) -> Report:
+    cfg, r = res.cfg, Report()
+
+    def bad(msg: str) -> None:
+        r.problems.append(msg)
+
+    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
+    for key, value in (
+        ("tensor_model_parallel_size", tp),
+        ("pipeline_model_parallel_size", pp),
+        ("context_parallel_size", cp),
+        ("micro_batch_size", cfg.micro_batch_size),
+        ("global_batch_size", cfg.global_batch_size),
+        ("seq_len", cfg.seq_len),
+        ("max_pe", cfg.max_pe),
+    ):
+        if value < 1:
+            bad(f"{key} = {value}: must be at least 1")
+    if cfg.save_interval <= 0:
+        bad(f"save_interval = {cfg.save_interval}: must be a positive number of iterations")
+    if cfg.train_iters is not None and cfg.train_iters <= 0 and cfg.epochs is None:
+        bad(f"train_iters = {cfg.train_iters}: must be positive (or set `epochs`)")
+    if cfg.min_lr > cfg.lr:
+        bad(f"min_lr = {cfg.min_lr} > lr = {cfg.lr}: the schedule decays from lr down to min_lr")
+    if r.problems:  # sizes below 1 make the divisibility rules meaningless
+        return r
+
+    world = layout.world_size
+    if world % (tp * pp * cp):
+        bad(f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x context_parallel_size "
+            f"({cp}) = {tp * pp * cp} must divide the world size {world} ({layout.nnodes} node(s) x "
+            f"{layout.nproc_per_node} device(s))")
+    elif cfg.global_batch_size % (cfg.micro_batch_size * layout.dp):
+        bad(f"global_batch_size ({cfg.global_batch_size}) must be divisible by micro_batch_size "
+            f"({cfg.micro_batch_size}) x data-parallel size ({layout.dp} = world {world} / (TP x PP x CP))")
+    if cfg.seq_len > cfg.max_pe:
+        bad(f"seq_len ({cfg.seq_len}) must be <= max_pe ({cfg.max_pe})")
+    if cp > 1 and cfg.seq_len % (2 * cp):
+        bad(f"seq_len ({cfg.seq_len}) must be divisible by 2 x context_parallel_size (2 x {cp} = {2 * cp})")
+    if cfg.seq_len > 32768 and cp == 1:
+        r.warnings.append(f"seq_len ({cfg.seq_len}) > 32768 with context_parallel_size 1: "
+                          "context_parallel_size >= 2 is recommended")
+    if bool(cfg.dataset) == bool(cfg.processed_data_dir):
+        if cfg.dataset:
+            bad(f"dataset ({cfg.dataset}) and processed_data_dir ({cfg.processed_data_dir}) are exclusive; set one")
+        else:
+            bad("neither dataset nor processed_data_dir is set; set exactly one")
+    if cfg.ckpt_load_type not in (0, 1, 2):
+        bad(f"ckpt_load_type = {cfg.ckpt_load_type}: must be 0 (random init), 1 (weights) or 2 (resume)")
+    if cfg.stage not in ("pt", "sft"):
+        bad(f"stage = {cfg.stage!r}: must be pt (pretrain) or sft")
+    if cfg.handler_name not in HANDLERS:
+        bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
+    if cfg.ckpt_load_type == 2 and not cfg.user_converted_ckpt_path:
+        save_dir = run_paths(cfg).save_dir
+        if not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(save_dir)):
+            bad("ckpt_load_type = 2 (resume) needs user_converted_ckpt_path (a training checkpoint), "
+                f"or train_auto_resume with a checkpoint in {save_dir}")
+    layer_list = parse_layer_list(cfg.num_layer_list)
+    if layer_list is not None and len(layer_list) != pp:
+        bad(f"num_layer_list ({cfg.num_layer_list}) has {len(layer_list)} entries; "
+            f"pipeline_model_parallel_size is {pp}")
+    _check_model(cfg, layer_list, r)
+    _check_checkpoint_layout(cfg, r)
+    return r
+
+
+def _check_model(cfg, layer_list, r: Report) -> None:
+    try:
+        mc = load_config_json(cfg.model_name_or_path)
+        heads = int(mc["num_attention_heads"])
+        kv = int(mc.get("num_key_value_heads") or heads)
+        layers = int(mc["num_hidden_layers"])
+    except UserError as e:
+        r.model_error, r.unchecked = str(e), list(MODEL_RULES)
+        return
+    except (KeyError, TypeError, ValueError) as e:
+        r.model_error = f"{cfg.model_name_or_path}/config.json: missing or bad key {e}"
+        r.unchecked = list(MODEL_RULES)
+        return
+    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
+    if heads % (tp * cp):
+        r.problems.append(f"tensor_model_parallel_size ({tp}) x context_parallel_size ({cp}) = {tp * cp} must "
+                          f"divide num_attention_heads ({heads}, from {cfg.model_name_or_path}/config.json)")
+    if kv % tp:
+        r.problems.append(f"num_key_value_heads ({kv}, from {cfg.model_name_or_path}/config.json) must be "
+                          f"divisible by tensor_model_parallel_size ({tp})")
+    if layer_list is not None:
+        if sum(layer_list) != layers:
+            r.problems.append(f"num_layer_list ({cfg.num_layer_list}) sums to {sum(layer_list)}; the model has "
+                              f"{layers} layers")
+    elif layers % pp:
+        r.problems.append(f"num_hidden_layers ({layers}, from {cfg.model_name_or_path}/config.json) must be "
+                          f"divisible by pipeline_model_parallel_size ({pp}), or set num_layer_list")
+
+
+def _check_checkpoint_layout(cfg, r: Report) -> None:
+    """A given checkpoint must have the run's TP/PP (read from its folder names: no torch needed)."""
+    if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
+        return
+    ckpt = Path(cfg.user_converted_ckpt_path)
+    try:
+        it = ckpt_layout.read_tracker(ckpt)
+        iter_path = ckpt / ckpt_layout.iter_dir_name(it)
+        if not iter_path.is_dir():
+            raise UserError(f"{ckpt / ckpt_layout.TRACKER} names iteration {it}, but {iter_path} does not exist")
+        tp, pp = ckpt_layout.layout_of(iter_path)
+    except UserError as e:
+        r.problems.append(f"user_converted_ckpt_path: {e}")
+        return
+    if (tp, pp) != (cfg.tp, cfg.pp):
+        r.problems.append(f"user_converted_ckpt_path {ckpt} has TP{tp} PP{pp}, but the run uses "
+                          f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}; "
+                          "convert again with that layout or change the run's layout")

@@ -1,0 +1,181 @@
+"""The `train` pipeline: preprocess -> convert -> train -> export, each skipped when its output is complete
+or not needed, with the reason printed (and shown by `plan`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ascendfactory import ckpt_layout
+from ascendfactory.config.loader import Resolved, dump_config, resolve
+from ascendfactory.config.paths import RunPaths, run_paths
+from ascendfactory.config.rules import Report, check
+from ascendfactory.config.schema import ExpConfig
+from ascendfactory.errors import UserError
+from ascendfactory.launch.layout import Layout, cluster_layout
+
+STAGES = ("preprocess", "convert", "train", "export")
+
+
+@dataclass
+class Decision:
+    name: str
+    run: bool
+    reason: str
+
+    def as_json(self) -> dict:
+        return {"name": self.name, "run": self.run, "reason": self.reason}
+
+
+@dataclass
+class Plan:
+    resolved: Resolved
+    layout: Layout
+    report: Report
+    paths: RunPaths
+
+    @property
+    def cfg(self) -> ExpConfig:
+        return self.resolved.cfg
+
+
+def make_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> Plan:
+    res = resolve(cfgs_yaml, model, exp, overrides)
+    layout = cluster_layout(res.cfg, flags)
+    report = check(res, layout)
+    report.raise_if_problems()
+    return Plan(res, layout, report, run_paths(res.cfg))
+
+
+def decide_train(cfg: ExpConfig, paths: RunPaths) -> Decision:
+    done = _tracker_iteration(paths.save_dir)
+    if done is not None and cfg.train_iters and done >= cfg.train_iters:
+        return Decision("train", False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}")
+    iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
+    if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
+        return Decision("train", True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}")
+    source = {
+        0: "random init (ckpt_load_type 0)",
+        1: f"weights from {paths.converted_ckpt_dir} (ckpt_load_type 1: fresh optimizer, iteration 0)",
+        2: f"full resume from {paths.converted_ckpt_dir} (ckpt_load_type 2)",
+    }.get(cfg.ckpt_load_type, "?")
+    return Decision("train", True, f"{iters}, {source}")
+
+
+def _tracker_iteration(save_dir: Path) -> int | None:
+    try:
+        return ckpt_layout.read_tracker(save_dir)
+    except UserError:
+        return None
+
+
+def decide_stages(plan: Plan) -> list[Decision]:
+    from ascendfactory.convert import stage as convert_stage
+    from ascendfactory.data import stage as data_stage
+
+    cfg, paths = plan.cfg, plan.paths
+    return [
+        Decision("preprocess", *data_stage.decide(cfg, paths)),
+        Decision("convert", *convert_stage.decide_convert(cfg, paths)),
+        decide_train(cfg, paths),
+        Decision("export", *convert_stage.decide_export(cfg, paths)),
+    ]
+
+
+def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict, as_json: bool) -> None:
+    plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
+    stages = decide_stages(plan)
+    if as_json:
+        print(json.dumps({
+            "config": plan.cfg.model_dump(mode="json"),
+            "layout": plan.layout.as_json(),
+            "stages": [s.as_json() for s in stages],
+            "paths": plan.paths.as_json(),
+            "warnings": plan.report.warnings,
+            "unchecked": plan.report.unchecked,
+        }))
+        return
+    lay = plan.layout
+    print(f"experiment  {plan.resolved.model_name} / {plan.resolved.exp_name}  ({plan.resolved.source})")
+    print(f"stage       {plan.cfg.stage}  {plan.cfg.finetuning_type}  ckpt_load_type {plan.cfg.ckpt_load_type}")
+    print(f"cluster     {lay.device}: {lay.nnodes} node(s) x {lay.nproc_per_node} device(s) = world {lay.world_size}"
+          f"  node_rank {lay.node_rank}  master {lay.master_addr}:{lay.master_port}  ({lay.source})")
+    print(f"parallel    TP {lay.tp}  PP {lay.pp}  CP {lay.cp}  DP {lay.dp}  MBS {lay.micro_batch_size}  "
+          f"GBS {lay.global_batch_size}  micro-batches/step {lay.num_microbatches}")
+    for s in stages:
+        print(f"{s.name:<11} {'run ' if s.run else 'skip'}  {s.reason}")
+    for k, v in plan.paths.as_json().items():
+        print(f"{k:<19} {v}")
+    for w in plan.report.warnings:
+        print(f"warning: {w}")
+    if plan.report.unchecked:
+        print(f"not checked ({plan.report.model_error}): {'; '.join(plan.report.unchecked)}")
+
+
+def _log(msg: str) -> None:
+    print(f"[ascendfactory] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+def _prepare_output_dir(paths: RunPaths) -> None:
+    try:
+        paths.output_dir.mkdir(parents=True, exist_ok=True)
+        probe = paths.output_dir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable folder")
+
+
+def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> None:
+    from ascendfactory.launch.lock import RunLock
+    from ascendfactory.launch.torchrun import TrainingFailed
+    from ascendfactory.modelinfo import read_model_facts
+
+    plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
+    if plan.report.model_error:
+        raise UserError(plan.report.model_error)
+    read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
+    for w in plan.report.warnings:
+        _log(f"warning: {w}")
+    cfg, paths, layout = plan.cfg, plan.paths, plan.layout
+    _prepare_output_dir(paths)
+    with RunLock(paths.output_dir, layout.node_rank):
+        resolved = cfg.model_copy(update={"device": layout.device})
+        ckpt_layout.write_text_atomic(paths.exp_config, dump_config(resolved))
+        _log(f"resolved config written to {paths.exp_config}")
+        stages = decide_stages(plan)
+        for decision in stages:
+            if not decision.run:
+                _log(f"{decision.name}: skipped ({decision.reason})")
+                continue
+            if decision.name == "export" and layout.node_rank != 0:
+                _log("export: skipped on this node (node 0 exports)")
+                continue
+            _log(f"{decision.name}: running ({decision.reason})")
+            t0 = time.time()
+            try:
+                _run_stage(decision.name, resolved, paths, layout)
+            except TrainingFailed as e:
+                _log(f"train: FAILED after {time.time() - t0:.1f}s: {e}")
+                sys.exit(e.exit_code)
+            _log(f"{decision.name}: done in {time.time() - t0:.1f}s")
+    _log(f"all stages done; outputs in {paths.output_dir}")
+
+
+def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
+    from ascendfactory.convert import stage as convert_stage
+    from ascendfactory.data import stage as data_stage
+    from ascendfactory.launch.torchrun import run_training
+
+    if name == "preprocess":
+        data_stage.run(cfg, paths)
+    elif name == "convert":
+        convert_stage.run_convert(cfg, paths)
+    elif name == "train":
+        run_training(cfg, paths, layout)
+    elif name == "export":
+        convert_stage.run_export(cfg, paths)
