@@ -7,6 +7,7 @@ and the engine auto-resumes from the newest valid checkpoint. Logs go under <out
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,12 +55,37 @@ class TrainingFailed(Exception):
         self.exit_code = exit_code
 
 
+_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+
+
+def _cause(line: str | None) -> str:
+    m = _FAILED.search(line or "")
+    if not m:
+        return "a worker failed"
+    code, rank = int(m.group(1)), m.group(2)
+    if code < 0:
+        return f"local rank {rank} was killed by {signal.Signals(-code).name}"
+    return f"local rank {rank} exited with code {code}"
+
+
+def _worker_log(logs_dir: Path, local_rank: str | None) -> Path:
+    """The newest torchrun attempt's stderr of the failed rank (or the attempt folder)."""
+    attempts = sorted((logs_dir / "torchrun").glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
+    if not attempts:
+        return logs_dir
+    log = attempts[-1] / (local_rank or "0") / "stderr.log"
+    return log if log.exists() else attempts[-1]
+
+
 def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
-    """Run train.sh in the foreground, forwarding SIGTERM/SIGINT so workers save and stop."""
+    """Run train.sh in the foreground; its output goes to the console and to logs/train-node{r}.log.
+    SIGTERM/SIGINT are forwarded so that workers save and stop."""
     script = scripts_dir(cfg) / "train.sh"
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen(["bash", str(script)], env=training_env(cfg, paths, layout))
-    stopped = []
+    node_log = paths.logs_dir / f"train-node{layout.node_rank}.log"
+    proc = subprocess.Popen(["bash", str(script)], env=training_env(cfg, paths, layout), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, bufsize=1)
+    stopped, last_failure = [], None
 
     def forward(signum, _frame):
         stopped.append(signum)
@@ -70,16 +96,22 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
 
     old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
+        with open(node_log, "a", encoding="utf-8") as log:
+            for line in proc.stdout:
+                sys.stdout.write(line)
+                log.write(line)
+                if _FAILED.search(line):
+                    last_failure = line
         rc = proc.wait()
     finally:
         for s, h in old.items():
             signal.signal(s, h)
     if rc == 0:
         return
-    log_dir = paths.logs_dir
     if stopped:
         raise TrainingFailed(f"training stopped by {signal.Signals(stopped[0]).name}; the last checkpoint is in "
-                             f"{paths.save_dir}; run again with --train_auto_resume=true to continue",
-                             EXIT_STOPPED_BY_SIGNAL)
-    raise TrainingFailed(f"training failed (exit code {rc}) after up to {cfg.max_restarts} restart(s); "
-                         f"see the worker logs in {log_dir}", rc if rc > 0 else 1)
+                             f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_STOPPED_BY_SIGNAL)
+    m = _FAILED.search(last_failure or "")
+    raise TrainingFailed(f"{_cause(last_failure)} after {cfg.max_restarts} restart(s); see "
+                         f"{_worker_log(paths.logs_dir, m.group(2) if m else None)} and {node_log}",
+                         rc if rc > 0 else 1)

@@ -1,0 +1,186 @@
+"""Bad input, one row each: exit code 2, one clear line naming the key or file, no traceback,
+and none of the user's files changed or deleted."""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ascendfactory import tiny
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bad_input")
+    model = tiny.make_tiny_model(root / "user" / "model", "qwen2")
+    tiny.write_instruction_data(root / "user" / "data.jsonl", n=16)
+    return root
+
+
+def good_config(root: Path) -> dict:
+    return {"base": {"device": "cpu", "nproc_per_node": 2, "SEQ_LEN": 64, "MAX_PE": 256, "micro-batch-size": 1,
+                     "global-batch-size": 4, "train-iters": 2, "tensor-model-parallel-size": 1,
+                     "prompt_type": "qwen"},
+            "tiny": {"model_name_or_path": str(root / "user" / "model"), "dataset": str(root / "user" / "data.jsonl"),
+                     "output_dir": str(root / "out"), "exp": {}}}
+
+
+def snapshot(root: Path) -> dict:
+    out = {}
+    for p in sorted((root / "user").rglob("*")):
+        if p.is_file():
+            out[str(p)] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def make_ckpt(path: Path, tp: int, tracker: str | None = "1", iters=(1,)) -> Path:
+    for it in iters:
+        for r in range(tp):
+            d = path / f"iter_{it:07d}" / f"mp_rank_{r:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "model_optim_rng.pt").write_bytes(b"x")
+    if tracker is not None:
+        (path / "latest_checkpointed_iteration.txt").write_text(tracker)
+    return path
+
+
+def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
+    """Apply one bad-input case; return (extra CLI args, expected text in the error)."""
+    exp, model = cfg["tiny"]["exp"], cfg["tiny"]
+    user = root / "user"
+    simple = {
+        "wrong_type": ({"micro-batch-size": "lots"}, "micro_batch_size"),
+        "unknown_key": ({"micro_bach_size": 2}, "did you mean `micro_batch_size`"),
+        "tp_pp_cp_world": ({"context_parallel_size": 4}, "must divide the world size 2"),
+        "tp_cp_heads": ({"nproc_per_node": 3, "tensor-model-parallel-size": 3}, "must divide num_attention_heads"),
+        "kv_heads_tp": ({"nproc_per_node": 4, "tensor-model-parallel-size": 4, "global-batch-size": 4},
+                        "num_key_value_heads (2"),
+        "layers_pp": ({"nproc_per_node": 3, "pipeline-model-parallel-size": 3}, "num_hidden_layers (4"),
+        "gbs_mbs_dp": ({"global-batch-size": 3}, "global_batch_size (3) must be divisible"),
+        "seq_gt_max_pe": ({"SEQ_LEN": 512}, "seq_len (512) must be <= max_pe (256)"),
+        "seq_cp": ({"context_parallel_size": 2, "SEQ_LEN": 66}, "2 x context_parallel_size"),
+        "data_and_processed": ({"processed_data_dir": str(user)}, "are exclusive"),
+        "no_data": ({"dataset": None}, "neither dataset nor processed_data_dir"),
+        "load_type": ({"ckpt_load_type": 5}, "ckpt_load_type = 5"),
+        "stage": ({"stage": "rl"}, "stage = 'rl'"),
+        "handler": ({"handler-name": "AlpacaHandler"}, "handler_name = 'AlpacaHandler'"),
+        "resume_without_ckpt": ({"ckpt_load_type": 2}, "ckpt_load_type = 2 (resume) needs"),
+        "save_interval": ({"save-interval": 0}, "save_interval = 0"),
+        "min_lr_gt_lr": ({"lr": 1e-5, "min-lr": 1e-3}, "min_lr"),
+        "layer_list_len": ({"num_layer_list": "1,1,2"}, "num_layer_list (1,1,2) has 3 entries"),
+        "missing_model_dir": ({"model_name_or_path": str(root / "nope")}, "is not a directory"),
+        "dataset_missing": ({"dataset": str(user / "missing.jsonl")}, "missing.jsonl"),
+    }
+    if case in simple:
+        keys, expect = simple[case]
+        for k, v in keys.items():
+            if v is None:
+                model.pop(k, None)
+            else:
+                exp[k] = v
+        return [], expect
+    if case == "missing_model_key":
+        model.pop("model_name_or_path")
+        return [], "model_name_or_path"
+    if case == "no_config_json":
+        d = user / "model_noconfig"
+        if not d.exists():
+            shutil.copytree(user / "model", d)
+            (d / "config.json").unlink()
+        exp["model_name_or_path"] = str(d)
+        return [], "config.json"
+    if case == "unsupported_arch":
+        d = user / "model_gpt2"
+        if not d.exists():
+            shutil.copytree(user / "model", d)
+            c = json.loads((d / "config.json").read_text())
+            c["architectures"] = ["GPT2LMHeadModel"]
+            (d / "config.json").write_text(json.dumps(c))
+        exp["model_name_or_path"] = str(d)
+        return [], "unsupported architecture"
+    if case == "no_tokenizer":
+        d = user / "model_notok"
+        if not d.exists():
+            d.mkdir()
+            for f in ("config.json", "model.safetensors", "generation_config.json"):
+                shutil.copy(user / "model" / f, d / f)
+        exp["model_name_or_path"] = str(d)
+        return [], "tokenizer"
+    if case == "dataset_empty":
+        (user / "empty.jsonl").write_text("")
+        exp["dataset"] = str(user / "empty.jsonl")
+        return [], "empty.jsonl"
+    if case == "dataset_malformed":
+        (user / "bad.jsonl").write_text('{"instruction": "a", "output": "b"}\n{"instruction": \n')
+        exp["dataset"] = str(user / "bad.jsonl")
+        return [], "bad.jsonl:2"
+    if case == "processed_dir_empty":
+        d = user / "processed"
+        d.mkdir(exist_ok=True)
+        model.pop("dataset")
+        exp["processed_data_dir"] = str(d)
+        return [], "processed"
+    if case == "ckpt_no_tracker":
+        exp["user_converted_ckpt_path"] = str(make_ckpt(user / "ck_notracker", 1, tracker=None))
+        return [], "tracker file missing"
+    if case == "ckpt_tracker_missing_iter":
+        exp["user_converted_ckpt_path"] = str(make_ckpt(user / "ck_missing_iter", 1, tracker="20"))
+        return [], "names iteration 20"
+    if case == "ckpt_layout":
+        exp["user_converted_ckpt_path"] = str(make_ckpt(user / "ck_tp2", 2))
+        return [], "has TP2 PP1, but the run uses tensor_model_parallel_size 1"
+    if case == "output_not_writable":
+        (user / "a_file").write_text("x")
+        exp["output_dir"] = str(user / "a_file" / "out")
+        return [], "output_dir"
+    if case == "yaml_syntax":
+        return ["__yaml_syntax__"], "YAML syntax error"
+    if case == "unknown_model":
+        return ["__model__", "tiny2"], "did you mean `tiny`"
+    if case == "unknown_exp":
+        return ["__exp__", "expp"], "available: exp"
+    if case == "override_type":
+        return ["--seed=abc"], "seed"
+    raise AssertionError(case)
+
+
+CASES = [
+    "yaml_syntax", "unknown_model", "unknown_exp", "wrong_type", "unknown_key", "override_type",
+    "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp",
+    "data_and_processed", "no_data", "load_type", "stage", "handler", "resume_without_ckpt", "save_interval",
+    "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
+    "unsupported_arch", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
+    "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "output_not_writable",
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_bad_input(assets, case, tmp_path):
+    root = assets
+    cfg = good_config(root)
+    extra, expect = _mutate(root, cfg, case)
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    model_name, exp_name = "tiny", "exp"
+    if extra[:1] == ["__yaml_syntax__"]:
+        cfg_path.write_text(cfg_path.read_text() + "broken: [1, 2\n")
+        extra = []
+    elif extra[:1] == ["__model__"]:
+        model_name, extra = extra[1], []
+    elif extra[:1] == ["__exp__"]:
+        exp_name, extra = extra[1], []
+    before = snapshot(root)
+    r = subprocess.run([sys.executable, "-m", "ascendfactory", "train", str(cfg_path), model_name, exp_name, *extra],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "MASTER_PORT": "29731"})
+    assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert errors and any(expect in line for line in errors), r.stderr
+    assert snapshot(root) == before
+    assert not (root / "out" / "saved_checkpoints").exists()
