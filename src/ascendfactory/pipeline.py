@@ -73,22 +73,34 @@ def _tracker_iteration(save_dir: Path) -> int | None:
         return None
 
 
-def decide_stages(plan: Plan) -> list[Decision]:
+def decide_stages(plan: Plan, strict: bool = True) -> list[Decision]:
+    """Each stage's run/skip decision. Not strict (plan): an input that cannot be inspected (e.g. model
+    files not on this machine) is reported in the reason instead of stopping the plan."""
     from ascendfactory.convert import stage as convert_stage
     from ascendfactory.data import stage as data_stage
 
     cfg, paths = plan.cfg, plan.paths
-    return [
-        Decision("preprocess", *data_stage.decide(cfg, paths)),
-        Decision("convert", *convert_stage.decide_convert(cfg, paths)),
-        decide_train(cfg, paths),
-        Decision("export", *convert_stage.decide_export(cfg, paths)),
-    ]
+    deciders = (
+        ("preprocess", lambda: data_stage.decide(cfg, paths)),
+        ("convert", lambda: convert_stage.decide_convert(cfg, paths)),
+        ("train", lambda: decide_train(cfg, paths)),
+        ("export", lambda: convert_stage.decide_export(cfg, paths)),
+    )
+    out = []
+    for name, decide in deciders:
+        try:
+            d = decide()
+        except UserError as e:
+            if strict:
+                raise
+            d = (True, f"cannot inspect inputs here ({e})")
+        out.append(d if isinstance(d, Decision) else Decision(name, *d))
+    return out
 
 
 def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict, as_json: bool) -> None:
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
-    stages = decide_stages(plan)
+    stages = decide_stages(plan, strict=False)
     if as_json:
         print(json.dumps({
             "config": plan.cfg.model_dump(mode="json"),

@@ -15,10 +15,10 @@ from pathlib import Path
 
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
+from ascendfactory.engine import EXIT_PREEMPTED
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 
-EXIT_STOPPED_BY_SIGNAL = 143  # 128 + SIGTERM: stopped on request after saving; resume with train_auto_resume
 
 
 def default_scripts_dir() -> Path:
@@ -110,7 +110,7 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
         return
     if stopped:
         raise TrainingFailed(f"training stopped by {signal.Signals(stopped[0]).name}; the last checkpoint is in "
-                             f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_STOPPED_BY_SIGNAL)
+                             f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_PREEMPTED)
     m = _FAILED.search(last_failure or "")
     raise TrainingFailed(f"{_cause(last_failure)} after {cfg.max_restarts} restart(s); see "
                          f"{_worker_log(paths.logs_dir, m.group(2) if m else None)} and {node_log}",
