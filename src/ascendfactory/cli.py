@@ -119,10 +119,12 @@ def convert_hf2mg(
     mg_dir: str = typer.Option(..., "--mg-dir"),
     tp: int = typer.Option(1, "--tp"),
     pp: int = typer.Option(1, "--pp"),
-    num_layer_list: Optional[str] = typer.Option(None, "--num-layer-list"),
+    num_layer_list: Optional[str] = typer.Option(None, "--num-layer-list",
+                                                 help="layers per PP stage, e.g. 6,10 (default: even split)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the HF dtype)"),
-    make_vocab_size_divisible_by: Optional[int] = typer.Option(None, "--make-vocab-size-divisible-by"),
-    verify: bool = typer.Option(False, "--verify"),
+    make_vocab_size_divisible_by: Optional[int] = typer.Option(
+        None, "--make-vocab-size-divisible-by", help="pad the vocab with zero rows to a multiple of N x TP"),
+    verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
 ):
     """HF safetensors -> Megatron TP/PP shards."""
     from ascendfactory.convert.api import hf2mg_command
@@ -136,10 +138,10 @@ def convert_mg2hf(
     mg_dir: str = typer.Option(..., "--mg-dir"),
     hf_dir: str = typer.Option(..., "--hf-dir"),
     hf_config_dir: str = typer.Option(..., "--hf-config-dir"),
-    iteration: Optional[int] = typer.Option(None, "--iteration"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
-    shard_size: str = typer.Option("5GB", "--shard-size"),
-    verify: bool = typer.Option(False, "--verify"),
+    iteration: Optional[int] = typer.Option(None, "--iteration", help="default: the tracker's iteration"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the checkpoint's)"),
+    shard_size: str = typer.Option("5GB", "--shard-size", help="largest safetensors file, e.g. 5GB, 500MB"),
+    verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
 ):
     """Megatron checkpoint (any TP/PP) -> HF safetensors."""
     from ascendfactory.convert.api import mg2hf_command

@@ -1,0 +1,32 @@
+"""Public entry points of the converter: the two CLI commands and the library functions they wrap.
+
+    hf_to_megatron(hf_dir, mg_dir, tp, pp, ...)        HF safetensors -> Megatron TP/PP shards
+    megatron_to_hf(mg_dir, hf_dir, hf_config_dir, ...) Megatron checkpoint (converted or trained) -> HF
+    read_checkpoint_layout(mg_dir, iteration=None)     TP/PP/layers/source/padded vocab of a Megatron folder
+    verify_conversion(hf_dir, mg_dir, ...)             HF vs megatron-core logits, raises on a mismatch
+"""
+
+from __future__ import annotations
+
+from ascendfactory.convert.hf2mg import hf_to_megatron
+from ascendfactory.convert.layout import dtype_name
+from ascendfactory.convert.mg2hf import DEFAULT_SHARD_SIZE, megatron_to_hf
+from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
+from ascendfactory.convert.verify import VerificationFailed, verify_conversion
+
+__all__ = ["hf_to_megatron", "megatron_to_hf", "read_checkpoint_layout", "CheckpointLayout", "verify_conversion",
+           "VerificationFailed", "hf2mg_command", "mg2hf_command"]
+
+
+def hf2mg_command(hf_dir, mg_dir, tp=1, pp=1, num_layer_list=None, dtype=None, make_vocab_size_divisible_by=None,
+                  verify=False) -> None:
+    hf_to_megatron(hf_dir, mg_dir, tp, pp, num_layer_list, dtype, make_vocab_size_divisible_by)
+    if verify:
+        verify_conversion(hf_dir, mg_dir, dtype=dtype_name(dtype))
+
+
+def mg2hf_command(mg_dir, hf_dir, hf_config_dir, iteration=None, dtype=None, shard_size=DEFAULT_SHARD_SIZE,
+                  verify=False) -> None:
+    megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration, dtype, shard_size)
+    if verify:
+        verify_conversion(hf_dir, mg_dir, iteration, dtype=dtype_name(dtype))

@@ -1,0 +1,70 @@
+"""What a conversion was made from and how: compared to skip work already done. Stat calls only.
+
+The marker file is written last (atomically), so its presence with a matching fingerprint
+means the folder holds a complete conversion of exactly this source and layout.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ascendfactory.ckpt_layout import TRACKER, iter_dir_name, layout_of, rank_file, write_text_atomic
+from ascendfactory.convert.layout import Layout
+
+MARKER = "ascendfactory_convert.json"
+
+
+def source_files(model_dir: str | Path) -> dict[str, list[int]]:
+    """config.json and the weight files of an HF folder (or the rank files of a Megatron one): [size, mtime_ns]."""
+    d = Path(model_dir)
+    out = {}
+    for p in sorted([*d.glob("*"), *d.glob("*/*")]):  # HF files are top-level, rank files one folder down
+        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".pt")
+                            or p.name.endswith(".index.json") or p.name == "latest_checkpointed_iteration.txt"):
+            st = p.stat()
+            out[str(p.relative_to(d))] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def fingerprint(source_dir: str | Path, **layout) -> dict:
+    return {"source": str(Path(source_dir).resolve()), "files": source_files(source_dir), **layout}
+
+
+def conversion_fingerprint(hf_dir, layout: Layout, dtype: str | None) -> dict:
+    """hf2mg: the HF source and the target layout."""
+    return fingerprint(hf_dir, tp=layout.tp, pp=layout.pp, num_layer_list=list(layout.layers), dtype=dtype,
+                       padded_vocab_size=layout.padded_vocab_size)
+
+
+def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None, shard_size: int) -> dict:
+    """mg2hf: one iteration of a Megatron checkpoint, the config it is exported with, and the output options."""
+    it_dir = Path(mg_dir) / iter_dir_name(iteration)
+    tp, pp = layout_of(it_dir)
+    return fingerprint(it_dir, iteration=iteration, tp=tp, pp=pp, dtype=dtype, shard_size=shard_size,
+                       config=str(Path(hf_config_dir).resolve()))
+
+
+def conversion_complete(target: Path, layout: Layout, iteration: int = 1) -> bool:
+    return (Path(target) / TRACKER).is_file() and all(
+        rank_file(target, iteration, t, p, layout.pp).is_file() for p in range(layout.pp) for t in range(layout.tp))
+
+
+def export_complete(target: Path) -> bool:
+    try:
+        files = set(json.loads((Path(target) / "model.safetensors.index.json").read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError):
+        return False
+    return (Path(target) / "config.json").is_file() and all((Path(target) / f).is_file() for f in files)
+
+
+def read_marker(target_dir: str | Path) -> dict | None:
+    path = Path(target_dir) / MARKER
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_marker(target_dir: str | Path, fp: dict) -> None:
+    write_text_atomic(Path(target_dir) / MARKER, json.dumps(fp, indent=1, sort_keys=True))

@@ -1,0 +1,24 @@
+"""Plain progress lines on stderr (greppable, one per event), with a heartbeat for long steps."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+
+class Progress:
+    def __init__(self, prefix: str, every_s: float = 10.0):
+        self.prefix, self.every_s = prefix, every_s
+        self.start = self.last = time.time()
+
+    def say(self, msg: str) -> None:
+        print(f"{self.prefix}: {msg}", file=sys.stderr, flush=True)
+        self.last = time.time()
+
+    def heartbeat(self, msg: str) -> None:
+        """Printed at most every `every_s` seconds: shows life inside a long rank / stage."""
+        if time.time() - self.last >= self.every_s:
+            self.say(msg)
+
+    def elapsed(self) -> float:
+        return time.time() - self.start

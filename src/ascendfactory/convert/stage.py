@@ -1,0 +1,84 @@
+"""The `train` pipeline's convert and export stages.
+
+decide_* only stat files and read small json (no torch import): `plan` calls them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ascendfactory.ckpt_layout import TRACKER
+from ascendfactory.config.paths import RunPaths
+from ascendfactory.config.schema import ExpConfig
+from ascendfactory.convert.fingerprint import (
+    conversion_complete,
+    conversion_fingerprint,
+    export_complete,
+    export_fingerprint,
+)
+from ascendfactory.convert.layout import dtype_name, plan_layout
+from ascendfactory.convert.target import ours
+from ascendfactory.errors import UserError
+from ascendfactory.modelinfo import read_model_facts
+
+EXPORT_SHARD_SIZE = 5 * 10**9
+
+
+def _convert_plan(cfg: ExpConfig):
+    _, layout = plan_layout(cfg.model_name_or_path, cfg.tp, cfg.pp, cfg.num_layer_list,
+                            cfg.make_vocab_size_divisible_by)
+    return layout, conversion_fingerprint(cfg.model_name_or_path, layout, None)
+
+
+def decide_convert(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
+    if cfg.ckpt_load_type == 0:
+        return False, "ckpt_load_type is 0 (random init): no weights to convert"
+    if cfg.user_converted_ckpt_path:
+        return False, f"using user_converted_ckpt_path {cfg.user_converted_ckpt_path}"
+    layout, fp = _convert_plan(cfg)
+    target = paths.converted_ckpt_dir
+    # Foreign content in the target is refused now, not after the other stages ran.
+    if ours(target, "converted checkpoint dir") == fp and conversion_complete(target, layout):
+        return False, f"{target} already holds this conversion of {cfg.model_name_or_path}"
+    return True, (f"{cfg.model_name_or_path} -> {target} (TP{layout.tp} PP{layout.pp}, "
+                  f"layers per stage {list(layout.layers)})")
+
+
+def run_convert(cfg: ExpConfig, paths: RunPaths) -> None:
+    from ascendfactory.convert.hf2mg import hf_to_megatron
+
+    # Our own folder under output_dir: a conversion of another source / layout there is stale, replace it.
+    hf_to_megatron(cfg.model_name_or_path, paths.converted_ckpt_dir, cfg.tp, cfg.pp, cfg.num_layer_list,
+                   None, cfg.make_vocab_size_divisible_by, replace_ours=True, flag="converted checkpoint dir")
+
+
+def export_dtype(cfg: ExpConfig) -> str | None:
+    """The source model's own dtype (so the export matches what the user started from), if it names one."""
+    try:
+        return dtype_name(read_model_facts(cfg.model_name_or_path).torch_dtype)
+    except UserError:
+        return None
+
+
+def decide_export(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
+    """Meant to be asked after training: before it, an up-to-date answer describes the checkpoint on disk now."""
+    if not cfg.convert_mg2hf_at_last:
+        return False, "convert_mg2hf_at_last is false"
+    marker = ours(paths.hf_save_dir, "hf_save_dir")  # foreign content: refused before training, not after
+    tracker = Path(paths.save_dir) / TRACKER
+    if tracker.is_file() and tracker.read_text().strip().isdigit():
+        it = int(tracker.read_text().strip())
+        try:
+            fp = export_fingerprint(paths.save_dir, it, cfg.model_name_or_path, export_dtype(cfg), EXPORT_SHARD_SIZE)
+        except (UserError, OSError):
+            fp = None
+        if fp is not None and marker == fp and export_complete(paths.hf_save_dir):
+            return False, f"{paths.hf_save_dir} already holds the export of iteration {it}"
+    return True, f"final checkpoint in {paths.save_dir} -> {paths.hf_save_dir}"
+
+
+def run_export(cfg: ExpConfig, paths: RunPaths) -> None:
+    from ascendfactory.convert.mg2hf import megatron_to_hf
+
+    megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, None, export_dtype(cfg),
+                   EXPORT_SHARD_SIZE, replace_ours=True, flag="hf_save_dir")

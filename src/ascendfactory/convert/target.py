@@ -1,0 +1,96 @@
+"""Output folders of a conversion: built in a staging folder beside the target, renamed into place when
+complete, so the target never holds a half-written conversion and is never overwritten unless it is ours."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ascendfactory.ckpt_layout import fsync_dir
+from ascendfactory.convert.fingerprint import MARKER, read_marker, write_marker
+from ascendfactory.errors import UserError
+
+
+def up_to_date(target: str | Path, fp: dict, flag: str, replace_ours: bool,
+               complete: Callable[[Path], bool]) -> bool:
+    """True when `target` already holds this exact, complete result; UserError when it holds anything we may
+    not replace. An incomplete copy of the same result (a file deleted since) is ours: it is redone.
+
+    replace_ours: a previous result of ours with another fingerprint may be replaced (the pipeline's own
+    folders); otherwise (the CLI) it is refused, since it may be the user's only copy.
+    """
+    marker = ours(target, flag)
+    if marker is None:
+        return False
+    if marker == fp:
+        return complete(target)
+    if replace_ours:
+        return False
+    raise UserError(f"{flag} {target}: holds a different conversion (from {marker.get('source')}, "
+                    f"{_describe(marker)}); delete it or choose another folder")
+
+
+def ours(target: str | Path, flag: str) -> dict | None:
+    """The marker of a conversion of ours in `target` (None: absent or empty folder); UserError for anything
+    else, which is never overwritten."""
+    target = Path(target)
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        raise UserError(f"{flag} {target}: exists and is not a folder; choose a new folder")
+    if not any(target.iterdir()):
+        return None
+    marker = read_marker(target)
+    if marker is None:
+        raise UserError(f"{flag} {target}: folder is not empty and holds no ascendfactory conversion "
+                        f"({MARKER} missing); choose an empty or new folder")
+    return marker
+
+
+def _describe(marker: dict) -> str:
+    keys = ("tp", "pp", "num_layer_list", "dtype", "padded_vocab_size", "iteration")
+    return ", ".join(f"{k}={marker[k]}" for k in keys if k in marker) or "unknown layout"
+
+
+@contextmanager
+def staged(target: str | Path, fp: dict) -> Iterator[Path]:
+    """Yields the staging folder to write into; on success it replaces the target, on failure it is removed."""
+    tmp = staging(target)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    commit(tmp, target, fp)
+
+
+def staging(target: str | Path) -> Path:
+    """A fresh staging folder beside the target (same file system, so the final rename is atomic)."""
+    target = Path(target).resolve()
+    tmp = target.parent / f".{target.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)  # a previous interrupted attempt of ours
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def commit(tmp: Path, target: str | Path, fp: dict) -> None:
+    """Marker last, then swap the staging folder into place."""
+    target = Path(target).resolve()
+    write_marker(tmp, fp)
+    old = None
+    if target.exists():
+        if any(target.iterdir()):
+            old = target.parent / f".{target.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(target, old)
+        else:
+            target.rmdir()
+    os.replace(tmp, target)
+    fsync_dir(target.parent)
+    if old is not None:
+        shutil.rmtree(old)
