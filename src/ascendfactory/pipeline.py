@@ -73,29 +73,30 @@ def _tracker_iteration(save_dir: Path) -> int | None:
         return None
 
 
-def decide_stages(plan: Plan, strict: bool = True) -> list[Decision]:
-    """Each stage's run/skip decision. Not strict (plan): an input that cannot be inspected (e.g. model
+def decide_stage(plan: Plan, name: str, strict: bool = True) -> Decision:
+    """One stage's run/skip decision. Not strict (plan): an input that cannot be inspected (e.g. model
     files not on this machine) is reported in the reason instead of stopping the plan."""
     from ascendfactory.convert import stage as convert_stage
     from ascendfactory.data import stage as data_stage
 
     cfg, paths = plan.cfg, plan.paths
-    deciders = (
-        ("preprocess", lambda: data_stage.decide(cfg, paths)),
-        ("convert", lambda: convert_stage.decide_convert(cfg, paths)),
-        ("train", lambda: decide_train(cfg, paths)),
-        ("export", lambda: convert_stage.decide_export(cfg, paths)),
-    )
-    out = []
-    for name, decide in deciders:
-        try:
-            d = decide()
-        except UserError as e:
-            if strict:
-                raise
-            d = (True, f"cannot inspect inputs here ({e})")
-        out.append(d if isinstance(d, Decision) else Decision(name, *d))
-    return out
+    decide = {
+        "preprocess": data_stage.decide,
+        "convert": convert_stage.decide_convert,
+        "train": decide_train,
+        "export": convert_stage.decide_export,
+    }[name]
+    try:
+        d = decide(cfg, paths)
+    except UserError as e:
+        if strict:
+            raise
+        d = (True, f"cannot inspect inputs here ({e})")
+    return d if isinstance(d, Decision) else Decision(name, *d)
+
+
+def decide_stages(plan: Plan, strict: bool = True) -> list[Decision]:
+    return [decide_stage(plan, name, strict) for name in STAGES]
 
 
 def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict, as_json: bool) -> None:
@@ -154,27 +155,29 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     for w in plan.report.warnings:
         _log(f"warning: {w}")
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout
+    decide_stages(plan)  # every stage's inputs and targets are checked before any work starts
     _prepare_output_dir(paths)
     with RunLock(paths.output_dir, layout.node_rank):
         resolved = cfg.model_copy(update={"device": layout.device})
         ckpt_layout.write_text_atomic(paths.exp_config, dump_config(resolved))
         _log(f"resolved config written to {paths.exp_config}")
-        stages = decide_stages(plan)
-        for decision in stages:
+        for name in STAGES:
+            # Decided just before running: an earlier stage may have produced what this one needs.
+            decision = decide_stage(plan, name)
             if not decision.run:
-                _log(f"{decision.name}: skipped ({decision.reason})")
+                _log(f"{name}: skipped ({decision.reason})")
                 continue
-            if decision.name == "export" and layout.node_rank != 0:
+            if name == "export" and layout.node_rank != 0:
                 _log("export: skipped on this node (node 0 exports)")
                 continue
-            _log(f"{decision.name}: running ({decision.reason})")
+            _log(f"{name}: running ({decision.reason})")
             t0 = time.time()
             try:
-                _run_stage(decision.name, resolved, paths, layout)
+                _run_stage(name, resolved, paths, layout)
             except TrainingFailed as e:
                 _log(f"train: FAILED after {time.time() - t0:.1f}s: {e}")
                 sys.exit(e.exit_code)
-            _log(f"{decision.name}: done in {time.time() - t0:.1f}s")
+            _log(f"{name}: done in {time.time() - t0:.1f}s")
     _log(f"all stages done; outputs in {paths.output_dir}")
 
 
