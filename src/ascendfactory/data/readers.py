@@ -1,0 +1,99 @@
+"""Input discovery and streaming reads: json (array), jsonl, parquet, csv, arrow, txt, or a folder of one kind.
+
+jsonl and txt are read line by line here (they carry `file:line` locations and are the multi-GB case);
+the other formats stream through HF `datasets` (streaming=True), one file at a time, located by record
+number. Nothing reads a whole file into memory except a JSON array, which cannot be streamed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from ascendfactory.errors import UserError
+
+_KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow",
+          ".txt": "txt"}
+# metadata that HF `save_to_disk` writes beside .arrow files
+_ARROW_METADATA = {"dataset_info.json", "state.json"}
+
+
+def discover(path: str) -> tuple[list[Path], str]:
+    """The input files (sorted) and their kind; UserError when missing, empty or mixed."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"--input {path}: no such file or folder")
+    if p.is_file():
+        kind = _KINDS.get(p.suffix.lower())
+        if kind is None:
+            raise UserError(f"{path}: unsupported file type '{p.suffix}'; use one of {', '.join(_KINDS)}")
+        return [p], _json_kind(p) if kind == "json" else kind
+    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _KINDS)
+    if any(f.suffix.lower() == ".arrow" for f in files):
+        files = [f for f in files if f.name not in _ARROW_METADATA]
+    kinds = {_json_kind(f) if _KINDS[f.suffix.lower()] == "json" else _KINDS[f.suffix.lower()] for f in files}
+    if not files:
+        raise UserError(f"--input {path}: no data files in the folder (looked for {', '.join(_KINDS)})")
+    if len(kinds) > 1:
+        raise UserError(f"--input {path}: the folder mixes {', '.join(sorted(kinds))} files; keep one kind per folder")
+    return files, kinds.pop()
+
+
+def _json_kind(path: Path) -> str:
+    """.json holds either one JSON array or one object per line."""
+    with path.open("rb") as f:
+        head = f.read(4096).lstrip()
+    return "json" if head.startswith(b"[") else "jsonl"
+
+
+def total_bytes(files: list[Path]) -> int:
+    return sum(f.stat().st_size for f in files)
+
+
+def iter_chunks(files: list[Path], kind: str, chunk_bytes: int = 1 << 20, chunk_records: int = 2048) -> Iterator[
+        tuple[list, int]]:
+    """Chunks of (location, raw) items and the input bytes they cover (0 where unknown)."""
+    for f in files:
+        source = _lines(f, kind) if kind in ("jsonl", "txt") else _records(f, kind)
+        chunk, size = [], 0
+        for loc, raw, nbytes in source:
+            chunk.append((loc, raw))
+            size += nbytes
+            if len(chunk) >= chunk_records or size >= chunk_bytes:
+                yield chunk, size
+                chunk, size = [], 0
+        if chunk:
+            yield chunk, size
+
+
+def _lines(path: Path, kind: str):
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                # blank lines separate records; they hold no data
+                continue
+            if kind == "txt":
+                try:
+                    text = line.decode("utf-8").rstrip("\r\n")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason})")
+                yield f"{path}:{lineno}", text, len(line)
+            else:
+                yield f"{path}:{lineno}", line, len(line)
+
+
+def _records(path: Path, kind: str):
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = "json" if kind == "json" else kind
+    i = 0
+    try:
+        ds = datasets.load_dataset(builder, data_files=[str(path)], split="train", streaming=True)
+        for i, rec in enumerate(ds, start=1):
+            yield f"{path}: record {i}", rec, 0
+    except UserError:
+        raise
+    except Exception as e:  # datasets/pyarrow parse errors come in many types
+        first = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path}: record {i + 1}: cannot read as {kind} ({first})")

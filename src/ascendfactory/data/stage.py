@@ -1,0 +1,111 @@
+"""The `preprocess` stage of `train`: decide (fast, for `plan`), run, and find the data prefix training uses.
+
+decide() only stats files and reads json (no torch / transformers imports), so `plan` stays fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ascendfactory.config.paths import RunPaths
+from ascendfactory.config.schema import ExpConfig
+from ascendfactory.data import outputs as out
+from ascendfactory.data.handlers import PRETRAIN
+from ascendfactory.errors import UserError
+
+
+def dataset_name(dataset: str) -> str:
+    """`alpaca` for /data/alpaca.jsonl or /data/alpaca/ (the output prefix's last part)."""
+    p = Path(dataset.rstrip("/"))
+    return p.stem if p.is_file() else p.name
+
+
+def _prefix(cfg: ExpConfig, paths: RunPaths) -> Path:
+    return Path(paths.processed_data_dir) / dataset_name(cfg.dataset)
+
+
+def _options(cfg: ExpConfig) -> dict:
+    return out.options(cfg.handler_name, cfg.prompt_type, cfg.seq_len, cfg.pack, cfg.append_eod, cfg.json_keys,
+                   cfg.map_keys, cfg.skip_bad_records)
+
+
+def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
+    """(run?, why) for the preprocess stage."""
+    if cfg.processed_data_dir:
+        return False, f"processed_data_dir given: {cfg.processed_data_dir}"
+    if not cfg.dataset:
+        return False, "no dataset given"
+    prefix = _prefix(cfg, paths)
+    try:
+        wanted = out.fingerprint(cfg.dataset, cfg.model_name_or_path, _options(cfg))
+    except UserError as e:
+        return True, f"preprocess {cfg.dataset} ({e})"
+    done = out.read_summary(prefix)
+    if done is None:
+        return True, f"no preprocessed data at {prefix}_*"
+    if not all(Path(p).is_file() for p in done.get("outputs", [])):
+        return True, f"preprocessed data at {prefix}_* is incomplete"
+    old = done.get("fingerprint", {})
+    changed = [k for k in ("format_version", "inputs", "tokenizer", "options") if old.get(k) != wanted[k]]
+    if changed:
+        what = {"inputs": "dataset files", "tokenizer": "tokenizer files", "options": "preprocessing options",
+                "format_version": "preprocessing format"}
+        return True, f"{' and '.join(what[k] for k in changed)} changed since {prefix}_* was written"
+    return False, f"already preprocessed (same inputs and options): {done.get('data_prefix', prefix)}"
+
+
+def run(cfg: ExpConfig, paths: RunPaths) -> str:
+    """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*; returns the data prefix for training."""
+    from ascendfactory.data.preprocess import preprocess_command
+
+    if not cfg.dataset:
+        raise UserError("dataset: not set; give dataset (raw data) or processed_data_dir (preprocessed data)")
+    prefix = str(_prefix(cfg, paths))
+    preprocess_command(
+        input=cfg.dataset, tokenizer_name_or_path=cfg.model_name_or_path, output_prefix=prefix,
+        handler_name=cfg.handler_name, prompt_type=cfg.prompt_type, seq_length=cfg.seq_len, pack=cfg.pack,
+        append_eod=cfg.append_eod, json_keys=cfg.json_keys, map_keys=cfg.map_keys, workers=cfg.preprocess_workers,
+        skip_bad_records=cfg.skip_bad_records,
+    )
+    return out.data_prefix(prefix, cfg.handler_name, cfg.json_keys)
+
+
+def find_data_prefix(processed_data_dir: str | Path, stage: str) -> str:
+    """The prefix training is given (stage "pt": `<prefix>_<key>_document`, else `<prefix>`) found in a folder;
+    a path that is itself a prefix is accepted too."""
+    d = Path(processed_data_dir)
+    sft = stage != "pt"
+    if not d.is_dir():
+        as_prefix = Path(f"{d}_packed_input_ids_document.idx") if sft else Path(f"{d}.idx")
+        if as_prefix.is_file():
+            return str(d)
+        raise UserError(f"processed_data_dir {d}: no such folder")
+    found = []
+    for summary_file in sorted(d.glob(f"*{out.SUMMARY_SUFFIX}")):
+        summary = out.read_summary(d / summary_file.name[: -len(out.SUMMARY_SUFFIX)]) or {}
+        handler = summary.get("fingerprint", {}).get("options", {}).get("handler")
+        if handler and (handler == PRETRAIN) != sft and "data_prefix" in summary:
+            found.append(str(d / Path(summary["data_prefix"]).name))  # the folder may have been moved
+    if not found:  # data written by other tools: go by file names
+        if sft:
+            found = [str(p)[: -len("_packed_input_ids_document.idx")]
+                     for p in sorted(d.glob("*_packed_input_ids_document.idx"))]
+        else:
+            found = [str(p)[: -len(".idx")] for p in sorted(d.glob("*_document.idx")) if "_packed_" not in p.name]
+    expected = "<prefix>_packed_{input_ids,attention_mask,labels}_document.{bin,idx}" if sft else \
+        "<prefix>_text_document.{bin,idx}"
+    if not found:
+        raise UserError(f"processed_data_dir {d}: no preprocessed {'instruction' if sft else 'pretraining'} data; "
+                        f"expected {expected}")
+    if len(found) > 1:
+        raise UserError(f"processed_data_dir {d}: several datasets ({', '.join(Path(f).name for f in found)}); "
+                        "keep one per folder")
+    missing = [p for p in _files_of(found[0], sft) if not p.is_file()]
+    if missing:
+        raise UserError(f"processed_data_dir {d}: {missing[0].name} is missing; expected {expected}")
+    return found[0]
+
+
+def _files_of(prefix: str, sft: bool) -> list[Path]:
+    names = [f"{prefix}_packed_{s}_document" for s in out.SFT_STREAMS] if sft else [prefix]
+    return [Path(f"{n}.{ext}") for n in names for ext in ("bin", "idx")]
