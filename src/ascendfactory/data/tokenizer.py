@@ -39,6 +39,10 @@ class TokenizerInfo:
 def load_tokenizer(path: str) -> TokenizerInfo:
     if not Path(path).is_dir():
         raise UserError(f"--tokenizer-name-or-path {path}: not a folder; give the model folder holding tokenizer files")
+    if not tokenizer_files(path):
+        # transformers may still build an empty tokenizer from config.json alone: every sample would be 0 tokens.
+        raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges, "
+                        "tokenizer.model); copy the model's tokenizer files into this folder")
     from transformers import AutoTokenizer
 
     try:

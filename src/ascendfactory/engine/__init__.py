@@ -1,0 +1,15 @@
+"""The training engine on megatron-core: `python -m ascendfactory.engine --config <output_dir>/exp-config.yaml`,
+one process per device under torchrun.
+
+Exit codes of each worker:
+  0  training finished (final checkpoint saved)
+  1  failure (traceback on the rank's stderr)
+  2  bad input (UserError: one line naming the file / key and the fix)
+  3  stopped by SIGTERM / SIGINT after saving a checkpoint; relaunch with train_auto_resume to continue
+(torchrun itself exits 1 when any worker exits non-zero; it prints each worker's exitcode.)
+"""
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 3

@@ -33,6 +33,17 @@ class Device:
     def default_precision(self) -> str:
         return "fp32" if self.kind == "cpu" else "bf16"
 
+    @property
+    def cpu_initialization(self) -> bool:
+        """Build weights on the CPU (megatron-core's use_cpu_initialization): only where the CPU is the device;
+        on an accelerator it would make every rank initialise full matrices on the host."""
+        return self.kind == "cpu"
+
+    @property
+    def batched_p2p(self) -> bool:
+        """gloo has no coalesced send/recv: pipeline p2p goes one message at a time (same schedule)."""
+        return self.backend != "gloo"
+
 
 _ACTIVE: Device | None = None
 
@@ -83,6 +94,9 @@ def setup(requested: str = "auto") -> Device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dev = Device("cuda", "nccl")
     elif kind == "cpu":
+        # Eager gloo groups reconnect to the dead attempt's ports after a torchrun restart (torch 2.13,
+        # several groups incl. singletons, as megatron-core creates them); lazy init connects on first use.
+        os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         _patch_megatron_for_cpu()
         dev = Device("cpu", "gloo")
     else:
@@ -95,6 +109,15 @@ def active() -> Device:
     if _ACTIVE is None:
         raise RuntimeError("device.setup() has not been called")
     return _ACTIVE
+
+
+def has_transformer_engine() -> bool:
+    """TE's attention is what megatron-core needs for context parallelism."""
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return active().kind != "cpu"
 
 
 def synchronize() -> None:
@@ -181,6 +204,18 @@ def _patch_megatron_for_cpu() -> None:
 
     torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kw: self
     _CudaToCpu().__enter__()  # stays active for the life of the process
+
+    # clip_grads and the distributed optimizer assert `t.type() == 'torch.cuda.FloatTensor'` (and the
+    # Half/BFloat16 variants): report CPU tensors under the cuda type names; conversions are untouched.
+    tensor_type = torch.Tensor.type
+
+    def cuda_named_type(self, dtype=None, non_blocking=False, **kw):
+        if dtype is None and not kw:
+            name = tensor_type(self)
+            return name if name.startswith("torch.cuda.") else name.replace("torch.", "torch.cuda.", 1)
+        return tensor_type(self, dtype, non_blocking, **kw)
+
+    torch.Tensor.type = cuda_named_type
 
     from megatron.core.tensor_parallel import random as mc_random
 

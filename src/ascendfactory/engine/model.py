@@ -69,6 +69,40 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
     return TransformerConfig(**kw)
 
 
+class RMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm (what the local spec builds) that also works with sequence parallel: its weight is
+    marked so megatron-core sums its gradient over the TP ranks, each of which saw part of the sequence."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__(hidden_size, eps=eps, device="cpu" if config.use_cpu_initialization else None,
+                         dtype=config.params_dtype)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
+def local_block_spec(config, qk_norm: bool):
+    """megatron-core's local layer spec with RMSNorm above for every norm (same parameter names)."""
+    from dataclasses import replace
+
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlock,
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
+    attn = layer.submodules.self_attention
+    attn_sub = attn.submodules
+    if qk_norm:
+        attn_sub = replace(attn_sub, q_layernorm=RMSNorm, k_layernorm=RMSNorm)
+    layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+                                              self_attention=replace(attn, submodules=attn_sub)))
+    n = get_num_layers_to_build(config)  # this process's pipeline stage
+    return ModuleSpec(module=TransformerBlock,
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm))
+
+
 def llama3_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
     """HF's llama3 rope scaling with the config's own factors (GPTModel hard-codes 1/4/8192)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
@@ -95,7 +129,6 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
                     max_sequence_length: int | None = None, vocab_size: int | None = None):
     """GPTModel for one pipeline stage. `config` is from transformer_config() with this stage's num_layers
     (megatron-core splits layers evenly itself when given the full count)."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     kind = rope_scaling_type(facts)
@@ -105,7 +138,7 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
         raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: llama3)")
     model = GPTModel(
         config=config,
-        transformer_layer_spec=get_gpt_layer_local_spec(qk_layernorm=facts.qk_norm),
+        transformer_layer_spec=local_block_spec(config, facts.qk_norm),
         vocab_size=vocab_size or facts.vocab_size,
         max_sequence_length=max_sequence_length or facts.max_position_embeddings,
         pre_process=pre_process,
@@ -119,3 +152,9 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
         inv = llama3_inv_freq(facts.head_dim, facts.rope_theta, facts.rope_scaling)
         model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
     return model
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int | None, tp: int) -> int:
+    """Megatron pads the vocabulary so every TP rank holds an equal slice (multiple of divisible_by x TP)."""
+    multiple = (divisible_by or 1) * tp
+    return math.ceil(vocab_size / multiple) * multiple

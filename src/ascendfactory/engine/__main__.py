@@ -1,0 +1,30 @@
+"""`python -m ascendfactory.engine --config <output_dir>/exp-config.yaml` (one process per device, torchrun)."""
+
+import argparse
+import sys
+import traceback
+
+from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
+from ascendfactory.errors import UserError
+
+
+def run() -> int:
+    parser = argparse.ArgumentParser(prog="python -m ascendfactory.engine")
+    parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
+    parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+    ns = parser.parse_args()
+    from ascendfactory.engine.trainer import main
+
+    try:
+        return main(ns.config)
+    except UserError as e:
+        if ns.debug:
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except Exception:
+        traceback.print_exc()
+        return EXIT_FAILURE
+
+
+sys.exit(run())

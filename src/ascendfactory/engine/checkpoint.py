@@ -1,0 +1,336 @@
+"""Atomic Megatron checkpoints with a manifest, and finding / loading the one to start from.
+
+A save writes every file under `<save_dir>/.tmp_iter_XXXXXXX/`, fsyncs them, writes manifest.json
+(files and sizes, layout, iteration, consumed samples, source model), renames the folder to
+`iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore leaves either no
+new folder or a complete one; the previous checkpoint is never touched until a newer one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ascendfactory import ckpt_layout as L
+from ascendfactory.engine import device
+from ascendfactory.engine.faults import kill_point
+from ascendfactory.errors import UserError
+
+MANIFEST = "manifest.json"
+DISTRIB_OPTIM_FILE = "distrib_optim.pt"
+TMP_PREFIX = ".tmp_"
+
+
+@dataclass(frozen=True)
+class Layout:
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+
+    def rank_dir(self, iter_path: Path) -> Path:
+        return iter_path / L.rank_dir_name(self.tp_rank, self.pp_rank, self.pp)
+
+
+def warn(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def _args_dict(state: dict) -> dict:
+    """`args` as we write it (a dict) or as Megatron / MindSpeed write it (an argparse.Namespace)."""
+    args = state.get("args") or {}
+    return dict(args) if isinstance(args, dict) else dict(vars(args))
+
+
+# ---------------------------------------------------------------- validation and discovery
+
+
+def problem_of(iter_path: Path, require_manifest: bool) -> str | None:
+    """Why this iteration folder cannot be loaded, or None when it is complete."""
+    manifest = iter_path / MANIFEST
+    if not manifest.is_file():
+        if require_manifest:
+            return f"{manifest} missing (incomplete checkpoint)"
+        return None if any(iter_path.glob(f"mp_rank_*/{L.MODEL_FILE}")) else f"no mp_rank_*/{L.MODEL_FILE}"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError) as e:
+        return f"{manifest} unreadable ({e})"
+    for rel, size in files.items():
+        p = iter_path / rel
+        if not p.is_file():
+            return f"{p} missing"
+        if p.stat().st_size != size:
+            return f"{p} has {p.stat().st_size} bytes, manifest says {size}"
+    return None
+
+
+def read_manifest(iter_path: Path) -> dict | None:
+    p = iter_path / MANIFEST
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def newest_valid(save_dir: Path) -> int | None:
+    """The newest complete iteration in our own save dir; damaged newer ones are skipped with a warning."""
+    for it in L.iterations_on_disk(save_dir):
+        problem = problem_of(save_dir / L.iter_dir_name(it), require_manifest=True)
+        if problem is None:
+            return it
+        warn(f"auto-resume skips {save_dir / L.iter_dir_name(it)}: {problem}")
+    return None
+
+
+def check_layout(iter_path: Path, lay: Layout) -> None:
+    tp, pp = L.layout_of(iter_path)
+    if (tp, pp) != (lay.tp, lay.pp):
+        raise UserError(
+            f"{iter_path}: checkpoint layout TP{tp} PP{pp} differs from the run's TP{lay.tp} PP{lay.pp}; "
+            f"set tensor-model-parallel-size={tp} pipeline-model-parallel-size={pp} or convert the weights again"
+        )
+
+
+def peek_args(ckpt_dir: Path, iteration: int, lay: Layout) -> dict:
+    """The `args` of this rank's file (vocab padding, layout) before the model is built."""
+    iter_path = ckpt_dir / L.iter_dir_name(iteration)
+    if not iter_path.is_dir():
+        raise UserError(f"{ckpt_dir}/{L.TRACKER} names iteration {iteration} but {iter_path} does not exist")
+    check_layout(iter_path, lay)
+    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
+    if not f.is_file():
+        raise UserError(f"{f} missing; the checkpoint in {ckpt_dir} is incomplete")
+    return _args_dict(torch.load(f, map_location="cpu", weights_only=False, mmap=True))
+
+
+# ---------------------------------------------------------------- save
+
+
+def check_writable(save_dir: Path) -> None:
+    """Fail before training rather than at the first save."""
+    probe = save_dir / f".write_probe_{os.getpid()}"
+    try:
+        save_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{save_dir}: not writable ({e.strerror}); checkpoints go to <output_dir>/saved_checkpoints, "
+                        "fix its permissions or choose another output_dir") from None
+
+
+def _agree(error: str | None) -> None:
+    """Collective: every rank learns whether any rank failed; all raise the first failure."""
+    errors = [None] * dist.get_world_size()
+    dist.all_gather_object(errors, error)
+    first = next((e for e in errors if e), None)
+    if first:
+        raise UserError(first)
+
+
+class _Sink:
+    """torch.save through Python's write(), so a refused write (disk full, read-only) surfaces as OSError."""
+
+    def __init__(self, f):
+        self.f = f
+
+    def write(self, b) -> int:
+        return self.f.write(b)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_torch(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        try:
+            torch.save(obj, _Sink(f))
+        except RuntimeError as e:
+            if isinstance(e.__context__, OSError):
+                raise e.__context__ from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _distributed_optimizer_state(optimizer):
+    """Collective over DP: this (tp, pp) slice's optimizer shards gathered on DP rank 0, in the layout of
+    megatron-core's save_parameter_state (a dict, or a list for several chained optimizers)."""
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    states = [o.get_parameter_state_dp_zero() for o in opts if hasattr(o, "get_parameter_state_dp_zero")]
+    return states[0] if len(opts) == 1 else states
+
+
+def _save_error(save_dir: Path, iteration: int, e: OSError, previous: int | None, path: Path | None = None) -> str:
+    prev = f"previous checkpoint iter_{previous:07d} is intact" if previous else "no earlier checkpoint"
+    where = e.filename or path or save_dir
+    return (f"cannot write checkpoint iteration {iteration} to {save_dir}: {e.strerror or e} ({where}); "
+            f"free disk space or make the directory writable ({prev})")
+
+
+def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimizer, scheduler,
+         args: dict, consumed: int, source_model: str, distributed_optimizer: bool,
+         keep: int) -> None:
+    """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
+    rank = dist.get_rank()
+    iter_name = L.iter_dir_name(iteration)
+    tmp = save_dir / f"{TMP_PREFIX}{iter_name}"
+    final = save_dir / iter_name
+    previous = newest_valid(save_dir) if rank == 0 else None
+
+    err = None
+    if rank == 0:
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left by a crash mid-save: never a checkpoint, only a partial copy
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as e:
+            err = _save_error(save_dir, iteration, e, previous)
+    _agree(err)
+
+    rng = [None] * lay.dp
+    from megatron.core import parallel_state as ps
+
+    dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group())
+    err = None
+    rank_dir = lay.rank_dir(tmp)
+    try:
+        if lay.dp_rank == 0:
+            rank_dir.mkdir(parents=True, exist_ok=True)
+        if distributed_optimizer:
+            dist.barrier()
+            shards = _distributed_optimizer_state(optimizer)
+            if lay.dp_rank == 0:
+                _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
+        if lay.dp_rank == 0:
+            state = {
+                "args": {**args, "consumed_train_samples": consumed, "iteration": iteration},
+                "checkpoint_version": L.CHECKPOINT_VERSION,
+                "iteration": iteration,
+                "model": model_state,
+                "optimizer": optimizer.state_dict(),
+                "opt_param_scheduler": scheduler.state_dict(),
+                "rng_state": rng,
+            }
+            _write_torch(state, rank_dir / L.MODEL_FILE)
+    except OSError as e:
+        err = _save_error(save_dir, iteration, e, previous, rank_dir)
+    try:
+        _agree(err)
+    except UserError:
+        if rank == 0:  # a partial copy only; the run stops here
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    kill_point("save_files", iteration, rank)
+
+    err = None
+    if rank == 0:
+        try:
+            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model)
+            kill_point("save_tracker", iteration, rank)
+            L.write_tracker(save_dir, iteration)
+            if keep > 0:
+                _keep_newest(save_dir, keep)
+        except OSError as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = _save_error(save_dir, iteration, e, previous)
+    _agree(err)
+    kill_point("after_save", iteration, rank)
+
+
+def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout, consumed: int,
+             source_model: str) -> None:
+    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {
+        "iteration": iteration,
+        "consumed_samples": consumed,
+        "tp": lay.tp,
+        "pp": lay.pp,
+        "dp": lay.dp,
+        "source_model": source_model,
+        "files": files,
+    }
+    with open(tmp / MANIFEST, "w") as f:
+        json.dump(manifest, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+        L.fsync_dir(d)
+    if final.exists():
+        # A damaged folder of the same iteration (auto-resume skipped it): kept aside for a person.
+        aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+        os.replace(final, aside)
+        warn(f"{final} existed and was not loadable; moved to {aside}")
+    os.replace(tmp, final)
+    L.fsync_dir(save_dir)
+
+
+def _keep_newest(save_dir: Path, keep: int) -> None:
+    """Delete complete checkpoints beyond the newest `keep`; damaged folders are left for a person."""
+    complete = [it for it in L.iterations_on_disk(save_dir)
+                if problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
+    for it in complete[keep:]:
+        shutil.rmtree(save_dir / L.iter_dir_name(it))
+        print(f"save_total_limit={keep}: removed {save_dir / L.iter_dir_name(it)}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- load
+
+
+def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, scheduler, full: bool,
+         distributed_optimizer: bool, require_manifest: bool) -> dict:
+    """Load weights (and with `full` the optimizer, scheduler, RNG); returns the file's args dict."""
+    iter_path = ckpt_dir / L.iter_dir_name(iteration)
+    problem = problem_of(iter_path, require_manifest)
+    if problem:
+        raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
+    check_layout(iter_path, lay)
+    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
+    state = torch.load(f, map_location="cpu", weights_only=False)
+    missing, unexpected = model.load_state_dict(state["model"], strict=False)
+    missing = [k for k in missing if not k.endswith("_extra_state")]
+    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise UserError(f"{f}: weights do not fit the model built from config.json "
+                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); convert the weights again")
+    if full:
+        for key in ("optimizer", "opt_param_scheduler", "rng_state"):
+            if key not in state:
+                raise UserError(f"{f}: no {key!r} (weights only, e.g. converted HF weights); "
+                                "use ckpt_load_type 1 for such a checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+        if distributed_optimizer:
+            _load_distributed_optimizer_shards(optimizer, f.parent / DISTRIB_OPTIM_FILE)
+        scheduler.load_state_dict(state["opt_param_scheduler"])
+        rng = state["rng_state"]
+        device.set_rng_state(rng[lay.dp_rank] if len(rng) == lay.dp else rng[0])
+    else:
+        # The fp32 main copy inside the optimizer was taken from the random init: refresh it.
+        optimizer.reload_model_params()
+    return _args_dict(state)
+
+
+def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
+    """Two megatron-core gaps with torch's Adam (no Apex / TE), whose per-param state holds `step`:
+    the dp_zero loader copies every state key but the file carries no `step` (load_state_dict restored it),
+    so it is set aside around the load; and load_state_dict gave all params ONE shared step tensor, which
+    torch's Adam would then increment once per param each step, so each param gets its own copy."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    steps = [{p: st.pop("step") for p, st in o.state.items() if "step" in st} for o in inner]
+    try:
+        # In fp32 the optimizer's shards are views of the model's own (grad-requiring) parameters.
+        with torch.no_grad():
+            optimizer.load_parameter_state(str(path))
+    finally:
+        for o, saved in zip(inner, steps):
+            for p, step in saved.items():
+                o.state[p]["step"] = step.clone()

@@ -1,0 +1,111 @@
+"""What a person reads: the Megatron-style line, per-rank log files, metrics.jsonl, TensorBoard, the loss plot."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+from ascendfactory.modelinfo import ModelFacts
+
+
+class Log:
+    """Every rank writes `<logs_dir>/train_rank_XXX.log`; rank 0 also prints to stdout."""
+
+    def __init__(self, logs_dir: Path, rank: int):
+        logs_dir.mkdir(parents=True, exist_ok=True)
+        self.rank = rank
+        self.file = open(logs_dir / f"train_rank_{rank:03d}.log", "a", buffering=1)
+
+    def info(self, msg: str, all_ranks: bool = False) -> None:
+        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
+        self.file.write(line + "\n")
+        if self.rank == 0 or all_ranks:
+            print(line, flush=True)
+
+    def warn(self, msg: str) -> None:
+        self.file.write(f"warning: {msg}\n")
+        if self.rank == 0:
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+
+def flops_per_token(facts: ModelFacts, seq_len: int) -> float:
+    """Training FLOPs per token: 6 x matmul weights (fwd + bwd) plus the attention score/value matmuls."""
+    h, d = facts.hidden_size, facts.head_dim
+    attn = h * facts.num_heads * d * 2 + h * facts.num_kv_heads * d * 2
+    mlp = 3 * h * facts.ffn_hidden_size
+    dense = facts.num_layers * (attn + mlp) + facts.vocab_size * h
+    return 6.0 * dense + 12.0 * facts.num_layers * seq_len * facts.num_heads * d
+
+
+class Metrics:
+    """Rank 0's record of logged iterations: metrics.jsonl (appended, one object per line) and TensorBoard."""
+
+    def __init__(self, logs_dir: Path):
+        self.path = logs_dir / "metrics.jsonl"
+        self.file = open(self.path, "a", buffering=1)
+        self.tb = None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=str(logs_dir / "tensorboard"))
+        except ImportError:
+            pass
+
+    def record(self, row: dict) -> None:
+        self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "iteration" and v is not None:
+                    self.tb.add_scalar(f"train/{k}", v, row["iteration"])
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def format_line(row: dict, train_iters: int, gbs: int) -> str:
+    gn = "nan" if row["grad_norm"] is None else f"{row['grad_norm']:.4f}"
+    return (
+        f"iteration {row['iteration']:8d}/{train_iters:8d} | consumed samples: {row['consumed_samples']:12d} | "
+        f"elapsed time per iteration (ms): {row['iter_ms']:.1f} | learning rate: {row['lr']:.6E} | "
+        f"global batch size: {gbs:5d} | lm loss: {row['loss']:.6E} | grad norm: {gn} | "
+        f"tokens/s/device: {row['tokens_per_sec']:.1f} | TFLOP/s/device: {row['tflops']:.4f} |"
+    )
+
+
+def read_losses(metrics_path: Path) -> dict[int, float]:
+    """iteration -> loss, the last record winning (a resumed run re-logs the iterations it repeats)."""
+    out = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except ValueError:  # blank, or cut short by a kill
+                continue
+            out[row["iteration"]] = row["loss"]
+    return out
+
+
+def plot_loss(metrics_path: Path, png: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    losses = read_losses(metrics_path)
+    its = sorted(losses)
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(its, [losses[i] for i in its])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("lm loss")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(png)
+    plt.close(fig)
+    return True

@@ -1,0 +1,360 @@
+"""One training run: megatron-core GPTModel + DDP + (distributed) Adam + OptimizerParamScheduler, driven by
+megatron-core's forward/backward schedules (1F1B when PP > 1). No device branches: see device.py."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ascendfactory import ckpt_layout as L
+from ascendfactory.config.paths import RunPaths, run_paths
+from ascendfactory.config.schema import ExpConfig
+from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
+from ascendfactory.data.stage import find_data_prefix
+from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
+from ascendfactory.engine.faults import StopRequest, kill_point
+from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
+from ascendfactory.engine.model import Parallel, build_gpt_model, padded_vocab_size, transformer_config
+from ascendfactory.errors import UserError
+from ascendfactory.modelinfo import read_model_facts
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the starting weights come from."""
+
+    what: str  # "random" | "weights" (mode 1) | "resume" (mode 2 or auto-resume)
+    ckpt_dir: Path | None = None
+    iteration: int = 0
+    require_manifest: bool = False
+
+
+def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
+    """train_auto_resume (or a torchrun restart after a worker died): the newest valid checkpoint in save_dir
+    first; otherwise ckpt_load_type decides."""
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart:
+        log.info(f"torchrun restart {restart}: resuming from the newest valid checkpoint in {paths.save_dir}")
+    if cfg.train_auto_resume or restart:
+        it = checkpoint.newest_valid(paths.save_dir)
+        if it is not None:
+            return Source("resume", paths.save_dir, it, require_manifest=True)
+        log.info(f"train_auto_resume: no complete checkpoint in {paths.save_dir}; using ckpt_load_type "
+                 f"{cfg.ckpt_load_type}")
+    if cfg.ckpt_load_type == 0:
+        return Source("random")
+    if cfg.ckpt_load_type not in (1, 2):
+        raise UserError(f"ckpt_load_type: {cfg.ckpt_load_type} is not 0, 1 or 2")
+    ckpt_dir = paths.converted_ckpt_dir
+    it = L.read_tracker(ckpt_dir)
+    return Source("weights" if cfg.ckpt_load_type == 1 else "resume", ckpt_dir, it)
+
+
+def train_iters_of(cfg: ExpConfig, samples_per_epoch: int) -> int:
+    if cfg.epochs is not None:
+        return max(1, math.ceil(samples_per_epoch * cfg.epochs / cfg.global_batch_size))
+    if not cfg.train_iters or cfg.train_iters <= 0:
+        raise UserError("train_iters: must be > 0 (or set epochs)")
+    return cfg.train_iters
+
+
+def _seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state as ps, tensor_parallel
+
+    # Megatron's rule: stages differ so their layers do not start identical.
+    seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _core(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+class Trainer:
+    def __init__(self, cfg: ExpConfig):
+        self.cfg = cfg
+        self.paths = run_paths(cfg)
+        self.dev = device.setup(cfg.device)
+        self.precision = self.dev.default_precision if cfg.precision == "auto" else cfg.precision
+        dist.init_process_group(backend=self.dev.backend)
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.log = Log(self.paths.logs_dir, self.rank)
+        self.stop = StopRequest()
+        self.stop.install()
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        cfg = self.cfg
+        for key in ("save_interval", "log_interval"):
+            if getattr(cfg, key) <= 0:
+                raise UserError(f"{key}: must be > 0 (got {getattr(cfg, key)})")
+        if self.world % (cfg.tp * cfg.pp * cfg.cp):
+            raise UserError(f"tensor x pipeline x context parallel size ({cfg.tp}x{cfg.pp}x{cfg.cp}) must divide "
+                            f"the {self.world} processes")
+        if cfg.cp > 1 and not device.has_transformer_engine():
+            raise UserError("context_parallel_size: CP > 1 needs Transformer Engine attention (GPU) or MindSpeed "
+                            "(NPU); megatron-core's local attention cannot split the sequence; set it to 1")
+        if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
+            raise UserError(f"seq_len {cfg.seq_len} must be divisible by tensor-model-parallel-size {cfg.tp} with "
+                            "sequence_parallel")
+        ps.initialize_model_parallel(cfg.tp, cfg.pp, context_parallel_size=cfg.cp)
+        self.dp = ps.get_data_parallel_world_size()
+        if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
+            raise UserError(f"global-batch-size {cfg.global_batch_size} must be divisible by micro-batch-size x DP "
+                            f"({cfg.micro_batch_size} x {self.dp})")
+        self.num_micro = cfg.global_batch_size // (cfg.micro_batch_size * self.dp)
+        self.layout = checkpoint.Layout(cfg.tp, cfg.pp, self.dp, ps.get_tensor_model_parallel_rank(),
+                                        ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+        _seed_all(cfg.seed)
+
+        checkpoint.check_writable(self.paths.save_dir)
+        self.facts = read_model_facts(cfg.model_name_or_path)
+        if cfg.num_layer_list and len(set(cfg.num_layer_list.split(","))) > 1:
+            raise UserError("num_layer_list: uneven pipeline stages are not supported by the engine; remove it")
+        self.source = choose_source(cfg, self.paths, self.log)
+        vocab = padded_vocab_size(self.facts.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp)
+        if self.source.ckpt_dir is not None:
+            args = checkpoint.peek_args(self.source.ckpt_dir, self.source.iteration, self.layout)
+            vocab = int(args.get("padded_vocab_size") or vocab)
+        self.padded_vocab = vocab
+        self._build_model()
+        self._build_optimizer()
+        self.iteration, self.consumed = 0, 0
+        self._load()
+        self._build_data()
+
+    def _build_model(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.transformer.module import Float16Module
+
+        cfg = self.cfg
+        self.tconfig = transformer_config(
+            self.facts, Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel), self.precision,
+            use_cpu_initialization=self.dev.cpu_initialization,
+        )
+        self.tconfig.batch_p2p_comm = self.dev.batched_p2p
+        core = build_gpt_model(self.facts, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
+                               max_sequence_length=max(cfg.seq_len, self.facts.max_position_embeddings),
+                               vocab_size=self.padded_vocab)
+        core.to(self.dev.torch_device)
+        if self.precision != "fp32":
+            core = Float16Module(self.tconfig, core)
+        self.ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+            use_distributed_optimizer=cfg.use_distributed_optimizer,
+        )
+        self.model = DistributedDataParallel(self.tconfig, self.ddp_config, core)
+        self.tconfig.finalize_model_grads_func = finalize_model_grads
+        self.tconfig.no_sync_func = self.model.no_sync
+
+    def _build_optimizer(self) -> None:
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        cfg = self.cfg
+        if cfg.min_lr > cfg.lr:
+            raise UserError(f"min_lr {cfg.min_lr} is larger than lr {cfg.lr}; lower min_lr")
+        ocfg = OptimizerConfig(
+            optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
+            adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
+            bf16=self.precision == "bf16", fp16=self.precision == "fp16",
+            params_dtype=self.tconfig.params_dtype, use_distributed_optimizer=self.ddp_config.use_distributed_optimizer,
+            # fp16: dynamic loss scaling (Megatron's defaults); bf16 / fp32 need none.
+            loss_scale=None, initial_loss_scale=2.0**16,
+        )
+        self.optimizer = get_megatron_optimizer(ocfg, [self.model])
+        self.tconfig.grad_scale_func = self.optimizer.scale_loss if self.precision == "fp16" else None
+        # Dataset size is needed for epochs-derived train_iters; the schedule is sized from it.
+        self.prefix = find_data_prefix(self.paths.processed_data_dir, cfg.stage)
+        per_epoch = (PretrainData.samples_per_epoch(self.prefix, cfg.seq_len) if cfg.stage == "pt"
+                     else len(SFTData(self.prefix, cfg.seq_len, cfg.seed, cfg.pack)))
+        self.train_iters = train_iters_of(cfg, per_epoch)
+        gbs = cfg.global_batch_size
+        warmup = (int(cfg.lr_warmup_fraction * self.train_iters) if cfg.lr_warmup_fraction is not None
+                  else cfg.lr_warmup_iters)
+        if warmup >= self.train_iters:
+            raise UserError(f"lr warmup ({warmup} iterations) must be shorter than train_iters {self.train_iters}")
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
+            lr_warmup_steps=warmup * gbs, lr_decay_steps=self.train_iters * gbs, lr_decay_style=cfg.lr_decay_style,
+            start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=self.train_iters * gbs,
+            wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
+        )
+
+    def _load(self) -> None:
+        src = self.source
+        if src.what == "random":
+            self.log.info("weights: random init (ckpt_load_type 0), iteration 0")
+            return
+        full = src.what == "resume"
+        args = checkpoint.load(src.ckpt_dir, src.iteration, self.layout, _core(self.model), self.optimizer,
+                               self.scheduler, full, self.ddp_config.use_distributed_optimizer,
+                               src.require_manifest)
+        if full:
+            self.iteration = src.iteration
+            self.consumed = int(args.get("consumed_train_samples") or src.iteration * self.cfg.global_batch_size)
+        how = ("resumed (weights, optimizer, scheduler, RNG, data position)" if full
+               else "weights only (fresh optimizer and schedule)")
+        self.log.info(f"weights: {how} from {src.ckpt_dir / L.iter_dir_name(src.iteration)}, checkpoint iteration "
+                      f"{src.iteration}; starting at iteration {self.iteration}, consumed samples {self.consumed}")
+
+    def _build_data(self) -> None:
+        cfg = self.cfg
+        if cfg.stage == "pt":
+            data = PretrainData(self.prefix, cfg.seq_len, self.train_iters * cfg.global_batch_size, cfg.seed,
+                                eod_id(cfg.model_name_or_path), self.facts.vocab_size, cfg.reset_position_ids,
+                                cfg.reset_attention_mask, self.paths.output_dir / "data_cache")
+        else:
+            data = SFTData(self.prefix, cfg.seq_len, cfg.seed, cfg.pack)
+        multiple = math.lcm(16, cfg.tp) if self.tconfig.sequence_parallel else 16
+        self.batches = MicroBatches(data, self.consumed, cfg.micro_batch_size, self.layout.dp_rank, self.dp,
+                                    cfg.seq_len, fixed_len=cfg.pp > 1, multiple=multiple)
+
+    # ------------------------------------------------------------ loop
+
+    def _forward_step(self, data_iterator, model):
+        batch = next(data_iterator)
+        out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        return out, partial(_loss_func, batch["loss_mask"])
+
+    def _train_step(self) -> tuple[torch.Tensor, float | None]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = get_forward_backward_func()(
+            forward_step_func=self._forward_step, data_iterator=self.batches, model=[self.model],
+            num_microbatches=self.num_micro, seq_length=self.cfg.seq_len,
+            micro_batch_size=self.cfg.micro_batch_size, forward_only=False,
+        )
+        kill_point("mid_iteration", self.iteration + 1, self.rank)
+        ok, grad_norm, _ = self.optimizer.step()
+        if ok:
+            self.scheduler.step(increment=self.cfg.global_batch_size)
+        total = torch.zeros(2, dtype=torch.float64)
+        if losses and self.layout.tp_rank == 0:
+            for d in losses:
+                total += d["lm loss"].double()
+        return total, (None if grad_norm is None else float(grad_norm))
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
+                      f"CP{cfg.cp} DP{self.dp}, precision {self.precision}, {self.num_micro} micro-batches of "
+                      f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}")
+        metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
+        fpt = flops_per_token(self.facts, cfg.seq_len)
+        try:
+            while self.iteration < self.train_iters:
+                t0 = time.perf_counter()
+                tokens0 = self.batches.tokens_read
+                loss_sum, grad_norm = self._train_step()
+                self.iteration += 1
+                self.consumed += cfg.global_batch_size
+                # One all-reduce carries the loss of every DP replica and every rank's stop request.
+                v = torch.cat([loss_sum, torch.tensor([1.0 if self.stop.requested else 0.0], dtype=torch.float64)])
+                dist.all_reduce(v)
+                dt = time.perf_counter() - t0
+                stopping = v[2].item() > 0
+                if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
+                    tokens = (self.batches.tokens_read - tokens0) * self.dp / self.world
+                    row = {
+                        "iteration": self.iteration, "consumed_samples": self.consumed,
+                        "loss": (v[0] / v[1].clamp(min=1)).item(), "lr": self.scheduler.get_lr(
+                            self.optimizer.param_groups[0]),
+                        "grad_norm": grad_norm, "tokens_per_sec": tokens / dt, "tflops": fpt * tokens / dt / 1e12,
+                        "iter_ms": dt * 1000.0,
+                    }
+                    self.log.info(format_line(row, self.train_iters, cfg.global_batch_size))
+                    if metrics:
+                        metrics.record(row)
+                if self.iteration % cfg.save_interval == 0 or self.iteration == self.train_iters or stopping:
+                    self._save()
+                if stopping and self.iteration < self.train_iters:
+                    self.log.info(f"stop requested ({self.stop.signal_name or 'by another rank'}): checkpoint "
+                                  f"iteration {self.iteration} saved {self.stop.elapsed():.1f}s after the signal "
+                                  f"(grace period {cfg.save_grace_period:.0f}s); exiting with code {EXIT_PREEMPTED}")
+                    if self.stop.elapsed() > cfg.save_grace_period:
+                        self.log.warn(f"the save finished after the {cfg.save_grace_period:.0f}s grace period")
+                    return EXIT_PREEMPTED
+        finally:
+            if metrics:
+                metrics.close()
+        if self.rank == 0 and plot_loss(self.paths.logs_dir / "metrics.jsonl", self.paths.output_dir /
+                                        "training_loss.png"):
+            self.log.info(f"loss curve: {self.paths.output_dir / 'training_loss.png'}")
+        self.log.info(f"training done: iteration {self.iteration}, checkpoint in {self.paths.save_dir}")
+        return EXIT_OK
+
+    def _save(self) -> None:
+        from ascendfactory.ckpt_layout import checkpoint_args
+
+        t0 = time.perf_counter()
+        cfg = self.cfg
+        args = checkpoint_args(
+            cfg.tp, cfg.pp, None, cfg.model_name_or_path, self.facts.architecture, self.facts.vocab_size,
+            self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
+            micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+            train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
+        )
+        checkpoint.save(self.paths.save_dir, self.iteration, self.layout, _core(self.model).state_dict(),
+                        self.optimizer, self.scheduler, args, self.consumed, cfg.model_name_or_path,
+                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit)
+        self.log.info(f"saved checkpoint iteration {self.iteration} to "
+                      f"{self.paths.save_dir / L.iter_dir_name(self.iteration)} in {time.perf_counter() - t0:.2f}s")
+
+
+def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
+    """Sum of the loss over tokens with a target, their count (megatron-core divides), and both for logging."""
+    mask = loss_mask.to(per_token_loss.dtype).reshape(-1)
+    loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
+    n = mask.sum().to(torch.int)
+    return loss_sum, n, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
+
+
+def load_config(path: str) -> ExpConfig:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"--config: {p} does not exist; pass <output_dir>/exp-config.yaml")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise UserError(f"{p}: not valid YAML ({e})") from None
+    try:
+        return ExpConfig(**data)
+    except Exception as e:
+        raise UserError(f"{p}: {' '.join(str(e).split())}") from None
+
+
+def main(config_path: str) -> int:
+    cfg = load_config(config_path)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    trainer = Trainer(cfg)
+    try:
+        trainer.setup()
+        return trainer.run()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

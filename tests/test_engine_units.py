@@ -1,0 +1,50 @@
+"""Engine pieces that need no torchrun: iteration count from epochs, the loss record and plot, the schedule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ascendfactory.config.schema import ExpConfig
+from ascendfactory.engine.metrics import flops_per_token, plot_loss, read_losses
+from ascendfactory.engine.trainer import train_iters_of
+from ascendfactory.errors import UserError
+
+
+def _cfg(**kw):
+    return ExpConfig(model_name_or_path="m", output_dir="o", **kw)
+
+
+def test_train_iters_from_epochs_or_config():
+    assert train_iters_of(_cfg(train_iters=7), samples_per_epoch=1000) == 7
+    assert train_iters_of(_cfg(epochs=2, global_batch_size=64), samples_per_epoch=100) == 4  # ceil(200 / 64)
+    assert train_iters_of(_cfg(epochs=0.5, global_batch_size=8), samples_per_epoch=3) == 1
+    with pytest.raises(UserError, match="train_iters"):
+        train_iters_of(_cfg(train_iters=0), samples_per_epoch=10)
+
+
+def test_read_losses_last_record_wins_and_survives_a_cut_line(tmp_path):
+    p = tmp_path / "metrics.jsonl"
+    rows = [{"iteration": 1, "loss": 5.0}, {"iteration": 2, "loss": 4.0}, {"iteration": 2, "loss": 4.5}]
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"iteration": 3, "lo')
+    assert read_losses(p) == {1: 5.0, 2: 4.5}
+
+
+def test_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    p = tmp_path / "metrics.jsonl"
+    p.write_text("".join(json.dumps({"iteration": i, "loss": 6.0 - i / 10}) + "\n" for i in range(1, 11)))
+    png = tmp_path / "training_loss.png"
+    assert plot_loss(p, png)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_flops_per_token_counts_weights_and_attention():
+    from ascendfactory.modelinfo import ModelFacts
+
+    facts = ModelFacts("Qwen2ForCausalLM", hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                       ffn_hidden_size=128, vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-6,
+                       rope_theta=1e4, tie_word_embeddings=False, qkv_bias=True, qk_norm=False)
+    weights = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 100 * 64
+    assert flops_per_token(facts, seq_len=32) == 6 * weights + 12 * 2 * 32 * 64
