@@ -32,7 +32,9 @@ def _options(cfg: ExpConfig) -> dict:
 def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     """(run?, why) for the preprocess stage."""
     if cfg.processed_data_dir:
-        return False, f"processed_data_dir given: {cfg.processed_data_dir}"
+        # Checked here, before any work, so a wrong folder fails in a second and not when training starts.
+        prefix = find_data_prefix(cfg.processed_data_dir, cfg.stage)
+        return False, f"processed_data_dir given: training reads {prefix}"
     if not cfg.dataset:
         return False, "no dataset given"
     prefix = _prefix(cfg, paths)

@@ -3,6 +3,7 @@
 import argparse
 import sys
 import traceback
+import warnings
 
 from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
 from ascendfactory.errors import UserError
@@ -13,6 +14,11 @@ def run() -> int:
     parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
     parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     ns = parser.parse_args()
+    # Known, harmless notices from megatron-core / torch that would otherwise repeat in every rank's log.
+    warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
+    warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
+    warnings.filterwarnings("ignore", message=r".*\.grad attribute of a Tensor that is not a leaf")
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     from ascendfactory.engine.trainer import main
 
     try:

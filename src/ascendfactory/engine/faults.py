@@ -9,7 +9,8 @@ import time
 # Set by tests only: "<point>:<iteration>" SIGKILLs rank 0 when it reaches that point (torchrun then
 # stops the other workers): "mid_iteration:N" (after forward/backward, before the optimizer step),
 # "save_files:N" (all rank files written, folder not yet renamed), "save_tracker:N" (renamed, tracker
-# not yet replaced), "after_save:N" (checkpoint complete).
+# not yet replaced), "after_save:N" (checkpoint complete). An optional third part ":A" fires only in the
+# first A torchrun attempts (TORCHELASTIC_RESTART_COUNT < A), so a restarted run can get past the point.
 KILL_HOOK_ENV = "ASCENDFACTORY_TEST_KILL_AT"
 
 
@@ -39,5 +40,11 @@ class StopRequest:
 
 def kill_point(point: str, iteration: int, rank: int) -> None:
     spec = os.environ.get(KILL_HOOK_ENV)
-    if rank == 0 and spec and spec == f"{point}:{iteration}":
+    if rank != 0 or not spec:
+        return
+    parts = spec.split(":")
+    attempts = int(parts[2]) if len(parts) > 2 else None
+    if parts[:2] == [point, str(iteration)] and (
+        attempts is None or int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) < attempts
+    ):
         os.kill(os.getpid(), signal.SIGKILL)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -32,6 +33,26 @@ def scripts_dir(cfg: ExpConfig) -> Path:
     return d
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def master_port(layout: Layout) -> int:
+    """The rendezvous port; on a single node a busy one is swapped for a free one (nobody else dials it)."""
+    if layout.nnodes > 1 or _port_free(layout.master_port):
+        return layout.master_port
+    with socket.socket() as s:
+        s.bind(("", 0))
+        port = s.getsockname()[1]
+    print(f"[ascendfactory] master_port {layout.master_port} is busy on this single node; using {port}", flush=True)
+    return port
+
+
 def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
     env = dict(os.environ)
     env.update(
@@ -43,7 +64,7 @@ def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
         AF_NODE_RANK=str(layout.node_rank),
         AF_NPROC_PER_NODE=str(layout.nproc_per_node),
         AF_MASTER_ADDR=layout.master_addr,
-        AF_MASTER_PORT=str(layout.master_port),
+        AF_MASTER_PORT=str(master_port(layout)),
         AF_MAX_RESTARTS=str(cfg.max_restarts),
     )
     return env
