@@ -17,6 +17,8 @@ fi
 TORCH_PIN=$(mktemp)
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
 "$PY" -m pip install -c "$TORCH_PIN" -e ".[test]"
+# Optional speed-up for preprocessing; everything works without it.
+"$PY" -m pip install -c "$TORCH_PIN" -e ".[fast]" || echo "install.sh: gigatoken not installed; preprocessing uses the HF tokenizer"
 rm -f "$TORCH_PIN"
 if [ "${1:-}" = "modellink" ] && "$PY" -c "import torch_npu" >/dev/null 2>&1; then
   echo "install.sh: torch_npu present ($("$PY" -c 'import torch_npu; print(torch_npu.__version__)'))"

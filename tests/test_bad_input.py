@@ -18,7 +18,7 @@ from ascendfactory import tiny
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_input")
-    model = tiny.make_tiny_model(root / "user" / "model", "qwen2")
+    tiny.make_tiny_model(root / "user" / "model", "qwen2")
     tiny.write_instruction_data(root / "user" / "data.jsonl", n=16)
     return root
 

@@ -276,3 +276,27 @@ def test_auto_prompt_type_needs_a_chat_template(tmp_path, capsys, tok):
     assert rc == 2 and "has no chat_template" in err and "--prompt-type" in err
     rc, err = run_cli(capsys, *args, "--prompt-type", "qwen")
     assert rc == 0, err
+
+
+def test_moss_handler(tmp_path, capsys, tok, hf):
+    recs = [{"conversation_id": i, "meta_instruction": "You are MOSS.", "num_turns": 2,
+             "chat": {"turn_2": {"Human": "<|Human|>: and again<eoh>\n", "MOSS": "<|MOSS|>: same<eom>\n"},
+                      "turn_1": {"Human": f"<|Human|>: {r['instruction']}<eoh>\n",
+                                 "MOSS": f"<|MOSS|>: {r['output']}<eom>\n"}}}
+            for i, r in enumerate(ALPACA[:6])]
+    src = write(tmp_path / "moss.jsonl", recs, "jsonl")
+    prefix = tmp_path / "moss"
+    rc, err = run_cli(capsys, "--input", src, "--tokenizer-name-or-path", tok, "--output-prefix", prefix,
+                      "--handler-name", "MOSSInstructionHandler", "--prompt-type", "qwen")
+    assert rc == 0, err
+    ids, labels = read(f"{prefix}_packed_input_ids_document"), read(f"{prefix}_packed_labels_document")
+    for i, r in enumerate(ALPACA[:6]):
+        msgs = [{"role": "system", "content": "You are MOSS."}, {"role": "user", "content": r["instruction"]},
+                {"role": "assistant", "content": r["output"]}, {"role": "user", "content": "and again"},
+                {"role": "assistant", "content": "same"}]
+        assert hf.decode(ids[i]) == hf.apply_chat_template(msgs, tokenize=False)
+        assert hf.decode(labels[i][labels[i] != -100]) == f"{r['output']}<|im_end|>same<|im_end|>"
+    bad = write(tmp_path / "bad.jsonl", [{"chat": {"turn_1": {"Human": "hi"}}}], "jsonl")
+    rc, err = run_cli(capsys, "--input", bad, "--tokenizer-name-or-path", tok, "--output-prefix", tmp_path / "b",
+                      "--handler-name", "MOSSInstructionHandler")
+    assert rc == 2 and "bad.jsonl:1" in err and "'MOSS'" in err

@@ -74,7 +74,8 @@ def test_pretrain_prefix_and_user_given_folder(tmp_path, tok):
     for ext in ("bin", "idx"):
         os.link(f"{prefix}.{ext}", given / f"mydata_text_document.{ext}")
     cfg2 = cfg_for(tmp_path, tok, processed_data_dir=str(given), stage="pt", handler_name="GeneralPretrainHandler")
-    assert stage.decide(cfg2, run_paths(cfg2)) == (False, f"processed_data_dir given: {given}")
+    assert stage.decide(cfg2, run_paths(cfg2)) == (
+        False, f"processed_data_dir given: training reads {given / 'mydata_text_document'}")
     assert stage.find_data_prefix(given, "pt") == str(given / "mydata_text_document")
     assert stage.find_data_prefix(given / "mydata_text_document", "pt") == str(given / "mydata_text_document")
     for ext in ("bin", "idx"):

@@ -304,4 +304,4 @@ def load_resolved(path: str | Path) -> ExpConfig:
     try:
         return ExpConfig(**data)
     except Exception as e:
-        raise UserError(f"{path}: not a resolved ascendfactory config ({e})") from None
+        raise UserError(f"{path}: not a resolved ascendfactory config ({' '.join(str(e).split())})") from None

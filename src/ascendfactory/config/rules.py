@@ -12,7 +12,7 @@ from pathlib import Path
 from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
-from ascendfactory.config.schema import HANDLERS
+from ascendfactory.data.handlers import HANDLERS
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.modelinfo import load_config_json

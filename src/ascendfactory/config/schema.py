@@ -6,14 +6,6 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HANDLERS = (
-    "GeneralPretrainHandler",
-    "GeneralInstructionHandler",
-    "AlpacaStyleInstructionHandler",
-    "SharegptStyleInstructionHandler",
-    "OpenAIStyleInstructionHandler",
-    "MOSSInstructionHandler",
-)
 
 
 class ExpConfig(BaseModel):

@@ -18,6 +18,7 @@ INSTRUCTION_HANDLERS = (
     "SharegptStyleInstructionHandler",
     "OpenAIStyleInstructionHandler",
     "GeneralInstructionHandler",
+    "MOSSInstructionHandler",
 )
 HANDLERS = (PRETRAIN,) + INSTRUCTION_HANDLERS
 
@@ -37,6 +38,8 @@ _DEFAULT_KEYS = {
         messages="messages", system="system", tools="tools", role_tag="role", content_tag="content",
         user_tag="user", assistant_tag="assistant", observation_tag="tool", function_tag="function_call",
         system_tag="system"),
+    # MOSS-003 SFT: {"meta_instruction": ..., "chat": {"turn_1": {"Human": "<|Human|>: q<eoh>\n", "MOSS": ...}}}
+    "MOSSInstructionHandler": dict(system="meta_instruction", chat="chat", user_tag="Human", assistant_tag="MOSS"),
 }
 
 
@@ -93,6 +96,8 @@ def pretrain_texts(record: dict, json_keys: list[str]) -> list[str]:
 def to_conversation(handler: str, record: dict, keys: dict) -> Conversation:
     if handler in ("AlpacaStyleInstructionHandler", "GeneralInstructionHandler"):
         return _alpaca(record, keys)
+    if handler == "MOSSInstructionHandler":
+        return _moss(record, keys)
     return _chat(record, keys)
 
 
@@ -173,3 +178,33 @@ def _chat(record: dict, keys: dict) -> Conversation:
     if tools is not None and not isinstance(tools, str):
         tools = json.dumps(tools, ensure_ascii=False)
     return Conversation(system, tools or None, turns)
+
+
+_MOSS_MARKS = {"Human": ("<|Human|>:", "<eoh>"), "MOSS": ("<|MOSS|>:", "<eom>")}
+
+
+def _moss_text(turn: dict, tag: str, where: str) -> str:
+    value = turn.get(tag)
+    if not isinstance(value, str) or not value.strip():
+        raise BadRecord(f"{where}: missing or empty '{tag}'")
+    head, tail = _MOSS_MARKS.get(tag, ("", ""))
+    value = value.strip()
+    value = value[len(head):] if head and value.startswith(head) else value
+    value = value[: -len(tail)] if tail and value.endswith(tail) else value
+    return value.strip()
+
+
+def _moss(record: dict, keys: dict) -> Conversation:
+    chat = record.get(keys["chat"])
+    if not isinstance(chat, dict) or not chat:
+        raise BadRecord(f"missing or empty '{keys['chat']}' (an object of turn_1, turn_2, ...)")
+    order = sorted(chat, key=lambda k: int(k.rsplit("_", 1)[-1]) if k.rsplit("_", 1)[-1].isdigit() else 1 << 30)
+    turns = []
+    for name in order:
+        turn = chat[name]
+        if not isinstance(turn, dict):
+            raise BadRecord(f"'{keys['chat']}.{name}' must be an object")
+        where = f"'{keys['chat']}.{name}'"
+        turns += [("user", _moss_text(turn, keys["user_tag"], where)),
+                  ("assistant", _moss_text(turn, keys["assistant_tag"], where))]
+    return Conversation(_system(record, keys), None, turns)

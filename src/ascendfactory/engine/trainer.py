@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
+from ascendfactory.config.loader import load_resolved
 from ascendfactory.config.paths import RunPaths, run_paths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
@@ -332,24 +333,8 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, n, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
 
 
-def load_config(path: str) -> ExpConfig:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--config: {p} does not exist; pass <output_dir>/exp-config.yaml")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise UserError(f"{p}: not valid YAML ({e})") from None
-    try:
-        return ExpConfig(**data)
-    except Exception as e:
-        raise UserError(f"{p}: {' '.join(str(e).split())}") from None
-
-
 def main(config_path: str) -> int:
-    cfg = load_config(config_path)
+    cfg = load_resolved(config_path)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg)
     try:

@@ -1,0 +1,153 @@
+"""`ascendfactory-cli train` end to end on CPU: preprocess -> convert -> train (torchrun, gloo) -> export,
+skip-if-done on a re-run, worker restarts, SIGTERM, the run lock."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ascendfactory import tiny
+from ascendfactory.launch.lock import RunLock
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    tiny.make_tiny_model(root / "model", "qwen2", tie_word_embeddings=True)
+    tiny.write_instruction_data(root / "data" / "alpaca.jsonl", n=96)
+    tiny.write_pretrain_data(root / "data" / "corpus.jsonl", n=96)
+    return root
+
+
+def write_cfg(assets: Path, out: Path, **exp) -> Path:
+    base = {"device": "cpu", "nproc_per_node": 2, "SEQ_LEN": 64, "MAX_PE": 256, "micro-batch-size": 2,
+            "global-batch-size": 8, "lr": 2e-3, "min-lr": 2e-4, "train-iters": 8, "save-interval": 4,
+            "log_interval": 1, "prompt_type": "qwen", "tensor-model-parallel-size": 1, "train_auto_resume": True,
+            "max_restarts": 1}
+    cfg = {"base": base, "tiny": {"model_name_or_path": str(assets / "model"),
+                                  "dataset": str(assets / "data" / "alpaca.jsonl"), "output_dir": str(out),
+                                  "exp": exp}}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def train(cfg: Path, *args, env=None, **kw):
+    return subprocess.run([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp", *args],
+                          capture_output=True, text=True, timeout=600, env={**os.environ, **(env or {})}, **kw)
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_pipeline_end_to_end_and_rerun_skips(assets, tmp_path):
+    out = tmp_path / "sft"
+    cfg = write_cfg(assets, out, pack=True)
+    r = train(cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for stage in ("preprocess", "convert", "train", "export"):
+        assert f"{stage}: running" in r.stdout and f"{stage}: done" in r.stdout, r.stdout
+    assert (out / "exp-config.yaml").is_file()
+    assert (out / "converted_hf2mg_weight_TP1PP1" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "8"
+    assert (out / "saved_checkpoints" / "iter_0000008" / "mp_rank_00" / "model_optim_rng.pt").is_file()
+    losses = [m["loss"] for m in metrics(out)]
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    assert losses[0] < math.log(450)  # weights were loaded: well below a random model's loss
+
+    # the export loads in transformers and matches the trained megatron model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ascendfactory.convert.verify import verify_conversion
+
+    export = out / "converted_mg2hf_weight"
+    AutoModelForCausalLM.from_pretrained(export)
+    assert AutoTokenizer.from_pretrained(export).chat_template
+    assert verify_conversion(export, out / "saved_checkpoints") < 1e-4
+
+    # a second run finds every output complete and changes nothing
+    ckpt = out / "saved_checkpoints" / "iter_0000008" / "mp_rank_00" / "model_optim_rng.pt"
+    mtime = ckpt.stat().st_mtime_ns
+    r2 = train(cfg)
+    assert r2.returncode == 0, r2.stderr[-3000:]
+    for stage in ("preprocess", "convert", "train", "export"):
+        assert f"{stage}: skipped" in r2.stdout, r2.stdout
+    assert ckpt.stat().st_mtime_ns == mtime
+
+
+def test_pretrain_random_init_tp2(assets, tmp_path):
+    out = tmp_path / "pt"
+    cfg = write_cfg(assets, out, stage="pt", **{"handler-name": "GeneralPretrainHandler"}, ckpt_load_type=0,
+                    dataset=str(assets / "data" / "corpus.jsonl"), **{"tensor-model-parallel-size": 2},
+                    convert_mg2hf_at_last=False, **{"train-iters": 4})
+    r = train(cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "convert: skipped" in r.stdout and "export: skipped" in r.stdout
+    assert not (out / "converted_hf2mg_weight_TP2PP1").exists()
+    first = metrics(out)[0]["loss"]
+    assert abs(first - math.log(450)) < 1.0  # random init: about ln(vocab)
+    assert (out / "saved_checkpoints" / "iter_0000004" / "mp_rank_01" / "model_optim_rng.pt").is_file()
+
+
+def test_killed_worker_is_restarted_and_resumes(assets, tmp_path):
+    out = tmp_path / "restart"
+    cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False)
+    r = train(cfg, env={"ASCENDFACTORY_TEST_KILL_AT": "mid_iteration:6:1"})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "SIGKILL" in r.stdout or "exitcode: -9" in r.stdout
+    log = (out / "logs" / "train_rank_000.log").read_text()
+    assert "iter_0000004" in log  # the restarted workers resumed from the iteration-4 checkpoint
+    its = [m["iteration"] for m in metrics(out)]
+    assert its[-1] == 8 and its.count(5) == 2  # iterations 5.. were redone after the restart
+
+
+def test_restarts_exhausted_names_cause_and_log(assets, tmp_path):
+    out = tmp_path / "dies"
+    cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False)
+    r = train(cfg, env={"ASCENDFACTORY_TEST_KILL_AT": "mid_iteration:6"})
+    assert r.returncode not in (0, 2)
+    line = [x for x in r.stdout.splitlines() if "train: FAILED" in x][-1]
+    assert "killed by SIGKILL after 1 restart(s)" in line and "stderr.log" in line, line
+    # the last good checkpoint is intact and is the latest
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+
+
+def test_sigterm_saves_and_next_launch_continues(assets, tmp_path):
+    out = tmp_path / "term"
+    cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False, **{"train-iters": 400},
+                    **{"save-interval": 1000})
+    proc = subprocess.Popen([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        m = out / "logs" / "metrics.jsonl"
+        if m.exists() and len(m.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.5)
+    os.killpg(proc.pid, signal.SIGTERM)  # as ModelArts does: the whole process group
+    stdout, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stdout[-3000:]
+    saved = int((out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text())
+    assert 3 <= saved < 400
+    r = train(cfg, f"--train-iters={saved + 2}")
+    assert r.returncode == 0, r.stdout[-3000:]
+    its = [m["iteration"] for m in metrics(out)]
+    assert its[-1] == saved + 2 and saved + 1 in its
+
+
+def test_second_train_on_same_output_dir_is_refused(assets, tmp_path):
+    out = tmp_path / "locked"
+    cfg = write_cfg(assets, out)
+    out.mkdir()
+    with RunLock(out):
+        r = train(cfg)
+    assert r.returncode == 2 and f"in use by pid {os.getpid()}" in r.stderr
+    assert not (out / "preprocessed_data").exists()
