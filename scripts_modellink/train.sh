@@ -8,6 +8,8 @@ if [ -f /usr/local/Ascend/ascend-toolkit/set_env.sh ]; then
 fi
 export PYTORCH_NPU_ALLOC_CONF=${PYTORCH_NPU_ALLOC_CONF:-expandable_segments:True}
 export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
+# Seconds torchrun waits after forwarding SIGTERM before SIGKILL (torch >= 2.9 reads it; older ones use 30).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-${AF_SHUTDOWN_TIMEOUT:-90}}
 if [ "$AF_DEVICE" = "cpu" ]; then
   # Each worker gets its share of the cores instead of all of them (oversubscription is slow).
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}

@@ -66,6 +66,8 @@ def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
         AF_MASTER_ADDR=layout.master_addr,
         AF_MASTER_PORT=str(master_port(layout)),
         AF_MAX_RESTARTS=str(cfg.max_restarts),
+        # torchrun SIGKILLs workers this long after forwarding SIGTERM: leave them the grace period to save.
+        AF_SHUTDOWN_TIMEOUT=str(int(cfg.save_grace_period) + 30),
     )
     return env
 
