@@ -33,18 +33,21 @@ def parse_num_layer_list(value: str | list[int] | None) -> list[int] | None:
     return [int(x) for x in value]
 
 
-def stage_layers(num_layers: int, pp: int, num_layer_list: list[int] | None = None) -> list[int]:
-    """Layers held by each pipeline stage: the explicit list, or an even split."""
+def stage_layers(num_layers: int, pp: int, num_layer_list: list[int] | None = None,
+                 keys: tuple[str, str] = ("--num-layer-list", "--pp")) -> list[int]:
+    """Layers held by each pipeline stage: the explicit list, or an even split. `keys`: how errors name the
+    list and the PP size (CLI flags here, config keys for the trainer)."""
+    list_key, pp_key = keys
     if pp < 1:
-        raise UserError(f"--pp: must be >= 1, got {pp}")
+        raise UserError(f"{pp_key}: must be >= 1, got {pp}")
     if num_layer_list is not None:
         if len(num_layer_list) != pp or any(n < 1 for n in num_layer_list) or sum(num_layer_list) != num_layers:
-            raise UserError(f"--num-layer-list: {','.join(map(str, num_layer_list))} must have {pp} positive "
+            raise UserError(f"{list_key}: {','.join(map(str, num_layer_list))} must have {pp} positive "
                             f"entries (one per PP stage) summing to num_hidden_layers={num_layers}")
         return list(num_layer_list)
     if num_layers % pp:
-        raise UserError(f"--pp: {pp} does not divide num_hidden_layers={num_layers}; choose a divisor of "
-                        f"{num_layers} or pass --num-layer-list")
+        raise UserError(f"{pp_key}: {pp} does not divide num_hidden_layers={num_layers}; choose a divisor of "
+                        f"{num_layers} or use {list_key}")
     return [num_layers // pp] * pp
 
 

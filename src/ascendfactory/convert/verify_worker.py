@@ -18,13 +18,6 @@ import torch
 import torch.distributed as dist
 
 
-def _stage_overrides(layers: tuple[int, ...]) -> dict:
-    """An uneven split needs megatron-core's explicit layout: E = embedding, t = layer, L = loss/output."""
-    if len(set(layers)) == 1:
-        return {}
-    return {"pipeline_model_parallel_layout": "E" + "|".join("t" * n for n in layers) + "L"}
-
-
 def _load_strict(model, state: dict, where, dtype) -> None:
     result = model.load_state_dict({k: v.to(dtype).float() for k, v in state.items()}, strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
@@ -49,7 +42,7 @@ def run_job(job: dict) -> None:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         first, last = pp_rank == 0, pp_rank == ck.pp - 1
-        cfg = transformer_config(facts, Parallel(tp=ck.tp, pp=ck.pp), "fp32", **_stage_overrides(ck.layers))
+        cfg = transformer_config(facts, Parallel(tp=ck.tp, pp=ck.pp, num_layer_list=ck.layers), "fp32")
         model = build_gpt_model(facts, cfg, pre_process=first, post_process=last,
                                 vocab_size=ck.padded_vocab_size)
         dtype = getattr(torch, DTYPES[job["dtype"]]) if job.get("dtype") else torch.float32

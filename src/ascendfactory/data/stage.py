@@ -37,6 +37,9 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
         return False, f"processed_data_dir given: training reads {prefix}"
     if not cfg.dataset:
         return False, "no dataset given"
+    if not Path(cfg.dataset).exists():
+        raise UserError(f"dataset: {cfg.dataset} does not exist; give a data file or folder "
+                        "(json, jsonl, parquet, csv, arrow, txt)")
     prefix = _prefix(cfg, paths)
     try:
         wanted = out.fingerprint(cfg.dataset, cfg.model_name_or_path, _options(cfg))

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
+from ascendfactory.convert.layout import parse_num_layer_list
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError
@@ -97,6 +98,20 @@ def check_layout(iter_path: Path, lay: Layout) -> None:
         raise UserError(
             f"{iter_path}: checkpoint layout TP{tp} PP{pp} differs from the run's TP{lay.tp} PP{lay.pp}; "
             f"set tensor-model-parallel-size={tp} pipeline-model-parallel-size={pp} or convert the weights again"
+        )
+
+
+def check_layer_split(ckpt_dir: Path, iteration: int, args: dict, run_split: list[int]) -> None:
+    """The layers per PP stage recorded in the checkpoint's args (none recorded: an even split) must be the
+    run's: each stage's file holds its own layers numbered from 0, so another split cannot be loaded."""
+    recorded = parse_num_layer_list(args.get("num_layer_list"))
+    theirs = recorded or [sum(run_split) // len(run_split)] * len(run_split)
+    if list(theirs) != list(run_split):
+        ours, theirs = (",".join(map(str, split)) for split in (run_split, theirs))
+        raise UserError(
+            f"num_layer_list: the run splits the layers {ours} over its pipeline stages but "
+            f"{ckpt_dir / L.iter_dir_name(iteration)} holds {theirs}; set num_layer_list: {theirs} "
+            f"or convert the weights again with --num-layer-list {ours}"
         )
 
 

@@ -20,6 +20,15 @@ class Parallel:
     pp: int = 1
     cp: int = 1
     sequence_parallel: bool = False
+    num_layer_list: tuple[int, ...] | None = None  # layers per PP stage; None: megatron-core's even split
+
+
+def pipeline_layout(num_layer_list) -> str | None:
+    """megatron-core's explicit layout for an uneven split (E = embedding, t = layer, L = loss/output): stage p
+    builds layers [sum(list[:p]), sum(list[:p+1])), numbered from 0 in its state dict, as the converter writes."""
+    if not num_layer_list or len(set(num_layer_list)) == 1:
+        return None
+    return "E" + "|".join("t" * n for n in num_layer_list) + "L"
 
 
 def _dtype(precision: str) -> torch.dtype:
@@ -64,6 +73,7 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
         fp16=precision == "fp16",
         use_cpu_initialization=use_cpu_initialization,
         init_method_std=init_method_std,
+        pipeline_model_parallel_layout=pipeline_layout(par.num_layer_list),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
@@ -80,7 +90,8 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def local_block_spec(config, qk_norm: bool):
-    """megatron-core's local layer spec with RMSNorm above for every norm (same parameter names)."""
+    """megatron-core's local layer spec with RMSNorm above for every norm and SDPA core attention (same
+    parameter names)."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -91,9 +102,11 @@ def local_block_spec(config, qk_norm: bool):
         get_num_layers_to_build,
     )
 
+    from ascendfactory.engine.attention import SDPAttention
+
     layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
     attn = layer.submodules.self_attention
-    attn_sub = attn.submodules
+    attn_sub = replace(attn.submodules, core_attention=SDPAttention)
     if qk_norm:
         attn_sub = replace(attn_sub, q_layernorm=RMSNorm, k_layernorm=RMSNorm)
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,

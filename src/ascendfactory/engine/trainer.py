@@ -16,7 +16,9 @@ import torch.distributed as dist
 from ascendfactory import ckpt_layout as L
 from ascendfactory.config.loader import load_resolved
 from ascendfactory.config.paths import RunPaths, run_paths
+from ascendfactory.config.rules import parse_layer_list
 from ascendfactory.config.schema import ExpConfig
+from ascendfactory.convert.layout import stage_layers
 from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
 from ascendfactory.data.stage import find_data_prefix
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
@@ -128,12 +130,14 @@ class Trainer:
 
         checkpoint.check_writable(self.paths.save_dir)
         self.facts = read_model_facts(cfg.model_name_or_path)
-        if cfg.num_layer_list and len(set(cfg.num_layer_list.split(","))) > 1:
-            raise UserError("num_layer_list: uneven pipeline stages are not supported by the engine; remove it")
+        self.num_layer_list = parse_layer_list(cfg.num_layer_list)
+        self.layer_split = stage_layers(self.facts.num_layers, cfg.pp, self.num_layer_list,
+                                        keys=("num_layer_list", "pipeline_model_parallel_size"))
         self.source = choose_source(cfg, self.paths, self.log)
         vocab = padded_vocab_size(self.facts.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp)
         if self.source.ckpt_dir is not None:
             args = checkpoint.peek_args(self.source.ckpt_dir, self.source.iteration, self.layout)
+            checkpoint.check_layer_split(self.source.ckpt_dir, self.source.iteration, args, self.layer_split)
             vocab = int(args.get("padded_vocab_size") or vocab)
         self.padded_vocab = vocab
         self._build_model()
@@ -149,10 +153,9 @@ class Trainer:
         from megatron.core.transformer.module import Float16Module
 
         cfg = self.cfg
-        self.tconfig = transformer_config(
-            self.facts, Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel), self.precision,
-            use_cpu_initialization=self.dev.cpu_initialization,
-        )
+        par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split))
+        self.tconfig = transformer_config(self.facts, par, self.precision,
+                                          use_cpu_initialization=self.dev.cpu_initialization)
         self.tconfig.batch_p2p_comm = self.dev.batched_p2p
         core = build_gpt_model(self.facts, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
                                max_sequence_length=max(cfg.seq_len, self.facts.max_position_embeddings),
@@ -262,7 +265,8 @@ class Trainer:
         cfg = self.cfg
         self.log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
                       f"CP{cfg.cp} DP{self.dp}, precision {self.precision}, {self.num_micro} micro-batches of "
-                      f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}")
+                      f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
+                      f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
         metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
         fpt = flops_per_token(self.facts, cfg.seq_len)
         try:
@@ -313,8 +317,8 @@ class Trainer:
         t0 = time.perf_counter()
         cfg = self.cfg
         args = checkpoint_args(
-            cfg.tp, cfg.pp, None, cfg.model_name_or_path, self.facts.architecture, self.facts.vocab_size,
-            self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
+            cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
+            self.facts.vocab_size, self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
         )
