@@ -1,9 +1,10 @@
 """The engine under torchrun (gloo, CPU): pretrain and SFT, TP2 / PP2 / DP2 with the distributed optimizer,
-the three load modes, save_total_limit. Tiny Qwen2-shaped model, a few iterations each."""
+an uneven PP split, the three load modes, save_total_limit. Tiny Qwen2-shaped model, a few iterations each."""
 
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -20,9 +21,9 @@ def env(tmp_path_factory):
     from ascendfactory.convert.api import hf_to_megatron
 
     conv = {}
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        conv[(tp, pp)] = root / f"converted_TP{tp}PP{pp}"
-        hf_to_megatron(str(model), str(conv[(tp, pp)]), tp, pp, None, None, None)
+    for tp, pp, layers in [(1, 1, None), (2, 1, None), (1, 2, None), (1, 2, "3,1")]:
+        conv[(tp, pp, layers)] = root / f"converted_TP{tp}PP{pp}_{layers or 'even'}"
+        hf_to_megatron(str(model), str(conv[(tp, pp, layers)]), tp, pp, layers, None, None)
     return {
         "root": root,
         "model": model,
@@ -30,6 +31,7 @@ def env(tmp_path_factory):
         "packed": (root / "packed", E.write_sft(root / "packed", model, pack_len=64)),
         "pt": (root / "pt", E.write_pretrain(root / "pt", model)),
         "conv": conv,
+        "runs": {},
     }
 
 
@@ -73,22 +75,73 @@ def test_pretrain_dp2_distributed_optimizer_bf16_loss_falls(env):
         assert part in line
 
 
+def _packed_run(env, tp: int, pp: int, layers: str | None = None):
+    """Packed SFT, 5 iterations from the HF weights converted to this layout; run once per module, as the
+    same-loss tests share the TP1 PP1 reference."""
+    key = (tp, pp, layers)
+    if key not in env["runs"]:
+        out = env["root"] / f"packed_TP{tp}PP{pp}_{layers or 'even'}"
+        cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, ckpt_load_type=1,
+                             user_converted_ckpt_path=str(env["conv"][key]), tensor_model_parallel_size=tp,
+                             pipeline_model_parallel_size=pp, sequence_parallel=tp > 1, train_iters=5,
+                             num_layer_list=layers)
+        _ok(res := E.run_engine(cfg, tp * pp))
+        assert f"from {env['conv'][key]}/iter_0000001" in res.stdout
+        env["runs"][key] = (out, res)
+    return env["runs"][key]
+
+
+def _assert_same_losses(ref: dict, other: dict, what) -> None:
+    assert sorted(other) == sorted(ref)
+    for it, loss in other.items():
+        assert loss == pytest.approx(ref[it], rel=1e-4), (what, it, loss, ref[it])
+
+
 def test_same_losses_tp1_tp2_pp2_from_converted_weights(env):
     """Packed SFT from the converted HF weights: TP2 (sequence parallel) and PP2 (1F1B) match TP1."""
-    runs = {}
-    for tp, pp in [(1, 1), (2, 1), (1, 2)]:
-        out = env["root"] / f"packed_TP{tp}PP{pp}"
-        cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, ckpt_load_type=1,
-                             user_converted_ckpt_path=str(env["conv"][(tp, pp)]), tensor_model_parallel_size=tp,
-                             pipeline_model_parallel_size=pp, sequence_parallel=tp > 1, train_iters=5)
-        _ok(res := E.run_engine(cfg, tp * pp))
-        assert f"from {env['conv'][(tp, pp)]}/iter_0000001" in res.stdout
-        runs[(tp, pp)] = E.losses(out)
-    ref = runs[(1, 1)]
+    ref = E.losses(_packed_run(env, 1, 1)[0])
     assert sorted(ref) == [1, 2, 3, 4, 5] and ref[5] < ref[1]
-    for layout in [(2, 1), (1, 2)]:
-        for it, loss in runs[layout].items():
-            assert loss == pytest.approx(ref[it], rel=1e-4), (layout, it, loss, ref[it])
+    for tp, pp in [(2, 1), (1, 2)]:
+        _assert_same_losses(ref, E.losses(_packed_run(env, tp, pp)[0]), (tp, pp))
+
+
+def test_uneven_pipeline_split_trains_saves_exports_like_pp1(env, tmp_path):
+    """num_layer_list 3,1 (HF layers 0-2 on stage 0, layer 3 on stage 1) from weights converted with that split:
+    same losses as PP1; the saves record the split and export to the PP1 run's HF weights."""
+    from safetensors.torch import load_file
+
+    from ascendfactory.convert.mg2hf import megatron_to_hf
+    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+
+    ref_out = _packed_run(env, 1, 1)[0]
+    out, res = _packed_run(env, 1, 2, "3,1")
+    assert "TP1 PP2 CP1 DP1" in res.stdout and "layers per pipeline stage 3,1" in res.stdout
+    _assert_same_losses(E.losses(ref_out), E.losses(out), "PP2 3,1")
+    saved = read_checkpoint_layout(out / "saved_checkpoints")
+    assert (saved.pp, saved.layers, saved.num_layer_list) == (2, (3, 1), [3, 1])
+
+    exported = {}
+    for name, run in (("pp1", ref_out), ("uneven", out)):
+        megatron_to_hf(run / "saved_checkpoints", tmp_path / name, env["model"])
+        exported[name] = {k: v for f in sorted((tmp_path / name).glob("*.safetensors"))
+                          for k, v in load_file(f).items()}
+    assert sorted(exported["uneven"]) == sorted(exported["pp1"])
+    assert "model.layers.3.mlp.down_proj.weight" in exported["uneven"]
+    for k, v in exported["pp1"].items():
+        torch.testing.assert_close(exported["uneven"][k], v, rtol=0, atol=1e-4, msg=k)
+
+
+def test_layer_split_differing_from_checkpoint_refused(env):
+    conv = env["conv"][(1, 2, "3,1")]
+    out = env["root"] / "packed_PP2_2-2_on_3-1"
+    cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, ckpt_load_type=1,
+                         user_converted_ckpt_path=str(conv), pipeline_model_parallel_size=2, num_layer_list="2,2")
+    res = E.run_engine(cfg, 2)
+    # The first worker to refuse exits 2 (user error; torchrun then stops the other and itself exits 1).
+    assert res.returncode != 0 and re.search(r"exitcode\s*: 2 ", res.stderr), E.describe(res)
+    assert (f"error: num_layer_list: the run splits the layers 2,2 over its pipeline stages but "
+            f"{conv}/iter_0000001 holds 3,1") in res.stderr
+    assert not (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").exists()
 
 
 def test_load_modes_0_1_2_and_save_total_limit(env):

@@ -151,7 +151,8 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
     if plan.report.model_error:
         raise UserError(plan.report.model_error)
-    read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
+    facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
+    _check_given_checkpoint(plan.cfg, facts.num_layers)
     for w in plan.report.warnings:
         _log(f"warning: {w}")
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout
@@ -179,6 +180,24 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
                 sys.exit(e.exit_code)
             _log(f"{name}: done in {time.time() - t0:.1f}s")
     _log(f"all stages done; outputs in {paths.output_dir}")
+
+
+def _check_given_checkpoint(cfg: ExpConfig, num_layers: int) -> None:
+    """The layers per PP stage of a given checkpoint must be the run's (its TP/PP were checked by the rules)."""
+    if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
+        return
+    from ascendfactory.config.rules import parse_layer_list
+    from ascendfactory.convert.layout import stage_layers
+    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+
+    ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
+                        keys=("num_layer_list", "pipeline_model_parallel_size"))
+    theirs = list(read_checkpoint_layout(cfg.user_converted_ckpt_path).layers)
+    if theirs != ours:
+        split = ",".join(map(str, theirs))
+        raise UserError(f"user_converted_ckpt_path {cfg.user_converted_ckpt_path} splits the layers {split} over "
+                        f"its pipeline stages, the run {','.join(map(str, ours))}; set num_layer_list: {split} "
+                        "or convert again with the run's split")
 
 
 def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:

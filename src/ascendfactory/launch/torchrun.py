@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.engine import EXIT_PREEMPTED
+from ascendfactory.engine import EXIT_PREEMPTED, EXIT_USER_ERROR
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 
@@ -86,6 +86,8 @@ def _cause(line: str | None) -> str:
     if not m:
         return "a worker failed"
     code, rank = int(m.group(1)), m.group(2)
+    if code == EXIT_USER_ERROR:
+        return f"local rank {rank} stopped on bad input (its error line is in the log)"
     if code < 0:
         return f"local rank {rank} was killed by {signal.Signals(-code).name}"
     return f"local rank {rank} exited with code {code}"
@@ -135,6 +137,7 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
         raise TrainingFailed(f"training stopped by {signal.Signals(stopped[0]).name}; the last checkpoint is in "
                              f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_PREEMPTED)
     m = _FAILED.search(last_failure or "")
+    user_error = bool(m) and int(m.group(1)) == EXIT_USER_ERROR
     raise TrainingFailed(f"{_cause(last_failure)} after {cfg.max_restarts} restart(s); see "
                          f"{_worker_log(paths.logs_dir, m.group(2) if m else None)} and {node_log}",
-                         rc if rc > 0 else 1)
+                         EXIT_USER_ERROR if user_error else (rc if rc > 0 else 1))
