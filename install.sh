@@ -23,7 +23,6 @@ rm -f "$TORCH_PIN"
 if [ "${1:-}" = "modellink" ] && "$PY" -c "import torch_npu" >/dev/null 2>&1; then
   echo "install.sh: torch_npu present ($("$PY" -c 'import torch_npu; print(torch_npu.__version__)'))"
 fi
-"$PY" -m pip install matplotlib >/dev/null 2>&1 || echo "install.sh: matplotlib not installed; training_loss.png will be skipped"
 BIN=$("$PY" -c "import sysconfig; print(sysconfig.get_path('scripts'))")
 case ":$PATH:" in *":$BIN:"*) ;; *) echo "install.sh: add $BIN to PATH to use ascendfactory-cli";; esac
 echo "install.sh: done; try: ascendfactory-cli --help"

@@ -96,6 +96,10 @@ def test_pretrain_random_init_tp2(assets, tmp_path):
     first = metrics(out)[0]["loss"]
     assert abs(first - math.log(450)) < 1.0  # random init: about ln(vocab)
     assert (out / "saved_checkpoints" / "iter_0000004" / "mp_rank_01" / "model_optim_rng.pt").is_file()
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    events = event_accumulator.EventAccumulator(str(out / "logs" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
 def test_killed_worker_is_restarted_and_resumes(assets, tmp_path):
