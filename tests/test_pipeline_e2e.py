@@ -88,11 +88,15 @@ def test_pretrain_random_init_tp2(assets, tmp_path):
     out = tmp_path / "pt"
     cfg = write_cfg(assets, out, stage="pt", **{"handler-name": "GeneralPretrainHandler"}, ckpt_load_type=0,
                     dataset=str(assets / "data" / "corpus.jsonl"), **{"tensor-model-parallel-size": 2},
-                    convert_mg2hf_at_last=False, **{"train-iters": 4})
+                    convert_mg2hf_at_last=False, **{"train-iters": 4},
+                    extra_args={"recompute_granularity": "full", "recompute_method": "uniform",
+                                "recompute_num_layers": 1, "foo_flag": 1})
     r = train(cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "convert: skipped" in r.stdout and "export: skipped" in r.stdout
     assert not (out / "converted_hf2mg_weight_TP2PP1").exists()
+    log = (out / "logs" / "train_rank_000.log").read_text()
+    assert "extra_args foo_flag: not megatron-core TransformerConfig fields" in log  # the rest reached the model
     first = metrics(out)[0]["loss"]
     assert abs(first - math.log(450)) < 1.0  # random init: about ln(vocab)
     assert (out / "saved_checkpoints" / "iter_0000004" / "mp_rank_01" / "model_optim_rng.pt").is_file()

@@ -154,8 +154,12 @@ class Trainer:
 
         cfg = self.cfg
         par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split))
+        overrides, ignored = transformer_overrides(cfg.extra_args)
+        if ignored:
+            self.log.info(f"warning: extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; "
+                          "ignored")
         self.tconfig = transformer_config(self.facts, par, self.precision,
-                                          use_cpu_initialization=self.dev.cpu_initialization)
+                                          use_cpu_initialization=self.dev.cpu_initialization, **overrides)
         self.tconfig.batch_p2p_comm = self.dev.batched_p2p
         core = build_gpt_model(self.facts, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
                                max_sequence_length=max(cfg.seq_len, self.facts.max_position_embeddings),
@@ -335,6 +339,17 @@ def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
     loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
     n = mask.sum().to(torch.int)
     return loss_sum, n, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
+
+
+def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
+    """extra_args entries naming TransformerConfig fields (recompute_granularity, attention_dropout, ...) are
+    passed to the model config; the names of the others are returned so the log can say they were ignored."""
+    from dataclasses import fields
+
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    known = {f.name for f in fields(TransformerConfig)}
+    return ({k: v for k, v in extra_args.items() if k in known}, sorted(k for k in extra_args if k not in known))
 
 
 def main(config_path: str) -> int:
