@@ -14,6 +14,9 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
+# SDPA reads GQA groups in place from torch 2.5 (`enable_gqa`); older torch (Ascend images) gets K/V repeated.
+SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
+
 
 class SDPAttention(DotProductAttention):
     """DotProductAttention with its forward on SDPA: query [sq, b, np, hn], key/value [sk, b, ng, hn]
@@ -45,10 +48,16 @@ class SDPAttention(DotProductAttention):
         mask = None if attention_mask is None else ~attention_mask  # SDPA: True = attend
         p = self.attention_dropout.p if self.training else 0.0
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        gqa = {}
+        if k.size(1) != q.size(1):
+            if SDPA_GQA:
+                gqa = {"enable_gqa": True}
+            else:
+                k, v = (t.repeat_interleave(q.size(1) // k.size(1), dim=1) for t in (k, v))
 
         def attend():
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal,
-                                                  scale=self.softmax_scale, enable_gqa=k.size(1) != q.size(1))
+                                                  scale=self.softmax_scale, **gqa)
 
         # Dropout draws from megatron's tracker stream, as the original does, so TP ranks and
         # recomputation see reproducible masks; with no dropout nothing is drawn and the fork is skipped.
