@@ -22,13 +22,12 @@ app = typer.Typer(
 convert_app = typer.Typer(no_args_is_help=True, help="HF <-> Megatron weight conversion with TP/PP sharding.")
 app.add_typer(convert_app, name="convert")
 
-_STATE = {"debug": False}
 _PASSTHROUGH = {"allow_extra_args": True, "ignore_unknown_options": True}
 
 
 @app.callback()
-def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors.")):
-    _STATE["debug"] = debug
+def _root(debug: bool = typer.Option(False, "--debug", help="Show tracebacks for errors (anywhere on the line).")):
+    """(--debug is taken out of the arguments by main(), so it also works after the command.)"""
 
 
 @app.command(context_settings=_PASSTHROUGH)
@@ -40,10 +39,8 @@ def train(
     master_addr: Optional[str] = typer.Option(None, "--master_addr", "--master-addr"),
     num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
     rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
-    debug: bool = typer.Option(False, "--debug"),
 ):
     """Resolve and validate the experiment, write exp-config.yaml, run the pipeline."""
-    _STATE["debug"] |= debug
     from ascendfactory.pipeline import run_train
 
     run_train(cfgs_yaml, model_name, exp_name, ctx.args, _flags(master_addr, num_nodes, rank))
@@ -59,10 +56,8 @@ def plan(
     num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
     rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
-    debug: bool = typer.Option(False, "--debug"),
 ):
     """Resolve + validate + show what `train` would do. Runs nothing, writes nothing."""
-    _STATE["debug"] |= debug
     from ascendfactory.pipeline import show_plan
 
     show_plan(cfgs_yaml, model_name, exp_name, ctx.args, _flags(master_addr, num_nodes, rank), as_json)
@@ -156,25 +151,13 @@ def _flags(master_addr, num_nodes, rank) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _STATE["debug"] = "--debug" in argv
+    debug = "--debug" in argv
+    argv = [a for a in argv if a != "--debug"]
     try:
-        app(args=argv, standalone_mode=False)
+        app(args=argv)  # click's standalone mode: usage errors exit 2, then sys.exit(0) on success
     except UserError as e:
-        if _STATE["debug"]:
+        if debug:
             raise
         for line in str(e).splitlines() or ["error"]:
             print(f"error: {line}", file=sys.stderr)
         sys.exit(e.exit_code)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except SystemExit:
-        raise
-    except Exception as e:  # click usage errors arrive here with standalone_mode=False
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
-            e.show()
-            sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
-        raise
