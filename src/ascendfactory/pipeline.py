@@ -51,19 +51,20 @@ def make_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     return Plan(res, layout, report, run_paths(res.cfg))
 
 
-def decide_train(cfg: ExpConfig, paths: RunPaths) -> Decision:
+def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     done = _tracker_iteration(paths.save_dir)
-    if done is not None and cfg.train_iters and done >= cfg.train_iters:
-        return Decision("train", False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}")
+    # With `epochs` the iteration count is derived by the trainer from the data, so it is not known here.
+    if done is not None and cfg.epochs is None and cfg.train_iters and done >= cfg.train_iters:
+        return False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}"
     iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
     if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
-        return Decision("train", True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}")
+        return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {
         0: "random init (ckpt_load_type 0)",
         1: f"weights from {paths.converted_ckpt_dir} (ckpt_load_type 1: fresh optimizer, iteration 0)",
         2: f"full resume from {paths.converted_ckpt_dir} (ckpt_load_type 2)",
     }.get(cfg.ckpt_load_type, "?")
-    return Decision("train", True, f"{iters}, {source}")
+    return True, f"{iters}, {source}"
 
 
 def _tracker_iteration(save_dir: Path) -> int | None:
@@ -87,12 +88,12 @@ def decide_stage(plan: Plan, name: str, strict: bool = True) -> Decision:
         "export": convert_stage.decide_export,
     }[name]
     try:
-        d = decide(cfg, paths)
+        run, reason = decide(cfg, paths)
     except UserError as e:
         if strict:
             raise
-        d = (True, f"cannot inspect inputs here ({e})")
-    return d if isinstance(d, Decision) else Decision(name, *d)
+        run, reason = True, f"cannot inspect inputs here ({e})"
+    return Decision(name, run, reason)
 
 
 def decide_stages(plan: Plan, strict: bool = True) -> list[Decision]:
