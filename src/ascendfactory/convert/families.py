@@ -15,7 +15,6 @@ from ascendfactory.modelinfo import ModelFacts, supported_architectures
 
 # How one Megatron tensor is cut into TP shards (sharding.py implements each kind).
 REPLICATED = "replicated"  # every TP rank holds the whole tensor
-ROWS = "rows"  # split on dim 0
 COLUMNS = "columns"  # split on dim 1
 VOCAB = "vocab"  # split on dim 0 after padding the vocab rows with zeros
 QKV = "qkv"  # q, k, v interleaved per kv group (GQA), then split on dim 0

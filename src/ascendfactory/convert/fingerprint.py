@@ -10,7 +10,8 @@ import json
 from pathlib import Path
 
 from ascendfactory.ckpt_layout import TRACKER, iter_dir_name, layout_of, rank_file, write_text_atomic
-from ascendfactory.convert.layout import Layout
+from ascendfactory.convert.hfread import INDEX
+from ascendfactory.convert.layout import ITERATION, Layout
 
 MARKER = "ascendfactory_convert.json"
 
@@ -45,14 +46,14 @@ def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None,
                        config=str(Path(hf_config_dir).resolve()))
 
 
-def conversion_complete(target: Path, layout: Layout, iteration: int = 1) -> bool:
+def conversion_complete(target: Path, layout: Layout) -> bool:
     return (Path(target) / TRACKER).is_file() and all(
-        rank_file(target, iteration, t, p, layout.pp).is_file() for p in range(layout.pp) for t in range(layout.tp))
+        rank_file(target, ITERATION, t, p, layout.pp).is_file() for p in range(layout.pp) for t in range(layout.tp))
 
 
 def export_complete(target: Path) -> bool:
     try:
-        files = set(json.loads((Path(target) / "model.safetensors.index.json").read_text())["weight_map"].values())
+        files = set(json.loads((Path(target) / INDEX).read_text())["weight_map"].values())
     except (OSError, ValueError, KeyError):
         return False
     return (Path(target) / "config.json").is_file() and all((Path(target) / f).is_file() for f in files)

@@ -11,14 +11,12 @@ from ascendfactory.ckpt_layout import CHECKPOINT_VERSION, checkpoint_args, rank_
 from ascendfactory.convert.families import Rule, hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
-from ascendfactory.convert.layout import DTYPES, Layout, dtype_name, parse_num_layer_list, plan_layout
+from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
 from ascendfactory.convert.progress import Progress
 from ascendfactory.convert.sharding import shard
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts
-
-ITERATION = 1  # converted weights are saved as iteration 1 (SPEC.md section 6)
 
 
 def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: Layout) -> None:
@@ -51,7 +49,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
     read = SafetensorsReader(hf_dir)
     rules = rules_for(facts, pp)
     _check_source(read, hf_dir, facts, rules, layout)
-    cast = getattr(torch, DTYPES[dtype]) if dtype else None
+    cast = torch_dtype(dtype)
     args = checkpoint_args(tp, pp, parse_num_layer_list(num_layer_list), str(Path(hf_dir).resolve()),
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size,
                            tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)

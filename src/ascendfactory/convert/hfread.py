@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from safetensors import safe_open
 
 from ascendfactory.errors import UserError
+
+if TYPE_CHECKING:  # torch only in annotations: fingerprint.py (used by `plan`) imports INDEX from here
+    import torch
 
 INDEX = "model.safetensors.index.json"
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts, read_model_facts
 
+ITERATION = 1  # converted weights are saved as iteration 1 (SPEC.md section 6)
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
 
@@ -19,6 +20,15 @@ def dtype_name(dtype: str | None, flag: str = "--dtype") -> str | None:
     if d not in DTYPES:
         raise UserError(f"{flag}: unknown dtype {dtype!r}; use bf16, fp16 or fp32")
     return d
+
+
+def torch_dtype(name: str | None, default=None):
+    """The torch dtype of a canonical name; `default` for None (keep the source dtype)."""
+    if name is None:
+        return default
+    import torch  # here, not at the top: `plan` imports this module and must not load torch
+
+    return getattr(torch, DTYPES[name])
 
 
 def parse_num_layer_list(value: str | list[int] | None) -> list[int] | None:

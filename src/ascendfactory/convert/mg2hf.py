@@ -15,7 +15,7 @@ import torch
 
 from ascendfactory.convert.families import hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
-from ascendfactory.convert.layout import DTYPES, Layout, dtype_name
+from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
 from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
 from ascendfactory.convert.progress import Progress
 from ascendfactory.convert.sharding import merge
@@ -65,7 +65,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     dtype = dtype_name(dtype)
     ck = read_checkpoint_layout(mg_dir, iteration)
     _check_against(facts, ck, hf_config_dir)
-    out_dtype = getattr(torch, DTYPES[dtype]) if dtype else ck.dtype
+    out_dtype = torch_dtype(dtype, ck.dtype)
     fp = export_fingerprint(mg_dir, ck.iteration, hf_config_dir, dtype, size)
     log = Progress("mg2hf")
     if up_to_date(hf_dir, fp, flag, replace_ours, export_complete):

@@ -23,13 +23,11 @@ class CheckpointLayout:
     tp: int
     pp: int
     layers: tuple[int, ...]  # decoder layers per PP stage
-    num_layer_list: list[int] | None  # as recorded (None: even split)
     source_model: str | None
     architecture: str | None
     vocab_size: int | None
     padded_vocab_size: int
     dtype: torch.dtype
-    args: dict
 
     def file(self, tp_rank: int, pp_rank: int) -> Path:
         return rank_file(self.path, self.iteration, tp_rank, pp_rank, self.pp)
@@ -96,8 +94,7 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
         raise UserError(f"{it_dir}: folders say TP{tp} PP{pp} but the checkpoint args say "
                         f"TP{recorded_tp} PP{recorded_pp}; the checkpoint is damaged")
     return CheckpointLayout(
-        path=mg_dir, iteration=it, tp=tp, pp=pp, layers=tuple(layers),
-        num_layer_list=args.get("num_layer_list"), source_model=args.get("source_model"),
+        path=mg_dir, iteration=it, tp=tp, pp=pp, layers=tuple(layers), source_model=args.get("source_model"),
         architecture=args.get("architecture"), vocab_size=args.get("vocab_size"),
-        padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype, args=args,
+        padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype,
     )

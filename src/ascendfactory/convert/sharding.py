@@ -10,7 +10,7 @@ from typing import Protocol
 
 import torch
 
-from ascendfactory.convert.families import COLUMNS, GATE_UP, QKV, REPLICATED, ROWS, VOCAB
+from ascendfactory.convert.families import COLUMNS, GATE_UP, QKV, REPLICATED, VOCAB
 from ascendfactory.convert.layout import Layout
 from ascendfactory.modelinfo import ModelFacts
 
@@ -42,8 +42,6 @@ def shard(kind: str, hf_names: list[str], read: Reader, facts: ModelFacts, layou
     name = hf_names[0]
     if kind == REPLICATED:
         return read(name)
-    if kind == ROWS:
-        return read(name, rows=_part(read.shape(name)[0], tp, tp_rank))
     if kind == COLUMNS:
         return read(name, cols=_part(read.shape(name)[1], tp, tp_rank))
     if kind == VOCAB:
@@ -71,8 +69,6 @@ def merge(kind: str, hf_names: list[str], shards: list[torch.Tensor], facts: Mod
     """The HF tensors rebuilt from every TP rank's shard of one Megatron tensor (inverse of shard)."""
     if kind == REPLICATED:
         return {hf_names[0]: shards[0]}
-    if kind == ROWS:
-        return {hf_names[0]: torch.cat(shards)}
     if kind == COLUMNS:
         return {hf_names[0]: torch.cat(shards, dim=1)}
     if kind == VOCAB:

@@ -5,9 +5,7 @@ decide_* only stat files and read small json (no torch import): `plan` calls the
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ascendfactory.ckpt_layout import TRACKER
+from ascendfactory.ckpt_layout import read_tracker
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
@@ -65,15 +63,13 @@ def decide_export(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     if not cfg.convert_mg2hf_at_last:
         return False, "convert_mg2hf_at_last is false"
     marker = ours(paths.hf_save_dir, "hf_save_dir")  # foreign content: refused before training, not after
-    tracker = Path(paths.save_dir) / TRACKER
-    if tracker.is_file() and tracker.read_text().strip().isdigit():
-        it = int(tracker.read_text().strip())
-        try:
-            fp = export_fingerprint(paths.save_dir, it, cfg.model_name_or_path, export_dtype(cfg), EXPORT_SHARD_SIZE)
-        except (UserError, OSError):
-            fp = None
-        if fp is not None and marker == fp and export_complete(paths.hf_save_dir):
-            return False, f"{paths.hf_save_dir} already holds the export of iteration {it}"
+    try:  # no checkpoint yet (or a damaged one): there is nothing to be up to date with
+        it = read_tracker(paths.save_dir)
+        fp = export_fingerprint(paths.save_dir, it, cfg.model_name_or_path, export_dtype(cfg), EXPORT_SHARD_SIZE)
+    except (UserError, OSError):
+        fp = None
+    if fp is not None and marker == fp and export_complete(paths.hf_save_dir):
+        return False, f"{paths.hf_save_dir} already holds the export of iteration {it}"
     return True, f"final checkpoint in {paths.save_dir} -> {paths.hf_save_dir}"
 
 

@@ -7,15 +7,16 @@ data and every tensor goes to disk as soon as it is merged: memory does not grow
 from __future__ import annotations
 
 import json
+import math
 import re
 import struct
 from pathlib import Path
 
 import torch
 
+from ascendfactory.convert.hfread import INDEX
 from ascendfactory.errors import UserError
 
-INDEX = "model.safetensors.index.json"
 _ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
           "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -42,7 +43,7 @@ class ShardedWriter:
         shards: list[list[tuple[str, tuple[int, ...], int]]] = [[]]
         filled = 0
         for name, shape in plan:
-            nbytes = itemsize * _numel(shape)
+            nbytes = itemsize * math.prod(shape)
             if shards[-1] and filled + nbytes > shard_size:
                 shards.append([])
                 filled = 0
@@ -86,10 +87,3 @@ class ShardedWriter:
         index = {"metadata": {"total_size": self.total}, "weight_map": {name: f for f, name, _ in self.order}}
         (self.out_dir / INDEX).write_text(json.dumps(index, indent=2))
         return [f for f, _ in self.shards]
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -28,11 +28,11 @@ def reference_logits(hf_dir, dtype: str | None = None, n_tokens: int = 12, batch
     import torch
     import transformers
 
-    from ascendfactory.convert.layout import DTYPES
+    from ascendfactory.convert.layout import torch_dtype
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     if dtype:
-        model.to(getattr(torch, DTYPES[dtype])).float()
+        model.to(torch_dtype(dtype)).float()
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, model.config.vocab_size, (batch, n_tokens), generator=gen)

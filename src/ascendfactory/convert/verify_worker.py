@@ -30,7 +30,7 @@ def run_job(job: dict) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from ascendfactory.convert.layout import DTYPES
+    from ascendfactory.convert.layout import torch_dtype
     from ascendfactory.convert.mgckpt import model_state, read_checkpoint_layout
     from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
     from ascendfactory.modelinfo import read_model_facts
@@ -45,7 +45,7 @@ def run_job(job: dict) -> None:
         cfg = transformer_config(facts, Parallel(tp=ck.tp, pp=ck.pp, num_layer_list=ck.layers), "fp32")
         model = build_gpt_model(facts, cfg, pre_process=first, post_process=last,
                                 vocab_size=ck.padded_vocab_size)
-        dtype = getattr(torch, DTYPES[job["dtype"]]) if job.get("dtype") else torch.float32
+        dtype = torch_dtype(job.get("dtype"), torch.float32)
         _load_strict(model, model_state(ck.file(tp_rank, pp_rank)), ck.file(tp_rank, pp_rank), dtype)
         model.eval()
         ref = torch.load(job["reference"])

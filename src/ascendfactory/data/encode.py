@@ -66,7 +66,7 @@ def _record(raw) -> dict:
     try:
         rec = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise BadRecord(f"not valid JSON ({getattr(e, 'msg', e)})")
+        raise BadRecord(f"not valid JSON ({getattr(e, 'msg', e)})") from None
     if not isinstance(rec, dict):
         raise BadRecord(f"a JSON {type(rec).__name__}, not an object")
     return rec

@@ -62,7 +62,7 @@ def parse_map_keys(handler: str, map_keys) -> dict:
         try:
             map_keys = json.loads(map_keys)
         except json.JSONDecodeError as e:
-            raise UserError(f"--map-keys: not valid JSON ({e.msg}); e.g. '{{\"prompt\": \"question\"}}'")
+            raise UserError(f"--map-keys: not valid JSON ({e.msg}); e.g. '{{\"prompt\": \"question\"}}'") from None
     map_keys = map_keys or {}
     if not isinstance(map_keys, dict) or not all(isinstance(v, str) for v in map_keys.values()):
         raise UserError("--map-keys: must be a JSON object of strings, e.g. '{\"prompt\": \"question\"}'")

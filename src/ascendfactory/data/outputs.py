@@ -7,11 +7,10 @@ Only stats files (size + mtime) and reads json: `plan` uses it and must stay fas
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
+from ascendfactory.ckpt_layout import write_text_atomic
 from ascendfactory.data.handlers import PRETRAIN
-from ascendfactory.data.readers import discover
 from ascendfactory.data.tokenizer import tokenizer_files
 
 # bump when the output for the same inputs changes (templates, truncation, packing, file layout)
@@ -20,10 +19,15 @@ SUMMARY_SUFFIX = "_preprocess_summary.json"
 SFT_STREAMS = ("input_ids", "attention_mask", "labels")
 
 
+def sft_prefixes(output_prefix: str | Path) -> list[str]:
+    """The three datasets of instruction data, input_ids first."""
+    return [f"{output_prefix}_packed_{s}_document" for s in SFT_STREAMS]
+
+
 def output_prefixes(output_prefix: str, handler: str, json_keys: list[str]) -> list[str]:
     if handler == PRETRAIN:
         return [f"{output_prefix}_{key}_document" for key in json_keys]
-    return [f"{output_prefix}_packed_{s}_document" for s in SFT_STREAMS]
+    return sft_prefixes(output_prefix)
 
 
 def data_prefix(output_prefix: str, handler: str, json_keys: list[str]) -> str:
@@ -47,9 +51,9 @@ def _stat(path: Path) -> list:
     return [str(path.resolve()), st.st_size, st.st_mtime_ns]
 
 
-def fingerprint(input: str, tokenizer: str, options: dict) -> dict:
-    """Input files' size+mtime, tokenizer files' size+mtime, and every option that changes the output."""
-    files, _ = discover(input)
+def fingerprint(files: list[Path], tokenizer: str, options: dict) -> dict:
+    """Input files' size+mtime (files: readers.discover's), tokenizer files' size+mtime, and every option that
+    changes the output."""
     return {
         "format_version": FORMAT_VERSION,
         "inputs": [_stat(f) for f in files],
@@ -70,7 +74,4 @@ def read_summary(output_prefix: str | Path) -> dict | None:
 
 
 def write_summary(output_prefix: str | Path, content: dict) -> None:
-    path = summary_path(output_prefix)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(summary_path(output_prefix), json.dumps(content, indent=1, sort_keys=True) + "\n")

@@ -29,11 +29,11 @@ chunks go to N forked processes, at most 2N chunks in flight. Packing holds a wi
 from __future__ import annotations
 
 import sys
-import time
 from collections import deque
 
 import numpy as np
 
+from ascendfactory.convert.progress import Progress
 from ascendfactory.data import outputs as out
 from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, encode_chunk
 from ascendfactory.data.fast_encode import TextEncoder
@@ -61,7 +61,7 @@ def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_nam
     keys = parse_map_keys(handler_name, map_keys)
     opts = out.options(handler_name, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records)
     files, kind = discover(input)
-    stamp = out.fingerprint(input, tokenizer_name_or_path, opts)
+    stamp = out.fingerprint(files, tokenizer_name_or_path, opts)
     tok = load_tokenizer(tokenizer_name_or_path)
 
     job = make_job(handler_name, tokenizer_name_or_path, tok, prompt_type, seq_length, json_keys, append_eod, keys)
@@ -103,9 +103,11 @@ def make_job(handler, tokenizer_path, tok, prompt_type, seq_length, json_keys, a
     return job
 
 
-class _Progress:
+class _Progress(Progress):
+    """Running totals, shown every PROGRESS_EVERY_S seconds."""
+
     def __init__(self, total_bytes: int):
-        self.start = self.last = time.monotonic()
+        super().__init__("preprocess", PROGRESS_EVERY_S)
         self.total = total_bytes
         self.records = self.tokens = self.bytes = 0
 
@@ -113,14 +115,11 @@ class _Progress:
         self.records += records
         self.tokens += tokens
         self.bytes += nbytes
-        now = time.monotonic()
-        if now - self.last >= PROGRESS_EVERY_S:
-            self.last = now
-            dt = now - self.start
-            done = f" {100 * self.bytes / self.total:.0f}% of input," if self.total and self.bytes else ""
-            print(f"preprocess:{done} {self.records} records, {self.tokens} tokens, "
-                  f"{self.records / dt:.0f} records/s, {self.tokens / dt / 1e6:.2f}M tokens/s", file=sys.stderr,
-                  flush=True)
+        if self.due():
+            dt = self.elapsed()
+            done = f"{100 * self.bytes / self.total:.0f}% of input, " if self.total and self.bytes else ""
+            self.say(f"{done}{self.records} records, {self.tokens} tokens, {self.records / dt:.0f} records/s, "
+                     f"{self.tokens / dt / 1e6:.2f}M tokens/s")
 
 
 def _results(job: Job, chunks, workers: int):
@@ -192,7 +191,7 @@ def _run(job: Job, files, kind, outputs: OutputSet, pack: bool, pad_id, workers:
     if progress.records == 0:
         raise UserError(f"{files[0] if len(files) == 1 else files[0].parent}: no usable records"
                         + (f" ({skipped} skipped)" if skipped else ""))
-    dt = time.monotonic() - progress.start
+    dt = progress.elapsed()
     return {"records": progress.records, "skipped": skipped, "truncated": truncated,
             "sequences": writers[0].sequences, "tokens": writers[0].tokens,
             "seconds": round(dt, 2), "tokens_per_s": round(progress.tokens / dt) if dt else 0}

@@ -76,7 +76,7 @@ def _lines(path: Path, kind: str):
                 try:
                     text = line.decode("utf-8").rstrip("\r\n")
                 except UnicodeDecodeError as e:
-                    raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason})")
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text ({e.reason})") from None
                 yield f"{path}:{lineno}", text, len(line)
             else:
                 yield f"{path}:{lineno}", line, len(line)
@@ -96,4 +96,4 @@ def _records(path: Path, kind: str):
         raise
     except Exception as e:  # datasets/pyarrow parse errors come in many types
         first = (str(e).splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{path}: record {i + 1}: cannot read as {kind} ({first})")
+        raise UserError(f"{path}: record {i + 1}: cannot read as {kind} ({first})") from None

@@ -11,6 +11,7 @@ from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data import outputs as out
 from ascendfactory.data.handlers import PRETRAIN
+from ascendfactory.data.readers import discover
 from ascendfactory.errors import UserError
 
 
@@ -42,7 +43,7 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
                         "(json, jsonl, parquet, csv, arrow, txt)")
     prefix = _prefix(cfg, paths)
     try:
-        wanted = out.fingerprint(cfg.dataset, cfg.model_name_or_path, _options(cfg))
+        wanted = out.fingerprint(discover(cfg.dataset)[0], cfg.model_name_or_path, _options(cfg))
     except UserError as e:
         return True, f"preprocess {cfg.dataset} ({e})"
     done = out.read_summary(prefix)
@@ -81,7 +82,7 @@ def find_data_prefix(processed_data_dir: str | Path, stage: str) -> str:
     d = Path(processed_data_dir)
     sft = stage != "pt"
     if not d.is_dir():
-        as_prefix = Path(f"{d}_packed_input_ids_document.idx") if sft else Path(f"{d}.idx")
+        as_prefix = Path(f"{out.sft_prefixes(d)[0] if sft else d}.idx")
         if as_prefix.is_file():
             return str(d)
         raise UserError(f"processed_data_dir {d}: no such folder")
@@ -112,5 +113,5 @@ def find_data_prefix(processed_data_dir: str | Path, stage: str) -> str:
 
 
 def _files_of(prefix: str, sft: bool) -> list[Path]:
-    names = [f"{prefix}_packed_{s}_document" for s in out.SFT_STREAMS] if sft else [prefix]
+    names = out.sft_prefixes(prefix) if sft else [prefix]
     return [Path(f"{n}.{ext}") for n in names for ext in ("bin", "idx")]

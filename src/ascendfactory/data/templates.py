@@ -25,13 +25,17 @@ ALPACA_PROMPT = (
 )
 
 
-def _qwen_tools(tools: str) -> str:
-    # Qwen2.5's tool-calling system prompt
+def _tool_schemas(tools: str) -> list:
     try:
         schemas = json.loads(tools)
     except json.JSONDecodeError as e:
-        raise BadRecord(f"tools: not valid JSON ({e.msg})")
-    lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in (schemas if isinstance(schemas, list) else [schemas]))
+        raise BadRecord(f"tools: not valid JSON ({e.msg})") from None
+    return schemas if isinstance(schemas, list) else [schemas]
+
+
+def _qwen_tools(tools: str) -> str:
+    # Qwen2.5's tool-calling system prompt
+    lines = "\n".join(json.dumps(s, ensure_ascii=False) for s in _tool_schemas(tools))
     return (
         "\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
         "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n" + lines +
@@ -164,13 +168,7 @@ class Renderer:
     def _render_chat_template(self, conv: Conversation):
         messages = [{"role": "system", "content": conv.system}] if conv.system is not None else []
         roles = {"user": "user", "assistant": "assistant", "observation": "tool", "function_call": "assistant"}
-        tools = None
-        if conv.tools:
-            try:
-                tools = json.loads(conv.tools)
-            except json.JSONDecodeError as e:
-                raise BadRecord(f"tools: not valid JSON ({e.msg})")
-            tools = tools if isinstance(tools, list) else [tools]
+        tools = _tool_schemas(conv.tools) if conv.tools else None
         spans = []
         full = self._jinja(messages + [{"role": roles[r], "content": c} for r, c in conv.turns], tools, False)
         for i in range(1, len(conv.turns), 2):
@@ -194,5 +192,5 @@ class Renderer:
                 conversations=[messages], tools=tools, chat_template=self.tok.chat_template,
                 add_generation_prompt=add_generation_prompt, **self.tok.special_tokens_map)
         except Exception as e:  # jinja raise_exception(): the template refuses this conversation
-            raise BadRecord(f"chat_template refused the conversation: {e}")
+            raise BadRecord(f"chat_template refused the conversation: {e}") from None
         return rendered[0]

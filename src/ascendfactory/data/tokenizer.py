@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +49,8 @@ def load_tokenizer(path: str) -> TokenizerInfo:
     try:
         tok = AutoTokenizer.from_pretrained(path)
     except Exception as e:  # transformers raises many kinds for unreadable folders
-        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})")
+        raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+                        ) from None
     backend = getattr(tok, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"{path}: no fast (tokenizers) tokenizer; add a tokenizer.json (save_pretrained of a fast "
@@ -70,9 +72,7 @@ def byte_level_token_lengths(backend) -> tuple[object, bool] | None:
     """For a byte-level BPE tokenizer: (numpy array of each token id's length in UTF-8 bytes, whether the text
     must be NFC-normalized for those lengths to add up). None for other tokenizers (then token spans come
     from the tokenizer's character offsets, which is slower)."""
-    import json
-
-    import numpy as np
+    import numpy as np  # here: this module is imported by `plan` (outputs.py), which needs no numpy
 
     spec = json.loads(backend.to_str())
     model, decoder, normalizer = spec.get("model") or {}, spec.get("decoder") or {}, spec.get("normalizer")
