@@ -111,14 +111,14 @@ def test_uneven_pipeline_split_trains_saves_exports_like_pp1(env, tmp_path):
     from safetensors.torch import load_file
 
     from ascendfactory.convert.mg2hf import megatron_to_hf
-    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+    from ascendfactory.convert.mgckpt import load_rank, read_checkpoint_layout
 
     ref_out = _packed_run(env, 1, 1)[0]
     out, res = _packed_run(env, 1, 2, "3,1")
     assert "TP1 PP2 CP1 DP1" in res.stdout and "layers per pipeline stage 3,1" in res.stdout
     _assert_same_losses(E.losses(ref_out), E.losses(out), "PP2 3,1")
     saved = read_checkpoint_layout(out / "saved_checkpoints")
-    assert (saved.pp, saved.layers, saved.num_layer_list) == (2, (3, 1), [3, 1])
+    assert (saved.pp, saved.layers, load_rank(saved.file(0, 0))["args"]["num_layer_list"]) == (2, (3, 1), [3, 1])
 
     exported = {}
     for name, run in (("pp1", ref_out), ("uneven", out)):

@@ -160,3 +160,20 @@ def test_second_train_on_same_output_dir_is_refused(assets, tmp_path):
         r = train(cfg)
     assert r.returncode == 2 and f"in use by pid {os.getpid()}" in r.stderr
     assert not (out / "preprocessed_data").exists()
+
+
+def test_two_nodes_sharing_an_output_dir(assets, tmp_path):
+    """Two `train` processes as node 0 and node 1 of one job (flags, shared output_dir, 1 device each)."""
+    out = tmp_path / "nodes"
+    cfg = write_cfg(assets, out, pack=True, nproc_per_node=1, **{"train-iters": 4})
+    port = "29791"
+    procs = [subprocess.Popen([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp",
+                               "--num_nodes", "2", "--rank", str(r), "--master_addr", "127.0.0.1",
+                               f"--master_port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "world 2" in logs[0] or "DP2" in (out / "logs" / "train_rank_000.log").read_text()
+    assert "export: skipped on this node" in logs[1] and "export: done" in logs[0]
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
+    assert not list(out.glob(".*partial*")) and not list((out / "preprocessed_data").glob("*.tmp-*"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -12,6 +13,7 @@ from typing import Callable, Iterator
 from ascendfactory.ckpt_layout import fsync_dir
 from ascendfactory.convert.fingerprint import MARKER, read_marker, write_marker
 from ascendfactory.errors import UserError
+from ascendfactory.launch.lock import pid_alive
 
 
 def up_to_date(target: str | Path, fp: dict, flag: str, replace_ours: bool,
@@ -67,12 +69,20 @@ def staged(target: str | Path, fp: dict) -> Iterator[Path]:
     commit(tmp, target, fp)
 
 
+def _tag() -> str:
+    """host-pid: nodes sharing an output_dir convert side by side without touching each other's folders."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
 def staging(target: str | Path) -> Path:
     """A fresh staging folder beside the target (same file system, so the final rename is atomic)."""
     target = Path(target).resolve()
-    tmp = target.parent / f".{target.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)  # a previous interrupted attempt of ours
+    host = socket.gethostname()
+    for left in target.parent.glob(f".{target.name}.partial-{host}-*"):
+        pid = left.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)  # an interrupted attempt on this host
+    tmp = target.parent / f".{target.name}.partial-{_tag()}"
     tmp.mkdir(parents=True)
     return tmp
 
@@ -84,9 +94,7 @@ def commit(tmp: Path, target: str | Path, fp: dict) -> None:
     old = None
     if target.exists():
         if any(target.iterdir()):
-            old = target.parent / f".{target.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
+            old = target.parent / f".{target.name}.old-{_tag()}"
             os.replace(target, old)
         else:
             target.rmdir()

@@ -9,6 +9,7 @@ as int32 arrays, so memory stays small and the main process stays fast. Tests co
 from __future__ import annotations
 
 import os
+import socket
 import struct
 from pathlib import Path
 
@@ -78,10 +79,13 @@ class OutputSet:
         self.final = [Path(p) for p in prefixes]
         self._created_dir = None
         parent = self.final[0].parent
-        if not parent.exists():
+        try:
             parent.mkdir(parents=True)
             self._created_dir = parent
-        tag = f".tmp-{os.getpid()}"
+        except FileExistsError:  # already there (or made just now by another node sharing the folder)
+            pass
+        # host and pid: nodes sharing an output_dir (container pids repeat across nodes) never collide
+        tag = f".tmp-{socket.gethostname()}-{os.getpid()}"
         self.writers = [
             IndexedWriter(Path(f"{p}.bin{tag}"), Path(f"{p}.idx{tag}"), dtype) for p in self.final
         ]

@@ -9,7 +9,8 @@ Exit codes of each worker:
 (torchrun itself exits 1 when any worker exits non-zero; it prints each worker's exitcode.)
 """
 
+from ascendfactory.errors import EXIT_USER_ERROR  # noqa: F401  (re-exported: launch/ reads every code here)
+
 EXIT_OK = 0
 EXIT_FAILURE = 1
-EXIT_USER_ERROR = 2
 EXIT_PREEMPTED = 3

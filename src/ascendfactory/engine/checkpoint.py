@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
-from ascendfactory.convert.layout import parse_num_layer_list
+from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError
@@ -48,12 +48,6 @@ def warn(msg: str) -> None:
         print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def _args_dict(state: dict) -> dict:
-    """`args` as we write it (a dict) or as Megatron / MindSpeed write it (an argparse.Namespace)."""
-    args = state.get("args") or {}
-    return dict(args) if isinstance(args, dict) else dict(vars(args))
-
-
 # ---------------------------------------------------------------- validation and discovery
 
 
@@ -77,11 +71,6 @@ def problem_of(iter_path: Path, require_manifest: bool) -> str | None:
     return None
 
 
-def read_manifest(iter_path: Path) -> dict | None:
-    p = iter_path / MANIFEST
-    return json.loads(p.read_text()) if p.is_file() else None
-
-
 def newest_valid(save_dir: Path) -> int | None:
     """The newest complete iteration in our own save dir; damaged newer ones are skipped with a warning."""
     for it in L.iterations_on_disk(save_dir):
@@ -92,39 +81,28 @@ def newest_valid(save_dir: Path) -> int | None:
     return None
 
 
-def check_layout(iter_path: Path, lay: Layout) -> None:
-    tp, pp = L.layout_of(iter_path)
-    if (tp, pp) != (lay.tp, lay.pp):
-        raise UserError(
-            f"{iter_path}: checkpoint layout TP{tp} PP{pp} differs from the run's TP{lay.tp} PP{lay.pp}; "
-            f"set tensor-model-parallel-size={tp} pipeline-model-parallel-size={pp} or convert the weights again"
-        )
-
-
-def check_layer_split(ckpt_dir: Path, iteration: int, args: dict, run_split: list[int]) -> None:
-    """The layers per PP stage recorded in the checkpoint's args (none recorded: an even split) must be the
-    run's: each stage's file holds its own layers numbered from 0, so another split cannot be loaded."""
-    recorded = parse_num_layer_list(args.get("num_layer_list"))
-    theirs = recorded or [sum(run_split) // len(run_split)] * len(run_split)
-    if list(theirs) != list(run_split):
-        ours, theirs = (",".join(map(str, split)) for split in (run_split, theirs))
-        raise UserError(
-            f"num_layer_list: the run splits the layers {ours} over its pipeline stages but "
-            f"{ckpt_dir / L.iter_dir_name(iteration)} holds {theirs}; set num_layer_list: {theirs} "
-            f"or convert the weights again with --num-layer-list {ours}"
-        )
-
-
-def peek_args(ckpt_dir: Path, iteration: int, lay: Layout) -> dict:
-    """The `args` of this rank's file (vocab padding, layout) before the model is built."""
+def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[int],
+                   require_manifest: bool) -> CheckpointLayout:
+    """The checkpoint (complete, run's TP/PP, run's layers per PP stage: each stage's file numbers its own
+    layers from 0, so another split cannot be loaded), read before the model is built; UserError otherwise."""
+    ck = read_checkpoint_layout(ckpt_dir, iteration)
     iter_path = ckpt_dir / L.iter_dir_name(iteration)
-    if not iter_path.is_dir():
-        raise UserError(f"{ckpt_dir}/{L.TRACKER} names iteration {iteration} but {iter_path} does not exist")
-    check_layout(iter_path, lay)
-    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
-    if not f.is_file():
-        raise UserError(f"{f} missing; the checkpoint in {ckpt_dir} is incomplete")
-    return _args_dict(torch.load(f, map_location="cpu", weights_only=False, mmap=True))
+    problem = problem_of(iter_path, require_manifest)
+    if problem:
+        raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
+    if (ck.tp, ck.pp) != (lay.tp, lay.pp):
+        raise UserError(
+            f"{iter_path}: checkpoint layout TP{ck.tp} PP{ck.pp} differs from the run's TP{lay.tp} PP{lay.pp}; "
+            f"set tensor-model-parallel-size={ck.tp} pipeline-model-parallel-size={ck.pp} or convert the weights "
+            "again"
+        )
+    if list(ck.layers) != list(run_split):
+        ours, theirs = (",".join(map(str, split)) for split in (run_split, ck.layers))
+        raise UserError(
+            f"num_layer_list: the run splits the layers {ours} over its pipeline stages but {iter_path} holds "
+            f"{theirs}; set num_layer_list: {theirs} or convert the weights again with --num-layer-list {ours}"
+        )
+    return ck
 
 
 # ---------------------------------------------------------------- save
@@ -185,7 +163,7 @@ def _distributed_optimizer_state(optimizer):
 
 
 def _save_error(save_dir: Path, iteration: int, e: OSError, previous: int | None, path: Path | None = None) -> str:
-    prev = f"previous checkpoint iter_{previous:07d} is intact" if previous else "no earlier checkpoint"
+    prev = f"previous checkpoint iter_{previous:07d} is intact" if previous is not None else "no earlier checkpoint"
     where = e.filename or path or save_dir
     return (f"cannot write checkpoint iteration {iteration} to {save_dir}: {e.strerror or e} ({where}); "
             f"free disk space or make the directory writable ({prev})")
@@ -199,7 +177,10 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
     iter_name = L.iter_dir_name(iteration)
     tmp = save_dir / f"{TMP_PREFIX}{iter_name}"
     final = save_dir / iter_name
-    previous = newest_valid(save_dir) if rank == 0 else None
+    # Rank 0 looks once; any rank's write error names it.
+    found = [newest_valid(save_dir) if rank == 0 else None]
+    dist.broadcast_object_list(found, src=0)
+    previous = found[0]
 
     err = None
     if rank == 0:
@@ -222,7 +203,6 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
         if lay.dp_rank == 0:
             rank_dir.mkdir(parents=True, exist_ok=True)
         if distributed_optimizer:
-            dist.barrier()
             shards = _distributed_optimizer_state(optimizer)
             if lay.dp_rank == 0:
                 _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
@@ -302,13 +282,9 @@ def _keep_newest(save_dir: Path, keep: int) -> None:
 
 
 def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, scheduler, full: bool,
-         distributed_optimizer: bool, require_manifest: bool) -> dict:
-    """Load weights (and with `full` the optimizer, scheduler, RNG); returns the file's args dict."""
-    iter_path = ckpt_dir / L.iter_dir_name(iteration)
-    problem = problem_of(iter_path, require_manifest)
-    if problem:
-        raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
-    check_layout(iter_path, lay)
+         distributed_optimizer: bool) -> int | None:
+    """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
+    returns the consumed_train_samples its args record, if any."""
     f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
     state = torch.load(f, map_location="cpu", weights_only=False)
     missing, unexpected = model.load_state_dict(state["model"], strict=False)
@@ -331,7 +307,9 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
     else:
         # The fp32 main copy inside the optimizer was taken from the random init: refresh it.
         optimizer.reload_model_params()
-    return _args_dict(state)
+    args = state.get("args") or {}
+    args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
+    return args.get("consumed_train_samples")
 
 
 def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
@@ -346,6 +324,6 @@ def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
         with torch.no_grad():
             optimizer.load_parameter_state(str(path))
     finally:
-        for o, saved in zip(inner, steps):
+        for o, saved in zip(inner, steps, strict=True):
             for p, step in saved.items():
                 o.state[p]["step"] = step.clone()

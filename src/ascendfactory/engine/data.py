@@ -131,7 +131,7 @@ class SFTData:
             target[boundary | (seg == 0)] = IGNORE_INDEX
             sample["position_ids"] = _positions_within_segments(seg)
             same = seg[:, None] == seg[None, :]
-            sample["attention_mask"] = ~(same & torch.ones_like(same).tril()).unsqueeze(0)
+            sample["attention_mask"] = ~same.tril().unsqueeze(0)  # attend within the sample, causally
         else:
             sample["position_ids"] = torch.arange(len(ids))
         sample["loss_mask"] = (target != IGNORE_INDEX).float()
@@ -150,12 +150,15 @@ def collate(samples: list[dict], pad_to: int) -> dict:
     """Stack samples, right-padding each to `pad_to` tokens (no loss, causal attention keeps them inert)."""
     out = {}
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
-        out[key] = torch.stack([_pad(s[key], pad_to, 0) for s in samples])
+        out[key] = torch.stack([_pad(s[key], pad_to) for s in samples])
     if "attention_mask" in samples[0]:
         masks = []
         for s in samples:
             m = s["attention_mask"]
             n = m.shape[-1]
+            if n == pad_to:  # packed bins and fixed-length pretraining: nothing to pad, no [s, s] copy
+                masks.append(m)
+                continue
             full = torch.ones(1, pad_to, pad_to, dtype=torch.bool).triu(1)  # padding: causal among itself
             full[:, :n, :n] = m
             full[:, n:, :n] = True
@@ -166,10 +169,10 @@ def collate(samples: list[dict], pad_to: int) -> dict:
     return out
 
 
-def _pad(t: torch.Tensor, n: int, value) -> torch.Tensor:
+def _pad(t: torch.Tensor, n: int) -> torch.Tensor:
     if len(t) >= n:
         return t[:n]
-    return torch.cat([t, torch.full((n - len(t),), value, dtype=t.dtype)])
+    return torch.cat([t, t.new_zeros(n - len(t))])
 
 
 def pad_length(samples: list[dict], seq_len: int, fixed: bool, multiple: int) -> int:

@@ -67,14 +67,6 @@ def detect_kind(requested: str = "auto") -> str:
     return "cpu"
 
 
-def device_count(kind: str) -> int:
-    if kind == "npu":
-        return torch.npu.device_count()
-    if kind == "cuda":
-        return torch.cuda.device_count()
-    return 1
-
-
 def setup(requested: str = "auto") -> Device:
     """Prepare the process for `requested` (auto|npu|cuda|cpu); idempotent. Call before megatron-core runs."""
     global _ACTIVE
@@ -118,11 +110,6 @@ def has_transformer_engine() -> bool:
     except Exception:
         return False
     return active().kind != "cpu"
-
-
-def synchronize() -> None:
-    if active().kind != "cpu":
-        torch.cuda.synchronize()
 
 
 def rng_state() -> dict:

@@ -18,10 +18,10 @@ class Log:
         self.rank = rank
         self.file = open(logs_dir / f"train_rank_{rank:03d}.log", "a", buffering=1)
 
-    def info(self, msg: str, all_ranks: bool = False) -> None:
+    def info(self, msg: str) -> None:
         line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
         self.file.write(line + "\n")
-        if self.rank == 0 or all_ranks:
+        if self.rank == 0:
             print(line, flush=True)
 
     def warn(self, msg: str) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts
 
 
@@ -36,12 +37,11 @@ def _dtype(precision: str) -> torch.dtype:
 
 
 def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision: str = "fp32",
-                       num_layers: int | None = None, use_cpu_initialization: bool = True,
-                       init_method_std: float = 0.02, **overrides):
+                       use_cpu_initialization: bool = True, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     kw = dict(
-        num_layers=num_layers or facts.num_layers,
+        num_layers=facts.num_layers,
         hidden_size=facts.hidden_size,
         num_attention_heads=facts.num_heads,
         num_query_groups=facts.num_kv_heads,
@@ -72,7 +72,6 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
         bf16=precision == "bf16",
         fp16=precision == "fp16",
         use_cpu_initialization=use_cpu_initialization,
-        init_method_std=init_method_std,
         pipeline_model_parallel_layout=pipeline_layout(par.num_layer_list),
     )
     kw.update(overrides)
@@ -140,14 +139,12 @@ def rope_scaling_type(facts: ModelFacts) -> str | None:
 
 def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_process: bool = True,
                     max_sequence_length: int | None = None, vocab_size: int | None = None):
-    """GPTModel for one pipeline stage. `config` is from transformer_config() with this stage's num_layers
-    (megatron-core splits layers evenly itself when given the full count)."""
+    """GPTModel for one pipeline stage. `config` is from transformer_config() with the model's full layer count:
+    megatron-core builds this stage's share (even, or par.num_layer_list's split)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     kind = rope_scaling_type(facts)
     if kind not in (None, "default", "llama3"):
-        from ascendfactory.errors import UserError
-
         raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: llama3)")
     model = GPTModel(
         config=config,
@@ -165,9 +162,3 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
         inv = llama3_inv_freq(facts.head_dim, facts.rope_theta, facts.rope_scaling)
         model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
     return model
-
-
-def padded_vocab_size(vocab_size: int, divisible_by: int | None, tp: int) -> int:
-    """Megatron pads the vocabulary so every TP rank holds an equal slice (multiple of divisible_by x TP)."""
-    multiple = (divisible_by or 1) * tp
-    return math.ceil(vocab_size / multiple) * multiple

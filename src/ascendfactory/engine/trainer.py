@@ -18,13 +18,13 @@ from ascendfactory.config.loader import load_resolved
 from ascendfactory.config.paths import RunPaths, run_paths
 from ascendfactory.config.rules import parse_layer_list
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.convert.layout import stage_layers
-from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
+from ascendfactory.convert.layout import padded_vocab_size, stage_layers
 from ascendfactory.data.stage import find_data_prefix
+from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
 from ascendfactory.engine.faults import StopRequest, kill_point
 from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
-from ascendfactory.engine.model import Parallel, build_gpt_model, padded_vocab_size, transformer_config
+from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import read_model_facts
 
@@ -134,17 +134,35 @@ class Trainer:
         self.layer_split = stage_layers(self.facts.num_layers, cfg.pp, self.num_layer_list,
                                         keys=("num_layer_list", "pipeline_model_parallel_size"))
         self.source = choose_source(cfg, self.paths, self.log)
-        vocab = padded_vocab_size(self.facts.vocab_size, cfg.make_vocab_size_divisible_by, cfg.tp)
-        if self.source.ckpt_dir is not None:
-            args = checkpoint.peek_args(self.source.ckpt_dir, self.source.iteration, self.layout)
-            checkpoint.check_layer_split(self.source.ckpt_dir, self.source.iteration, args, self.layer_split)
-            vocab = int(args.get("padded_vocab_size") or vocab)
-        self.padded_vocab = vocab
+        src = self.source
+        if src.ckpt_dir is not None:
+            ck = checkpoint.check_loadable(src.ckpt_dir, src.iteration, self.layout, self.layer_split,
+                                           src.require_manifest)
+            self.padded_vocab = ck.padded_vocab_size
+        else:  # `or 1`: TP ranks need equal vocabulary slices even without the option
+            self.padded_vocab = padded_vocab_size(self.facts.vocab_size, cfg.tp, cfg.make_vocab_size_divisible_by or 1)
+        self._open_data()
         self._build_model()
         self._build_optimizer()
         self.iteration, self.consumed = 0, 0
         self._load()
-        self._build_data()
+        multiple = math.lcm(16, cfg.tp) if self.tconfig.sequence_parallel else 16
+        self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, self.layout.dp_rank, self.dp,
+                                    cfg.seq_len, fixed_len=cfg.pp > 1, multiple=multiple)
+
+    def _open_data(self) -> None:
+        """The dataset and train_iters (epochs count samples), which sizes the LR schedule and the pretraining
+        sample index."""
+        cfg = self.cfg
+        prefix = find_data_prefix(self.paths.processed_data_dir, cfg.stage)
+        if cfg.stage == "pt":
+            self.train_iters = train_iters_of(cfg, PretrainData.samples_per_epoch(prefix, cfg.seq_len))
+            self.data = PretrainData(prefix, cfg.seq_len, self.train_iters * cfg.global_batch_size, cfg.seed,
+                                     eod_id(cfg.model_name_or_path), self.facts.vocab_size, cfg.reset_position_ids,
+                                     cfg.reset_attention_mask, self.paths.output_dir / "data_cache")
+        else:
+            self.data = SFTData(prefix, cfg.seq_len, cfg.seed, cfg.pack)
+            self.train_iters = train_iters_of(cfg, len(self.data))
 
     def _build_model(self) -> None:
         from megatron.core import parallel_state as ps
@@ -192,11 +210,6 @@ class Trainer:
         )
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         self.tconfig.grad_scale_func = self.optimizer.scale_loss if self.precision == "fp16" else None
-        # Dataset size is needed for epochs-derived train_iters; the schedule is sized from it.
-        self.prefix = find_data_prefix(self.paths.processed_data_dir, cfg.stage)
-        per_epoch = (PretrainData.samples_per_epoch(self.prefix, cfg.seq_len) if cfg.stage == "pt"
-                     else len(SFTData(self.prefix, cfg.seq_len, cfg.seed, cfg.pack)))
-        self.train_iters = train_iters_of(cfg, per_epoch)
         gbs = cfg.global_batch_size
         warmup = (int(cfg.lr_warmup_fraction * self.train_iters) if cfg.lr_warmup_fraction is not None
                   else cfg.lr_warmup_iters)
@@ -215,33 +228,22 @@ class Trainer:
             self.log.info("weights: random init (ckpt_load_type 0), iteration 0")
             return
         full = src.what == "resume"
-        args = checkpoint.load(src.ckpt_dir, src.iteration, self.layout, _core(self.model), self.optimizer,
-                               self.scheduler, full, self.ddp_config.use_distributed_optimizer,
-                               src.require_manifest)
+        consumed = checkpoint.load(src.ckpt_dir, src.iteration, self.layout, _core(self.model), self.optimizer,
+                                   self.scheduler, full, self.ddp_config.use_distributed_optimizer)
         if full:
             self.iteration = src.iteration
-            self.consumed = int(args.get("consumed_train_samples") or src.iteration * self.cfg.global_batch_size)
+            self.consumed = int(consumed or src.iteration * self.cfg.global_batch_size)
         how = ("resumed (weights, optimizer, scheduler, RNG, data position)" if full
                else "weights only (fresh optimizer and schedule)")
         self.log.info(f"weights: {how} from {src.ckpt_dir / L.iter_dir_name(src.iteration)}, checkpoint iteration "
                       f"{src.iteration}; starting at iteration {self.iteration}, consumed samples {self.consumed}")
 
-    def _build_data(self) -> None:
-        cfg = self.cfg
-        if cfg.stage == "pt":
-            data = PretrainData(self.prefix, cfg.seq_len, self.train_iters * cfg.global_batch_size, cfg.seed,
-                                eod_id(cfg.model_name_or_path), self.facts.vocab_size, cfg.reset_position_ids,
-                                cfg.reset_attention_mask, self.paths.output_dir / "data_cache")
-        else:
-            data = SFTData(self.prefix, cfg.seq_len, cfg.seed, cfg.pack)
-        multiple = math.lcm(16, cfg.tp) if self.tconfig.sequence_parallel else 16
-        self.batches = MicroBatches(data, self.consumed, cfg.micro_batch_size, self.layout.dp_rank, self.dp,
-                                    cfg.seq_len, fixed_len=cfg.pp > 1, multiple=multiple)
-
     # ------------------------------------------------------------ loop
 
     def _forward_step(self, data_iterator, model):
-        batch = next(data_iterator)
+        # Batches are built on the host; a no-op where the CPU is the device.
+        batch = {k: None if v is None else v.to(self.dev.torch_device, non_blocking=True)
+                 for k, v in next(data_iterator).items()}
         out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
         return out, partial(_loss_func, batch["loss_mask"])
 
@@ -259,10 +261,11 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=self.cfg.global_batch_size)
-        total = torch.zeros(2, dtype=torch.float64)
+        # On the device: the losses are there and the all-reduce backend (nccl / hccl) needs it.
+        total = torch.zeros(2, dtype=torch.float64, device=self.dev.torch_device)
         if losses and self.layout.tp_rank == 0:
             for d in losses:
-                total += d["lm loss"].double()
+                total += d["lm loss"]
         return total, (None if grad_norm is None else float(grad_norm))
 
     def run(self) -> int:
@@ -281,7 +284,7 @@ class Trainer:
                 self.iteration += 1
                 self.consumed += cfg.global_batch_size
                 # One all-reduce carries the loss of every DP replica and every rank's stop request.
-                v = torch.cat([loss_sum, torch.tensor([1.0 if self.stop.requested else 0.0], dtype=torch.float64)])
+                v = torch.cat([loss_sum, loss_sum.new_tensor([1.0 if self.stop.requested else 0.0])])
                 dist.all_reduce(v)
                 dt = time.perf_counter() - t0
                 stopping = v[2].item() > 0
@@ -316,11 +319,9 @@ class Trainer:
         return EXIT_OK
 
     def _save(self) -> None:
-        from ascendfactory.ckpt_layout import checkpoint_args
-
         t0 = time.perf_counter()
         cfg = self.cfg
-        args = checkpoint_args(
+        args = L.checkpoint_args(
             cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
             self.facts.vocab_size, self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,

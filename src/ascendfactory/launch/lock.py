@@ -18,7 +18,7 @@ def lock_path(output_dir: str | Path, node_rank: int = 0) -> Path:
     return Path(output_dir) / name
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -40,7 +40,7 @@ class RunLock:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
                 holder = self._holder()
-                if holder.get("host") == me["host"] and not _alive(int(holder.get("pid", -1))):
+                if holder.get("host") == me["host"] and not pid_alive(int(holder.get("pid", -1))):
                     print(f"warning: taking over stale lock {self.path} (pid {holder.get('pid')} is not running)",
                           file=sys.stderr)
                     self.path.unlink(missing_ok=True)
