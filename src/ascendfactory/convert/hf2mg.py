@@ -12,7 +12,7 @@ from ascendfactory.convert.families import Rule, hf_shape, rules_for, stage_item
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
 from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
-from ascendfactory.convert.progress import Progress
+from ascendfactory.progress import Progress
 from ascendfactory.convert.sharding import shard
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError

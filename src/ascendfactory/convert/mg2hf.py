@@ -17,7 +17,7 @@ from ascendfactory.convert.families import hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
 from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
-from ascendfactory.convert.progress import Progress
+from ascendfactory.progress import Progress
 from ascendfactory.convert.sharding import merge
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date

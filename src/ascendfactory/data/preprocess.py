@@ -33,7 +33,7 @@ from collections import deque
 
 import numpy as np
 
-from ascendfactory.convert.progress import Progress
+from ascendfactory.progress import Progress
 from ascendfactory.data import outputs as out
 from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, encode_chunk
 from ascendfactory.data.fast_encode import TextEncoder
