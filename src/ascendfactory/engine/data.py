@@ -19,9 +19,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ascendfactory.data.encode import IGNORE_INDEX
 from ascendfactory.errors import UserError
 
-IGNORE_INDEX = -100
 SFT_PARTS = ("input_ids", "attention_mask", "labels")
 
 
