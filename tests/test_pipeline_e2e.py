@@ -4,6 +4,7 @@ skip-if-done on a re-run, worker restarts, SIGTERM, the run lock."""
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import yaml
 
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +89,12 @@ def test_sft_pipeline_end_to_end_and_rerun_skips(assets, tmp_path):
 
 def test_pretrain_random_init_tp2(assets, tmp_path):
     out = tmp_path / "pt"
-    cfg = write_cfg(assets, out, stage="pt", **{"handler-name": "GeneralPretrainHandler"}, ckpt_load_type=0,
+    # a site's own copy of the stage scripts (scripts_dir) is what launches training
+    site = tmp_path / "site_scripts"
+    shutil.copytree(ROOT / "scripts_modellink", site)
+    train_sh = site / "train.sh"
+    train_sh.write_text(train_sh.read_text().replace("set -e\n", "set -e\necho site-launcher > \"$AF_LOG_DIR/site\"\n", 1))
+    cfg = write_cfg(assets, out, scripts_dir=str(site), stage="pt", **{"handler-name": "GeneralPretrainHandler"}, ckpt_load_type=0,
                     dataset=str(assets / "data" / "corpus.jsonl"), **{"tensor-model-parallel-size": 2},
                     convert_mg2hf_at_last=False, **{"train-iters": 4},
                     extra_args={"recompute_granularity": "full", "recompute_method": "uniform",
@@ -94,6 +102,7 @@ def test_pretrain_random_init_tp2(assets, tmp_path):
     r = train(cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "convert: skipped" in r.stdout and "export: skipped" in r.stdout
+    assert (out / "logs" / "site").read_text().strip() == "site-launcher"
     assert not (out / "converted_hf2mg_weight_TP2PP1").exists()
     log = (out / "logs" / "train_rank_000.log").read_text()
     assert "extra_args foo_flag: not megatron-core TransformerConfig fields" in log  # the rest reached the model

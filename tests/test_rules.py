@@ -173,3 +173,11 @@ def test_layout_single_node_default(tmp_path, model_dir):
     r = resolved(tmp_path, model_dir, **{"tensor-model-parallel-size": 1})
     lay = cluster_layout(r.cfg.model_copy(update={"device": "cpu"}), env={})
     assert (lay.nnodes, lay.node_rank, lay.nproc_per_node, lay.world_size, lay.device) == (1, 0, 1, 1, "cpu")
+
+
+def test_scripts_dir_must_hold_train_sh(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"scripts_dir: .*/nowhere/train.sh not found", scirpts_dir=str(tmp_path / "nowhere"))
+    custom = tmp_path / "my_scripts"
+    custom.mkdir()
+    (custom / "train.sh").write_text("exit 0\n")
+    assert problems(tmp_path, model_dir, scripts_dir=str(custom)) == []

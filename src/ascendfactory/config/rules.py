@@ -15,6 +15,7 @@ from ascendfactory.config.paths import run_paths
 from ascendfactory.data.handlers import HANDLERS
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
+from ascendfactory.launch.torchrun import scripts_dir
 from ascendfactory.modelinfo import load_config_json
 
 MODEL_RULES = (
@@ -105,6 +106,10 @@ def check(res: Resolved, layout: Layout) -> Report:
         if not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(save_dir)):
             bad("ckpt_load_type = 2 (resume) needs user_converted_ckpt_path (a training checkpoint), "
                 f"or train_auto_resume with a checkpoint in {save_dir}")
+    try:
+        scripts_dir(cfg)
+    except UserError as e:
+        bad(str(e))
     layer_list = parse_layer_list(cfg.num_layer_list)
     if layer_list is not None and len(layer_list) != pp:
         bad(f"num_layer_list ({cfg.num_layer_list}) has {len(layer_list)} entries; "
