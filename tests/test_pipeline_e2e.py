@@ -53,7 +53,7 @@ def metrics(out: Path) -> list[dict]:
 
 def test_sft_pipeline_end_to_end_and_rerun_skips(assets, tmp_path):
     out = tmp_path / "sft"
-    cfg = write_cfg(assets, out, pack=True)
+    cfg = write_cfg(assets, out, pack=True, lr_warmup_iters=2)
     r = train(cfg)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for stage in ("preprocess", "convert", "train", "export"):
@@ -64,6 +64,11 @@ def test_sft_pipeline_end_to_end_and_rerun_skips(assets, tmp_path):
     assert (out / "saved_checkpoints" / "iter_0000008" / "mp_rank_00" / "model_optim_rng.pt").is_file()
     losses = [m["loss"] for m in metrics(out)]
     assert len(losses) == 8 and losses[-1] < losses[0]
+    # linear warmup over 2 iterations, then cosine from lr 2e-3 down to min_lr 2e-4 at iteration 8
+    want = [2e-3 * i / 2 if i <= 2 else 2e-4 + 1.8e-3 * 0.5 * (1 + math.cos(math.pi * (i - 2) / 6))
+            for i in range(1, 9)]
+    assert [m["lr"] for m in metrics(out)] == pytest.approx(want, rel=1e-6)
+    assert [m["consumed_samples"] for m in metrics(out)] == [8 * i for i in range(1, 9)]
     log = (out / "logs" / "train_rank_000.log").read_text()
     assert f"from {out / 'converted_hf2mg_weight_TP1PP1'}" in log  # ckpt_load_type 1 loaded the converted weights
 
