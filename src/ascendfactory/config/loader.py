@@ -135,7 +135,10 @@ def parse_overrides(args: list[str]) -> list[tuple[list[str], Any]]:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        out.append(([p for p in key.split(".") if p], value))
+        path = [p for p in key.split(".") if p]
+        if not path:
+            raise UserError(f"command line: `{arg}` names no key; overrides look like --key=value")
+        out.append((path, value))
         i += 1
     return out
 
