@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from _convert_models import tiny_models  # noqa: F401  (session fixture)
 from safetensors.torch import load_file, save_file
 
 from ascendfactory.ckpt_layout import TRACKER, rank_file

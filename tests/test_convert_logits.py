@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from _convert_models import FAMILIES, tiny_models  # noqa: F401  (session fixture)
+from _convert_models import FAMILIES
 
 from ascendfactory.ckpt_layout import rank_file
 from ascendfactory.convert.api import VerificationFailed, hf_to_megatron, verify_conversion

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _convert_models import tiny_models  # noqa: F401  (session fixture)
 from safetensors.torch import load_file
 
 from ascendfactory.ckpt_layout import rank_file, write_tracker

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from _convert_models import tiny_models  # noqa: F401  (session fixture)
 from safetensors.torch import load_file
 
 from ascendfactory.config.paths import run_paths
