@@ -191,7 +191,7 @@ def test_cp2_refused_on_cpu(env):
     cfg = E.write_config(out, env["model"], env["sft"][0], context_parallel_size=2)
     res = E.run_engine(cfg, 2)
     assert res.returncode != 0
-    assert "context_parallel_size: CP > 1 needs Transformer Engine" in res.stderr
+    assert "context_parallel_size = 2: context parallelism needs Transformer Engine" in res.stderr
 
 
 def test_loss_only_where_labels_set(env):

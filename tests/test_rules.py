@@ -98,6 +98,10 @@ def test_dataset_xor_processed_data_dir(tmp_path, model_dir):
     one(tmp_path, model_dir, r"neither dataset nor processed_data_dir", dataset=None)
 
 
+def test_lora_is_refused_not_silently_full(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"finetuning_type = 'lora': only full fine-tuning", finetuning_type="lora")
+
+
 def test_ckpt_load_type_stage_handler(tmp_path, model_dir):
     one(tmp_path, model_dir, r"ckpt_load_type = 3", ckpt_load_type=3)
     one(tmp_path, model_dir, r"stage = 'rl'", stage="rl")

@@ -97,6 +97,9 @@ def check(res: Resolved, layout: Layout) -> Report:
             bad("neither dataset nor processed_data_dir is set; set exactly one")
     if cfg.ckpt_load_type not in (0, 1, 2):
         bad(f"ckpt_load_type = {cfg.ckpt_load_type}: must be 0 (random init), 1 (weights) or 2 (resume)")
+    if cfg.finetuning_type != "full":
+        # Refused rather than silently training every parameter.
+        bad(f"finetuning_type = {cfg.finetuning_type!r}: only full fine-tuning is supported so far; use full")
     if cfg.stage not in ("pt", "sft"):
         bad(f"stage = {cfg.stage!r}: must be pt (pretrain) or sft")
     if cfg.handler_name not in HANDLERS:
@@ -117,6 +120,16 @@ def check(res: Resolved, layout: Layout) -> Report:
     _check_model(cfg, layer_list, r)
     _check_checkpoint_layout(cfg, r)
     return r
+
+
+def not_runnable_yet(cfg) -> list[str]:
+    """Layouts the rules accept but the trainer cannot run yet; `train` refuses them before any work."""
+    problems = []
+    if cfg.cp > 1:
+        problems.append(f"context_parallel_size = {cfg.cp}: context parallelism needs Transformer Engine attention "
+                        "(GPU) or MindSpeed (NPU), not wired in yet; megatron-core's local attention cannot split "
+                        "the sequence; set it to 1")
+    return problems
 
 
 def _check_model(cfg, layer_list, r: Report) -> None:

@@ -103,15 +103,6 @@ def active() -> Device:
     return _ACTIVE
 
 
-def has_transformer_engine() -> bool:
-    """TE's attention is what megatron-core needs for context parallelism."""
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:
-        return False
-    return active().kind != "cpu"
-
-
 def rng_state() -> dict:
     """Every RNG a training step consumes: python, numpy, torch CPU, the accelerator and megatron's tracker."""
     import random

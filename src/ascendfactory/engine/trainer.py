@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
 from ascendfactory.config.loader import load_resolved
+from ascendfactory.config.rules import not_runnable_yet
 from ascendfactory.config.paths import RunPaths, run_paths
 from ascendfactory.config.rules import parse_layer_list
 from ascendfactory.config.schema import ExpConfig
@@ -112,9 +113,8 @@ class Trainer:
         if self.world % (cfg.tp * cfg.pp * cfg.cp):
             raise UserError(f"tensor x pipeline x context parallel size ({cfg.tp}x{cfg.pp}x{cfg.cp}) must divide "
                             f"the {self.world} processes")
-        if cfg.cp > 1 and not device.has_transformer_engine():
-            raise UserError("context_parallel_size: CP > 1 needs Transformer Engine attention (GPU) or MindSpeed "
-                            "(NPU); megatron-core's local attention cannot split the sequence; set it to 1")
+        for problem in not_runnable_yet(cfg):
+            raise UserError(problem)
         if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
             raise UserError(f"seq_len {cfg.seq_len} must be divisible by tensor-model-parallel-size {cfg.tp} with "
                             "sequence_parallel")
