@@ -89,8 +89,8 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def local_block_spec(config, qk_norm: bool):
-    """megatron-core's local layer spec with RMSNorm above for every norm and SDPA core attention (same
-    parameter names)."""
+    """megatron-core's local layer spec with RMSNorm above for every norm, SDPA core attention and the SwiGLU
+    MLP (same parameter names)."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -102,6 +102,7 @@ def local_block_spec(config, qk_norm: bool):
     )
 
     from ascendfactory.engine.attention import SDPAttention
+    from ascendfactory.engine.mlp import SwiGLUMLP
 
     layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
     attn = layer.submodules.self_attention
@@ -109,7 +110,8 @@ def local_block_spec(config, qk_norm: bool):
     if qk_norm:
         attn_sub = replace(attn_sub, q_layernorm=RMSNorm, k_layernorm=RMSNorm)
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
-                                              self_attention=replace(attn, submodules=attn_sub)))
+                                              self_attention=replace(attn, submodules=attn_sub),
+                                              mlp=replace(layer.submodules.mlp, module=SwiGLUMLP)))
     n = get_num_layers_to_build(config)  # this process's pipeline stage
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm))
