@@ -45,6 +45,13 @@ def _qwen_tools(tools: str) -> str:
     )
 
 
+def _system_with_tools(conv: Conversation) -> str | None:
+    """The system prompt with the tool schemas appended as plain text (templates without a tools slot)."""
+    if not conv.tools:
+        return conv.system
+    return (conv.system or "") + _plain_tools(conv.tools)
+
+
 def _plain_tools(tools: str) -> str:
     return f"\n\n# Tools\n\n{tools}"
 
@@ -70,9 +77,7 @@ def _llama3(conv: Conversation, tok: TokenizerInfo):
     def header(role):
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
 
-    system = conv.system
-    if conv.tools:
-        system = (system or "") + _plain_tools(conv.tools)
+    system = _system_with_tools(conv)
     yield "<|begin_of_text|>", False
     if system is not None:
         yield header("system") + system.strip() + "<|eot_id|>", False
@@ -86,9 +91,7 @@ def _llama3(conv: Conversation, tok: TokenizerInfo):
 
 def _llama2(conv: Conversation, tok: TokenizerInfo):
     # Llama-2-chat: the system prompt sits inside the first [INST] block
-    system = conv.system
-    if conv.tools:
-        system = (system or "") + _plain_tools(conv.tools)
+    system = _system_with_tools(conv)
     for i, (role, c) in enumerate(conv.turns):
         if role in ("user", "observation"):
             if i == 0 and system:
@@ -100,9 +103,7 @@ def _llama2(conv: Conversation, tok: TokenizerInfo):
 
 
 def _mistral(conv: Conversation, tok: TokenizerInfo):
-    system = conv.system
-    if conv.tools:
-        system = (system or "") + _plain_tools(conv.tools)
+    system = _system_with_tools(conv)
     yield tok.bos_token, False
     for i, (role, c) in enumerate(conv.turns):
         if role in ("user", "observation"):
