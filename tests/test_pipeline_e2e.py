@@ -176,6 +176,33 @@ def test_second_train_on_same_output_dir_is_refused(assets, tmp_path):
     assert not (out / "preprocessed_data").exists()
 
 
+def _wait_all(procs, timeout: float) -> list[str]:
+    """Outputs of all processes; when one fails or time runs out the others are stopped (a node left alone
+    would wait for its peer at the rendezvous), so a failure shows every node's log instead of hanging."""
+    import threading
+
+    logs = [""] * len(procs)
+
+    def read(i):
+        logs[i] = procs[i].stdout.read()
+
+    readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(len(procs))]
+    for t in readers:
+        t.start()
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(p.poll() is None for p in procs):
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.5)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    for t in readers:
+        t.join(10)
+    return logs
+
+
 def test_two_nodes_sharing_an_output_dir(assets, tmp_path):
     """Two `train` processes as node 0 and node 1 of one job (flags, shared output_dir, 1 device each)."""
     out = tmp_path / "nodes"
@@ -185,7 +212,7 @@ def test_two_nodes_sharing_an_output_dir(assets, tmp_path):
                                "--num_nodes", "2", "--rank", str(r), "--master_addr", "127.0.0.1",
                                f"--master_port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
-    logs = [p.communicate(timeout=600)[0] for p in procs]
+    logs = _wait_all(procs, timeout=300)
     assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
     assert "DP2" in (out / "logs" / "train_rank_000.log").read_text()  # one data-parallel group over both nodes
     assert "export: skipped on this node" in logs[1] and "export: done" in logs[0]

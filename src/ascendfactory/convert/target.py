@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -88,17 +89,28 @@ def staging(target: str | Path) -> Path:
 
 
 def commit(tmp: Path, target: str | Path, fp: dict) -> None:
-    """Marker last, then swap the staging folder into place."""
+    """Marker last, then swap the staging folder into place. Nodes sharing an output_dir may commit the same
+    result at the same moment: when the swap loses that race to an identical result, ours is dropped."""
     target = Path(target).resolve()
     write_marker(tmp, fp)
-    old = None
-    if target.exists():
-        if any(target.iterdir()):
-            old = target.parent / f".{target.name}.old-{_tag()}"
-            os.replace(target, old)
-        else:
-            target.rmdir()
-    os.replace(tmp, target)
-    fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old)
+    for attempt in range(3):
+        old = target.parent / f".{target.name}.old-{_tag()}"
+        try:
+            if target.exists():
+                if any(target.iterdir()):
+                    os.replace(target, old)
+                else:
+                    target.rmdir()
+            os.replace(tmp, target)
+        except OSError:
+            if read_marker(target) == fp:
+                shutil.rmtree(tmp, ignore_errors=True)
+                shutil.rmtree(old, ignore_errors=True)
+                return
+            if attempt == 2:
+                raise
+            time.sleep(0.2)
+            continue
+        fsync_dir(target.parent)
+        shutil.rmtree(old, ignore_errors=True)
+        return
