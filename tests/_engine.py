@@ -126,9 +126,17 @@ def engine_env(**extra) -> dict:
 
 def run_engine(config: Path, nproc: int = 1, timeout: int = 240, torchrun_args: tuple = (),
                **env) -> subprocess.CompletedProcess:
-    """Run to completion in its own session (kill_group then reaches torchrun, not pytest)."""
-    return subprocess.run(engine_cmd(config, nproc, *torchrun_args), env=engine_env(**env), capture_output=True,
-                          text=True, timeout=timeout, start_new_session=True)
+    """Run to completion in its own session; on timeout the whole group goes (workers stuck in a collective
+    would otherwise outlive torchrun and load the machine for the rest of the suite)."""
+    proc = subprocess.Popen(engine_cmd(config, nproc, *torchrun_args), env=engine_env(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def start_engine(config: Path, nproc: int = 1, **env) -> subprocess.Popen:

@@ -86,8 +86,7 @@ def setup(requested: str = "auto") -> Device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dev = Device("cuda", "nccl")
     elif kind == "cpu":
-        # Eager gloo groups reconnect to the dead attempt's ports after a torchrun restart (torch 2.13,
-        # several groups incl. singletons, as megatron-core creates them); lazy init connects on first use.
+        # megatron-core creates dozens of groups, most unused in a given layout: gloo connects each on first use.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
         _patch_megatron_for_cpu()
         dev = Device("cpu", "gloo")

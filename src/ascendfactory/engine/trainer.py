@@ -89,13 +89,25 @@ def _core(module):
     return module
 
 
+def _init_process_group(backend: str) -> None:
+    """init_process_group on a store whose keys are private to this torchrun attempt.
+
+    torchrun's static rendezvous keeps one store across restarts, so a restarted rank could read the
+    address a dead rank published in the previous attempt and fail with "Connection refused".
+    """
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    dist.init_process_group(backend=backend, store=dist.PrefixStore(f"attempt_{attempt}", store),
+                            rank=rank, world_size=world)
+
+
 class Trainer:
     def __init__(self, cfg: ExpConfig):
         self.cfg = cfg
         self.paths = run_paths(cfg)
         self.dev = device.setup(cfg.device)
         self.precision = self.dev.default_precision if cfg.precision == "auto" else cfg.precision
-        dist.init_process_group(backend=self.dev.backend)
+        _init_process_group(self.dev.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.log = Log(self.paths.logs_dir, self.rank)
         self.stop = StopRequest()
