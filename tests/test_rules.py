@@ -83,8 +83,16 @@ def test_seq_len_le_max_pe(tmp_path, model_dir):
 
 
 def test_seq_len_divisible_by_2cp(tmp_path, model_dir):
-    one(tmp_path, model_dir, r"seq_len \(4102\).*2 x 2 = 4", context_parallel_size=2, SEQ_LEN=4102, MAX_PE=8192,
+    one(tmp_path, model_dir, r"seq_len \(4102\) must be divisible by 2 x context_parallel_size \(4\)",
+        context_parallel_size=2, SEQ_LEN=4102, MAX_PE=8192, **{"tensor-model-parallel-size": 2})
+
+
+def test_seq_len_divisible_by_tp_with_sequence_parallel(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"seq_len \(4097\) .*tensor_model_parallel_size x context_parallel_size \(2\) with "
+        "sequence_parallel; use a multiple of 2", sequence_parallel=True, SEQ_LEN=4097, MAX_PE=8192,
         **{"tensor-model-parallel-size": 2})
+    assert problems(tmp_path, model_dir, sequence_parallel=False, SEQ_LEN=4097, MAX_PE=8192,
+                    **{"tensor-model-parallel-size": 2}) == []
 
 
 def test_long_seq_without_cp_warns(tmp_path, model_dir):

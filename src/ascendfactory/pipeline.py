@@ -13,9 +13,9 @@ from pathlib import Path
 from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved, dump_config, resolve
 from ascendfactory.config.paths import RunPaths, run_paths
-from ascendfactory.config.rules import Report, check, not_runnable_yet
+from ascendfactory.config.rules import Report, check
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.errors import UserError, UserErrors
+from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout, cluster_layout
 
 STAGES = ("preprocess", "convert", "train", "export")
@@ -152,9 +152,6 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
     if plan.report.model_error:
         raise UserError(plan.report.model_error)
-    not_yet = not_runnable_yet(plan.cfg)
-    if not_yet:
-        raise UserErrors(not_yet)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     _check_given_checkpoint(plan.cfg, facts.num_layers)
     for w in plan.report.warnings:

@@ -6,6 +6,7 @@ from `<model_name_or_path>/config.json`; when it cannot be read, the rules needi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -85,8 +86,8 @@ def check(res: Resolved, layout: Layout) -> Report:
             f"({cfg.micro_batch_size}) x data-parallel size ({layout.dp} = world {world} / (TP x PP x CP))")
     if cfg.seq_len > cfg.max_pe:
         bad(f"seq_len ({cfg.seq_len}) must be <= max_pe ({cfg.max_pe})")
-    if cp > 1 and cfg.seq_len % (2 * cp):
-        bad(f"seq_len ({cfg.seq_len}) must be divisible by 2 x context_parallel_size (2 x {cp} = {2 * cp})")
+    if problem := seq_len_problem(cfg):
+        bad(problem)
     if cfg.seq_len > 32768 and cp == 1:
         r.warnings.append(f"seq_len ({cfg.seq_len}) > 32768 with context_parallel_size 1: "
                           "context_parallel_size >= 2 is recommended")
@@ -122,14 +123,21 @@ def check(res: Resolved, layout: Layout) -> Report:
     return r
 
 
-def not_runnable_yet(cfg) -> list[str]:
-    """Layouts the rules accept but the trainer cannot run yet; `train` refuses them before any work."""
-    problems = []
-    if cfg.cp > 1:
-        problems.append(f"context_parallel_size = {cfg.cp}: context parallelism needs Transformer Engine attention "
-                        "(GPU) or MindSpeed (NPU), not wired in yet; megatron-core's local attention cannot split "
-                        "the sequence; set it to 1")
-    return problems
+def seq_unit(cfg) -> int:
+    """What every micro-batch length must divide into: 2 x CP chunks (megatron's load-balanced CP split) and,
+    with sequence_parallel, each CP rank's share over the TP ranks."""
+    sp_tp = cfg.tp if cfg.sequence_parallel else 1
+    return math.lcm(2 * cfg.cp if cfg.cp > 1 else 1, sp_tp * cfg.cp)
+
+
+def seq_len_problem(cfg) -> str | None:
+    unit = seq_unit(cfg)
+    if cfg.seq_len % unit == 0:
+        return None
+    parts = [f"2 x context_parallel_size ({2 * cfg.cp})"] if cfg.cp > 1 else []
+    if cfg.sequence_parallel and cfg.tp > 1:
+        parts.append(f"tensor_model_parallel_size x context_parallel_size ({cfg.tp * cfg.cp}) with sequence_parallel")
+    return f"seq_len ({cfg.seq_len}) must be divisible by {' and '.join(parts)}; use a multiple of {unit}"
 
 
 def _check_model(cfg, layer_list, r: Report) -> None:

@@ -4,13 +4,20 @@ megatron-core's local DotProductAttention computes baddbmm + masked softmax + bm
 [b, heads, s, s] probabilities and GQA-repeated K/V; SDPA runs torch's fused kernel of the device (flash /
 memory-efficient on CPU and CUDA) with GQA groups read in place. Same forward contract, no parameters, so
 checkpoints are unchanged. Anything the fast path does not cover goes to the original class.
+
+Context parallelism (megatron-core implements it only in Transformer Engine's attention): each CP rank
+holds chunks r and 2*CP-1-r of the sequence cut into 2*CP chunks (megatron's load-balanced split); K and
+V are all-gathered over the CP group (gradients reduce-scattered back) and put in sequence order, and the
+local queries attend to them under the mask of their global positions. K/V memory grows to the whole
+sequence; the activations, the MLP and the [s, s] scores stay split.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
@@ -18,14 +25,36 @@ from megatron.core.transformer.enums import AttnMaskType
 SDPA_GQA = tuple(int(x) for x in torch.__version__.split(".")[:2]) >= (2, 5)
 
 
+def cp_chunk_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
+    """Global positions of the tokens a CP rank holds: chunks r and 2*cp-1-r of 2*cp."""
+    chunk = seq_len // (2 * cp)
+    starts = (cp_rank * chunk, (2 * cp - 1 - cp_rank) * chunk)
+    return torch.cat([torch.arange(s, s + chunk) for s in starts])
+
+
+def _gathered_order(cp: int) -> torch.Tensor:
+    """Index into the gathered chunks [rank 0's two, rank 1's two, ...] of each chunk in sequence order."""
+    return torch.tensor([2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)])
+
+
 class SDPAttention(DotProductAttention):
     """DotProductAttention with its forward on SDPA: query [sq, b, np, hn], key/value [sk, b, ng, hn]
     (this TP rank's heads), attention_mask boolean with True = masked out (or None: causal from the
-    layer's attn_mask_type) -> [sq, b, np * hn].
+    layer's attn_mask_type) -> [sq, b, np * hn]. Under CP a given mask has this rank's query rows and
+    all key columns (megatron's get_batch_on_this_cp_rank).
 
     One difference, on rows where every key is masked: megatron's -10000 fill averages all values,
     SDPA returns zeros. Neither is meaningful and the trainer's masks never produce such a row (every
     token sees itself)."""
+
+    def __init__(self, config, *args, **kwargs):
+        # The parent refuses CP (see the module docstring); this class implements it.
+        cp, config.context_parallel_size = config.context_parallel_size, 1
+        try:
+            super().__init__(config, *args, **kwargs)
+        finally:
+            config.context_parallel_size = cp
+        self.cp_group = parallel_state.get_context_parallel_group() if cp > 1 else None
 
     def _unsupported(self, query, key, attention_mask, attention_bias, packed_seq_params) -> bool:
         return (attention_bias is not None
@@ -37,11 +66,27 @@ class SDPAttention(DotProductAttention):
                 or (attention_mask is None and self.attn_mask_type == AttnMaskType.causal
                     and query.size(0) > 1 and query.size(0) != key.size(0)))
 
+    def _whole_sequence(self, key, value, attention_mask):
+        """CP: K/V of the whole sequence in order, and the mask of this rank's queries against it."""
+        cp, rank = self.cp_group.size(), self.cp_group.rank()
+        order = _gathered_order(cp).to(key.device)
+        key, value = (gather_from_sequence_parallel_region(t, True, self.cp_group) for t in (key, value))
+        key, value = (t.view(2 * cp, -1, *t.shape[1:]).index_select(0, order).flatten(0, 1) for t in (key, value))
+        if attention_mask is None:  # causal over global positions
+            s = key.size(0)
+            q_pos = cp_chunk_positions(s, cp, rank).to(key.device)
+            attention_mask = torch.arange(s, device=key.device)[None, :] > q_pos[:, None]
+        return key, value, attention_mask
+
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         if self._unsupported(query, key, attention_mask, attention_bias, packed_seq_params):
+            if self.cp_group is not None:
+                raise NotImplementedError("context parallelism supports causal or boolean-mask attention only")
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
+        if self.cp_group is not None:
+            key, value, attention_mask = self._whole_sequence(key, value, attention_mask)
         # Like the original, the layer's mask type decides (the forward argument is ignored) and a given
         # mask is used as is; a single query (KV cache) needs no causal mask.
         causal = attention_mask is None and self.attn_mask_type == AttnMaskType.causal and query.size(0) > 1

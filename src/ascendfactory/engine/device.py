@@ -142,12 +142,15 @@ def _is_cuda(dev) -> bool:
 
 
 class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` (megatron-core's schedules, masks, buffers) to the CPU."""
+    """Rewrites `device="cuda"` (megatron-core's schedules, masks, buffers) to the CPU, and drops
+    `pin_memory=True` (host staging for a copy to the GPU; a CPU-only torch refuses it)."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if _is_cuda(kwargs.get("device")):
             kwargs["device"] = "cpu"
+        if kwargs.get("pin_memory"):
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
             args = (args[0], "cpu", *args[2:])
         return func(*args, **kwargs)

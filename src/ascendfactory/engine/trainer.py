@@ -15,9 +15,8 @@ import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
 from ascendfactory.config.loader import load_resolved
-from ascendfactory.config.rules import not_runnable_yet
 from ascendfactory.config.paths import RunPaths, run_paths
-from ascendfactory.config.rules import parse_layer_list
+from ascendfactory.config.rules import parse_layer_list, seq_len_problem, seq_unit
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.layout import padded_vocab_size, stage_layers
 from ascendfactory.data.stage import find_data_prefix
@@ -125,19 +124,19 @@ class Trainer:
         if self.world % (cfg.tp * cfg.pp * cfg.cp):
             raise UserError(f"tensor x pipeline x context parallel size ({cfg.tp}x{cfg.pp}x{cfg.cp}) must divide "
                             f"the {self.world} processes")
-        for problem in not_runnable_yet(cfg):
+        if problem := seq_len_problem(cfg):
             raise UserError(problem)
-        if cfg.sequence_parallel and cfg.seq_len % cfg.tp:
-            raise UserError(f"seq_len {cfg.seq_len} must be divisible by tensor-model-parallel-size {cfg.tp} with "
-                            "sequence_parallel")
         ps.initialize_model_parallel(cfg.tp, cfg.pp, context_parallel_size=cfg.cp)
         self.dp = ps.get_data_parallel_world_size()
+        self.cp_group = ps.get_context_parallel_group()
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
             raise UserError(f"global-batch-size {cfg.global_batch_size} must be divisible by micro-batch-size x DP "
                             f"({cfg.micro_batch_size} x {self.dp})")
         self.num_micro = cfg.global_batch_size // (cfg.micro_batch_size * self.dp)
-        self.layout = checkpoint.Layout(cfg.tp, cfg.pp, self.dp, ps.get_tensor_model_parallel_rank(),
-                                        ps.get_pipeline_model_parallel_rank(), ps.get_data_parallel_rank())
+        # Model replicas, as megatron-core's DDP and distributed optimizer see them: DP x CP ranks.
+        self.layout = checkpoint.Layout(cfg.tp, cfg.pp, ps.get_data_parallel_world_size(with_context_parallel=True),
+                                        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                                        ps.get_data_parallel_rank(with_context_parallel=True))
         _seed_all(cfg.seed)
 
         checkpoint.check_writable(self.paths.save_dir)
@@ -158,9 +157,8 @@ class Trainer:
         self._build_optimizer()
         self.iteration, self.consumed = 0, 0
         self._load()
-        multiple = math.lcm(16, cfg.tp) if self.tconfig.sequence_parallel else 16
-        self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, self.layout.dp_rank, self.dp,
-                                    cfg.seq_len, fixed_len=cfg.pp > 1, multiple=multiple)
+        self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, ps.get_data_parallel_rank(),
+                                    self.dp, cfg.seq_len, fixed_len=cfg.pp > 1, multiple=math.lcm(16, seq_unit(cfg)))
 
     def _open_data(self) -> None:
         """The dataset and train_iters (epochs count samples), which sizes the LR schedule and the pretraining
@@ -253,11 +251,14 @@ class Trainer:
     # ------------------------------------------------------------ loop
 
     def _forward_step(self, data_iterator, model):
+        from megatron.core.utils import get_batch_on_this_cp_rank
+
         # Batches are built on the host; a no-op where the CPU is the device.
         batch = {k: None if v is None else v.to(self.dev.torch_device, non_blocking=True)
                  for k, v in next(data_iterator).items()}
+        batch = get_batch_on_this_cp_rank(batch, self.cp_group)  # this CP rank's chunks; CP1: unchanged
         out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
-        return out, partial(_loss_func, batch["loss_mask"])
+        return out, partial(_loss_func, batch["loss_mask"], self.cp_group)
 
     def _train_step(self) -> tuple[torch.Tensor, float | None]:
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -346,12 +347,20 @@ class Trainer:
                       f"{self.paths.save_dir / L.iter_dir_name(self.iteration)} in {time.perf_counter() - t0:.2f}s")
 
 
-def _loss_func(loss_mask: torch.Tensor, per_token_loss: torch.Tensor):
-    """Sum of the loss over tokens with a target, their count (megatron-core divides), and both for logging."""
+def _loss_func(loss_mask: torch.Tensor, cp_group, per_token_loss: torch.Tensor):
+    """Sum of the loss over tokens with a target, their count (megatron-core divides), and both for logging.
+
+    Under CP this rank holds part of each sequence: the count is the whole sequence's, and the sum is scaled
+    by the CP size because DDP averages gradients over DP x CP; the gradients then equal CP1's exactly."""
     mask = loss_mask.to(per_token_loss.dtype).reshape(-1)
     loss_sum = (per_token_loss.float().reshape(-1) * mask).sum()
     n = mask.sum().to(torch.int)
-    return loss_sum, n, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
+    cp = cp_group.size()
+    count = n.clone()
+    if cp > 1:
+        dist.all_reduce(count, group=cp_group)
+    return loss_sum * cp, count, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
+
 
 
 def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
