@@ -203,7 +203,7 @@ def test_cp2_same_losses_as_cp1(env):
         out = env["root"] / f"pt_CP{cp}"
         cfg = E.write_config(out, env["model"], env["pt"][0], stage="pt", train_iters=4, ckpt_load_type=1,
                              user_converted_ckpt_path=str(env["conv"][(1, 1, None)]), context_parallel_size=cp,
-                             use_distributed_optimizer=True, micro_batch_size=2, global_batch_size=4)
+                             use_distributed_optimizer=True, micro_batch_size=2, global_batch_size=4, save_interval=2)
         _ok(E.run_engine(cfg, cp))
         runs[cp] = out
     _assert_same_losses(E.losses(runs[1]), E.losses(runs[2]), "pretrain CP2", rel=1e-6)

@@ -32,6 +32,9 @@ TMP_PREFIX = ".tmp_"
 
 @dataclass(frozen=True)
 class Layout:
+    """This rank's place. dp / dp_rank count model replicas as megatron-core's DDP and distributed optimizer do:
+    the DP x CP ranks holding the same TP/PP shard (rank 0 of them writes it)."""
+
     tp: int
     pp: int
     dp: int
@@ -196,7 +199,7 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
     rng = [None] * lay.dp
     from megatron.core import parallel_state as ps
 
-    dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group())
+    dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
     err = None
     rank_dir = lay.rank_dir(tmp)
     try:
