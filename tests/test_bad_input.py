@@ -67,6 +67,7 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
         "seq_cp": ({"context_parallel_size": 2, "SEQ_LEN": 66}, "2 x context_parallel_size"),
         "seq_sp": ({"tensor-model-parallel-size": 2, "sequence_parallel": True, "SEQ_LEN": 65},
                    "seq_len (65) must be divisible by tensor_model_parallel_size x context_parallel_size (2)"),
+        "device_missing": ({"device": "npu"}, "device: npu requested but torch_npu sees no NPU"),
         "data_and_processed": ({"processed_data_dir": str(user)}, "are exclusive"),
         "no_data": ({"dataset": None}, "neither dataset nor processed_data_dir"),
         "load_type": ({"ckpt_load_type": 5}, "ckpt_load_type = 5"),
@@ -162,7 +163,7 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
 
 CASES = [
     "yaml_syntax", "unknown_model", "unknown_exp", "wrong_type", "unknown_key", "override_type",
-    "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp", "seq_sp",
+    "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp", "seq_sp", "device_missing",
     "data_and_processed", "no_data", "load_type", "stage", "handler", "resume_without_ckpt", "save_interval",
     "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
     "unsupported_arch", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",

@@ -154,6 +154,9 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     _check_given_checkpoint(plan.cfg, facts.num_layers)
+    from ascendfactory.engine.device import check_requested
+
+    check_requested(plan.cfg.device)
     for w in plan.report.warnings:
         _log(f"warning: {w}")
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ascendfactory.errors import UserError
+
 
 @dataclass(frozen=True)
 class Device:
@@ -56,8 +58,18 @@ def npu_available() -> bool:
     return bool(getattr(torch, "npu", None)) and torch.npu.is_available() and torch.npu.device_count() > 0
 
 
+def check_requested(requested: str) -> None:
+    """A device named in the config (not auto) that this machine lacks is the user's error, found before launch."""
+    if requested == "npu" and not npu_available():
+        raise UserError("device: npu requested but torch_npu sees no NPU; install torch_npu (the npu extra) on an "
+                        "Ascend machine, or set device: auto")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise UserError("device: cuda requested but torch sees no CUDA GPU; set device: auto (or cpu)")
+
+
 def detect_kind(requested: str = "auto") -> str:
-    """auto: npu if torch_npu sees devices, else cuda, else cpu."""
+    """auto: npu if torch_npu sees devices, else cuda, else cpu; an explicit npu / cuda must be there."""
+    check_requested(requested)
     if requested != "auto":
         return requested
     if npu_available():
