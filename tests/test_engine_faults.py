@@ -10,6 +10,7 @@ import resource
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -75,6 +76,39 @@ def test_sigkill_at_fixed_point_resumes_exactly(env, point):
     assert f"checkpoint iteration {expected_latest}; starting at iteration {expected_latest}" in res.stdout
     _assert_same_as_reference(env, out)
     assert not (save / ".tmp_iter_0000006").exists()
+
+
+RESTART_SCRIPT = """
+import os, signal, sys, time
+import torch, torch.distributed as dist
+from ascendfactory.engine.trainer import init_distributed
+
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 0:
+    time.sleep(3)  # rank 1 reaches the store first and must wait for rank 0's new address
+init_distributed("gloo")
+t = torch.ones(1)
+dist.all_reduce(t)
+if attempt == 0:
+    if rank == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(60)
+print("attempt", attempt, "rank", rank, "sum", t.item(), flush=True)
+"""
+
+
+def test_restarted_ranks_never_dial_the_dead_attempts_addresses(tmp_path):
+    """torchrun's static rendezvous keeps one store across restarts: without per-attempt keys a restarted rank
+    that starts first reads the address the killed rank published and fails with Connection refused."""
+    script = tmp_path / "restart.py"
+    script.write_text(RESTART_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+           str(E.free_port()), "--max-restarts", "1", str(script)]
+    res = subprocess.run(cmd, env=E.engine_env(), capture_output=True, text=True, timeout=120,
+                         start_new_session=True)
+    assert res.returncode == 0, E.describe(res)
+    assert sorted(line for line in res.stdout.splitlines() if line.startswith("attempt")) == [
+        "attempt 1 rank 0 sum 2.0", "attempt 1 rank 1 sum 2.0"]
 
 
 def test_torchrun_restart_resumes_without_train_auto_resume(env):

@@ -88,7 +88,7 @@ def _core(module):
     return module
 
 
-def _init_process_group(backend: str) -> None:
+def init_distributed(backend: str) -> None:
     """init_process_group on a store whose keys are private to this torchrun attempt.
 
     torchrun's static rendezvous keeps one store across restarts, so a restarted rank could read the
@@ -106,7 +106,7 @@ class Trainer:
         self.paths = run_paths(cfg)
         self.dev = device.setup(cfg.device)
         self.precision = self.dev.default_precision if cfg.precision == "auto" else cfg.precision
-        _init_process_group(self.dev.backend)
+        init_distributed(self.dev.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.log = Log(self.paths.logs_dir, self.rank)
         self.stop = StopRequest()
