@@ -197,6 +197,8 @@ def test_cp2_same_losses_as_cp1(env):
     assert "TP1 PP1 CP2 DP1" in res.stdout
     # CP changes only the order of the attention's sums (measured: 6e-8 relative); a wrong chunk order is 1e-4.
     _assert_same_losses(ref, E.losses(out), "packed sft CP2", rel=1e-6)
+    # With TP2 and sequence parallelism on top (4 processes): each CP rank's half splits again over TP.
+    _assert_same_losses(ref, E.losses(_packed_run(env, 2, 1, cp=2)[0]), "packed sft TP2 CP2", rel=1e-6)
 
     runs = {}
     for cp in (1, 2):
