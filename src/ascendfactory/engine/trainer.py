@@ -362,7 +362,6 @@ def _loss_func(loss_mask: torch.Tensor, cp_group, per_token_loss: torch.Tensor):
     return loss_sum * cp, count, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
 
 
-
 def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
     """extra_args entries naming TransformerConfig fields (recompute_granularity, attention_dropout, ...) are
     passed to the model config; the names of the others are returned so the log can say they were ignored."""
