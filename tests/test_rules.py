@@ -101,6 +101,15 @@ def test_long_seq_without_cp_warns(tmp_path, model_dir):
     assert rep.problems == [] and "context_parallel_size >= 2 is recommended" in rep.warnings[0]
 
 
+@pytest.mark.parametrize("mask,warned", [(False, True), (True, False)])
+def test_reset_position_ids_without_reset_attention_mask_warns(tmp_path, model_dir, mask, warned):
+    r = resolved(tmp_path, model_dir, nproc_per_node=8, stage="pt", reset_position_ids=True,
+                 reset_attention_mask=mask)
+    rep = check(r, cluster_layout(r.cfg, env={}))
+    assert rep.problems == []
+    assert any("reset_position_ids has no effect without reset_attention_mask" in w for w in rep.warnings) == warned
+
+
 def test_dataset_xor_processed_data_dir(tmp_path, model_dir):
     one(tmp_path, model_dir, r"are exclusive", processed_data_dir="/p")
     one(tmp_path, model_dir, r"neither dataset nor processed_data_dir", dataset=None)

@@ -91,6 +91,12 @@ def check(res: Resolved, layout: Layout) -> Report:
     if cfg.seq_len > 32768 and cp == 1:
         r.warnings.append(f"seq_len ({cfg.seq_len}) > 32768 with context_parallel_size 1: "
                           "context_parallel_size >= 2 is recommended")
+    if cfg.stage == "pt" and cfg.reset_position_ids and not cfg.reset_attention_mask:
+        # RoPE sees positions only as offsets between tokens that attend to each other (megatron-core applies
+        # it by sequence index); with a per-document mask the reset is exact, without one it does nothing.
+        r.warnings.append("reset_position_ids has no effect without reset_attention_mask (rotary positions count "
+                          "from the start of each sequence); set reset_attention_mask: true to restart them per "
+                          "document")
     if bool(cfg.dataset) == bool(cfg.processed_data_dir):
         if cfg.dataset:
             bad(f"dataset ({cfg.dataset}) and processed_data_dir ({cfg.processed_data_dir}) are exclusive; set one")
