@@ -218,3 +218,25 @@ def test_two_nodes_sharing_an_output_dir(assets, tmp_path):
     assert "export: skipped on this node" in logs[1] and "export: done" in logs[0]
     assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
     assert not list(out.glob(".*partial*")) and not list((out / "preprocessed_data").glob("*.tmp-*"))
+
+
+def test_two_nodes_restart_together_after_a_worker_dies(assets, tmp_path):
+    """Node 0's worker is SIGKILLed after the iteration-2 save: node 1's worker loses its peer and fails, both
+    nodes' torchrun restart their workers (attempt 1 on both), which find each other, resume from iteration 2
+    and finish the job."""
+    out = tmp_path / "nodes_restart"
+    cfg = write_cfg(assets, out, pack=True, nproc_per_node=1, **{"train-iters": 6, "save-interval": 2})
+    env = {**os.environ, "ASCENDFACTORY_TEST_KILL_AT": "after_save:2:1"}
+    port = "29793"
+    procs = [subprocess.Popen([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp",
+                               "--num_nodes", "2", "--rank", str(r), "--master_addr", "127.0.0.1",
+                               f"--master_port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env)
+             for r in (0, 1)]
+    logs = _wait_all(procs, timeout=300)
+    assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "torchrun restart 1: resuming from the newest valid checkpoint" in logs[0]
+    assert "starting at iteration 2, consumed samples 16" in logs[0]
+    assert [m["iteration"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+
