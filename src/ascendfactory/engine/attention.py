@@ -14,6 +14,8 @@ sequence; the activations, the MLP and the [s, s] scores stay split.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
@@ -32,9 +34,18 @@ def cp_chunk_positions(seq_len: int, cp: int, cp_rank: int) -> torch.Tensor:
     return torch.cat([torch.arange(s, s + chunk) for s in starts])
 
 
-def _gathered_order(cp: int) -> torch.Tensor:
+@functools.lru_cache(maxsize=4)
+def _gathered_order(cp: int, device: str) -> torch.Tensor:
     """Index into the gathered chunks [rank 0's two, rank 1's two, ...] of each chunk in sequence order."""
-    return torch.tensor([2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)])
+    return torch.tensor([2 * c if c < cp else 2 * (2 * cp - 1 - c) + 1 for c in range(2 * cp)], device=device)
+
+
+@functools.lru_cache(maxsize=4)
+def _cp_causal_mask(seq_len: int, cp: int, cp_rank: int, device: str) -> torch.Tensor:
+    """[local queries, all keys], True = masked: causal over global positions. One tensor shared by every layer
+    (and kept between steps), so autograd saves it once rather than once per layer."""
+    q_pos = cp_chunk_positions(seq_len, cp, cp_rank).to(device)
+    return torch.arange(seq_len, device=device)[None, :] > q_pos[:, None]
 
 
 class SDPAttention(DotProductAttention):
@@ -69,13 +80,11 @@ class SDPAttention(DotProductAttention):
     def _whole_sequence(self, key, value, attention_mask):
         """CP: K/V of the whole sequence in order, and the mask of this rank's queries against it."""
         cp, rank = self.cp_group.size(), self.cp_group.rank()
-        order = _gathered_order(cp).to(key.device)
+        order = _gathered_order(cp, str(key.device))
         key, value = (gather_from_sequence_parallel_region(t, True, self.cp_group) for t in (key, value))
         key, value = (t.view(2 * cp, -1, *t.shape[1:]).index_select(0, order).flatten(0, 1) for t in (key, value))
-        if attention_mask is None:  # causal over global positions
-            s = key.size(0)
-            q_pos = cp_chunk_positions(s, cp, rank).to(key.device)
-            attention_mask = torch.arange(s, device=key.device)[None, :] > q_pos[:, None]
+        if attention_mask is None:
+            attention_mask = _cp_causal_mask(key.size(0), cp, rank, str(key.device))
         return key, value, attention_mask
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
