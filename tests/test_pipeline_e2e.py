@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+import _engine as E
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock
 
@@ -207,7 +208,7 @@ def test_two_nodes_sharing_an_output_dir(assets, tmp_path):
     """Two `train` processes as node 0 and node 1 of one job (flags, shared output_dir, 1 device each)."""
     out = tmp_path / "nodes"
     cfg = write_cfg(assets, out, pack=True, nproc_per_node=1, **{"train-iters": 4})
-    port = "29791"
+    port = str(E.free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp",
                                "--num_nodes", "2", "--rank", str(r), "--master_addr", "127.0.0.1",
                                f"--master_port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -227,7 +228,7 @@ def test_two_nodes_restart_together_after_a_worker_dies(assets, tmp_path):
     out = tmp_path / "nodes_restart"
     cfg = write_cfg(assets, out, pack=True, nproc_per_node=1, **{"train-iters": 6, "save-interval": 2})
     env = {**os.environ, "ASCENDFACTORY_TEST_KILL_AT": "after_save:2:1"}
-    port = "29793"
+    port = str(E.free_port())
     procs = [subprocess.Popen([sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp",
                                "--num_nodes", "2", "--rank", str(r), "--master_addr", "127.0.0.1",
                                f"--master_port={port}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
