@@ -77,41 +77,40 @@ def _stdlib_sources():
             yield f.relative_to(root), text
 
 
-def build_corpus(path: Path, mb: float) -> Path:
-    """jsonl {"text": <one stdlib source file>} up to `mb` MB (the sources repeat if needed)."""
+def _write_jsonl(path: Path, mb: float, records) -> Path:
+    """jsonl of `records()` (started again while needed) up to `mb` MB; an existing file is reused."""
     if path.exists():
         return path
     size, target = 0, mb * 1e6
     with path.open("w", encoding="utf-8") as f:
         while size < target:
-            for _, text in _stdlib_sources():
-                line = json.dumps({"text": text}) + "\n"
+            for rec in records():
+                line = json.dumps(rec) + "\n"
                 f.write(line)
                 size += len(line)
                 if size >= target:
-                    break
+                    return path
     return path
+
+
+def build_corpus(path: Path, mb: float) -> Path:
+    """jsonl {"text": <one stdlib source file>} up to `mb` MB (the sources repeat if needed)."""
+    return _write_jsonl(path, mb, lambda: ({"text": text} for _, text in _stdlib_sources()))
+
+
+def _instruction_records():
+    """Explain the first half of a code piece, answer with the second."""
+    for name, text in _stdlib_sources():
+        for start in range(0, len(text) - 400, 2400):
+            piece = text[start:start + 2400]
+            cut = len(piece) // 2
+            yield {"instruction": f"Explain what this code from {name} does, then continue it.",
+                   "input": piece[:cut], "output": piece[cut:]}
 
 
 def build_instructions(path: Path, mb: float) -> Path:
-    """alpaca jsonl from stdlib sources: explain the first half of a code piece, answer with the second."""
-    if path.exists():
-        return path
-    size, target = 0, mb * 1e6
-    with path.open("w", encoding="utf-8") as f:
-        while size < target:
-            for name, text in _stdlib_sources():
-                for start in range(0, len(text) - 400, 2400):
-                    piece = text[start:start + 2400]
-                    cut = len(piece) // 2
-                    rec = {"instruction": f"Explain what this code from {name} does, then continue it.",
-                           "input": piece[:cut], "output": piece[cut:]}
-                    line = json.dumps(rec) + "\n"
-                    f.write(line)
-                    size += len(line)
-                    if size >= target:
-                        return path
-    return path
+    """alpaca jsonl from stdlib sources (see _instruction_records) up to `mb` MB."""
+    return _write_jsonl(path, mb, _instruction_records)
 
 
 # ---------------------------------------------------------------- baselines (run as child processes)
