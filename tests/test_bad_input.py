@@ -72,6 +72,9 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
         "no_data": ({"dataset": None}, "neither dataset nor processed_data_dir"),
         "load_type": ({"ckpt_load_type": 5}, "ckpt_load_type = 5"),
         "stage": ({"stage": "rl"}, "stage = 'rl'"),
+        "lora_targets": ({"finetuning_type": "lora", "lora_target_modules": "linear_qkv q_proj"},
+                         "lora_target_modules = ['linear_qkv', 'q_proj']: unknown q_proj; choose from linear_qkv, "
+                         "linear_proj, linear_fc1, linear_fc2"),
         "handler": ({"handler-name": "AlpacaHandler"}, "handler_name = 'AlpacaHandler'"),
         "resume_without_ckpt": ({"ckpt_load_type": 2}, "ckpt_load_type = 2 (resume) needs"),
         "save_interval": ({"save-interval": 0}, "save_interval = 0"),
@@ -164,7 +167,7 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
 CASES = [
     "yaml_syntax", "unknown_model", "unknown_exp", "wrong_type", "unknown_key", "override_type",
     "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp", "seq_sp", "device_missing",
-    "data_and_processed", "no_data", "load_type", "stage", "handler", "resume_without_ckpt", "save_interval",
+    "data_and_processed", "no_data", "load_type", "stage", "lora_targets", "handler", "resume_without_ckpt", "save_interval",
     "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
     "unsupported_arch", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
     "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "output_not_writable",

@@ -48,3 +48,5 @@ def test_flops_per_token_counts_weights_and_attention():
                        rope_theta=1e4, tie_word_embeddings=False, qkv_bias=True, qk_norm=False)
     weights = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128) + 100 * 64
     assert flops_per_token(facts, seq_len=32) == 6 * weights + 12 * 2 * 32 * 64
+    # LoRA: frozen weights need no weight gradients
+    assert flops_per_token(facts, seq_len=32, frozen_weights=True) == 4 * weights + 12 * 2 * 32 * 64

@@ -115,8 +115,18 @@ def test_dataset_xor_processed_data_dir(tmp_path, model_dir):
     one(tmp_path, model_dir, r"neither dataset nor processed_data_dir", dataset=None)
 
 
-def test_lora_is_refused_not_silently_full(tmp_path, model_dir):
-    one(tmp_path, model_dir, r"finetuning_type = 'lora': only full fine-tuning", finetuning_type="lora")
+def test_lora_settings(tmp_path, model_dir):
+    r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", **{"lora-rank": 8},
+                 lora_target="linear_qkv,linear_fc2")  # LLaMA-Factory's names, a comma list
+    assert (r.cfg.lora_r, r.cfg.lora_alpha, r.cfg.lora_target_modules) == (8, 32.0, ["linear_qkv", "linear_fc2"])
+    assert check(r, cluster_layout(r.cfg, env={})).problems == []
+    one(tmp_path, model_dir, r"lora_r = 0: the adapter rank must be >= 1", finetuning_type="lora", lora_r=0)
+    one(tmp_path, model_dir, r"lora_alpha = -1.0: must be > 0", finetuning_type="lora", lora_alpha=-1)
+    one(tmp_path, model_dir, r"lora_target_modules = \[\]: empty", finetuning_type="lora", lora_target_modules=[])
+    one(tmp_path, model_dir, r"lora_dropout = 0.1: adapters train without dropout", finetuning_type="lora",
+        lora_dropout=0.1)
+    r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", ckpt_load_type=0)
+    assert any("frozen base weights are random" in w for w in check(r, cluster_layout(r.cfg, env={})).warnings)
 
 
 def test_ckpt_load_type_stage_handler(tmp_path, model_dir):

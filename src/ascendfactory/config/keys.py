@@ -19,6 +19,8 @@ ALIASES = {
     "gbs": "global_batch_size",
     "nproc": "nproc_per_node",
     "num_train_epochs": "epochs",
+    "lora_rank": "lora_r",  # LLaMA-Factory's names
+    "lora_target": "lora_target_modules",
 }
 
 # Keys whose value is a mapping that belongs to the key (not an experiment block or a group).

@@ -13,11 +13,29 @@ from pathlib import Path
 from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
+from ascendfactory.config.schema import LORA_TARGETS
 from ascendfactory.data.handlers import HANDLERS
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.launch.torchrun import scripts_dir
 from ascendfactory.modelinfo import load_config_json
+
+
+def _lora_rules(cfg, bad, warnings: list[str]) -> None:
+    if cfg.lora_r < 1:
+        bad(f"lora_r = {cfg.lora_r}: the adapter rank must be >= 1 (8-64 is usual)")
+    if cfg.lora_alpha <= 0:
+        bad(f"lora_alpha = {cfg.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
+    unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
+    if unknown or not cfg.lora_target_modules:
+        what = f"unknown {', '.join(unknown)}" if unknown else "empty"
+        bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)}")
+    if cfg.lora_dropout != 0:
+        bad(f"lora_dropout = {cfg.lora_dropout}: adapters train without dropout here; set lora_dropout: 0")
+    if cfg.ckpt_load_type == 0:
+        warnings.append("finetuning_type lora with ckpt_load_type 0: the frozen base weights are random; "
+                        "use ckpt_load_type 1 to adapt the weights of model_name_or_path")
+
 
 MODEL_RULES = (
     "TP*CP divides num_attention_heads",
@@ -104,9 +122,8 @@ def check(res: Resolved, layout: Layout) -> Report:
             bad("neither dataset nor processed_data_dir is set; set exactly one")
     if cfg.ckpt_load_type not in (0, 1, 2):
         bad(f"ckpt_load_type = {cfg.ckpt_load_type}: must be 0 (random init), 1 (weights) or 2 (resume)")
-    if cfg.finetuning_type != "full":
-        # Refused rather than silently training every parameter.
-        bad(f"finetuning_type = {cfg.finetuning_type!r}: only full fine-tuning is supported so far; use full")
+    if cfg.finetuning_type == "lora":
+        _lora_rules(cfg, bad, r.warnings)
     if cfg.stage not in ("pt", "sft"):
         bad(f"stage = {cfg.stage!r}: must be pt (pretrain) or sft")
     if cfg.handler_name not in HANDLERS:

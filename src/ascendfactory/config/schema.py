@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+# The linears LoRA can adapt (megatron-core names); all of them by default, as in MindSpeed-LLM's examples.
+LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
 
 class ExpConfig(BaseModel):
@@ -27,6 +29,11 @@ class ExpConfig(BaseModel):
     stage: str = "sft"  # pt | sft (checked by the rules, so every problem is reported together)
     finetuning_type: Literal["full", "lora"] = "full"
     ckpt_load_type: int = 1  # 0 random init | 1 weights only | 2 full resume
+    # finetuning_type lora (MindSpeed-LLM's --lora-r / --lora-alpha / --lora-target-modules)
+    lora_r: int = 16
+    lora_alpha: float = 32.0
+    lora_target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
+    lora_dropout: float = 0.0
     train_auto_resume: bool = False
     convert_mg2hf_at_last: bool = True
 
@@ -87,6 +94,12 @@ class ExpConfig(BaseModel):
 
     # passed through to the trainer untouched
     extra_args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("lora_target_modules", mode="before")
+    @classmethod
+    def _split_modules(cls, v):
+        # MindSpeed-LLM writes them space-separated on its command line; commas are accepted too
+        return v.replace(",", " ").split() if isinstance(v, str) else v
 
     @property
     def tp(self) -> int:

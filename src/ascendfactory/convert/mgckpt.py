@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from ascendfactory.ckpt_layout import iter_dir_name, layout_of, rank_file, read_tracker
+from ascendfactory.convert.lora import without_adapters
 from ascendfactory.errors import UserError
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
@@ -50,13 +52,20 @@ def load_rank(path: Path) -> dict:
         raise UserError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
 
 
-def model_state(path: Path) -> dict[str, torch.Tensor]:
-    """The `model` state dict of a rank file, without megatron's `_extra_state` entries."""
+def model_state(path: Path, fold_adapters: bool = True) -> Mapping[str, torch.Tensor]:
+    """The weights of a rank file without megatron's `_extra_state` entries; LoRA adapters folded into their base
+    weights (as a plain model holds them), or with fold_adapters=False left as they are."""
     ckpt = load_rank(path)
     if "model" not in ckpt:
         found = ", ".join(sorted(k for k in ckpt if k.startswith("model"))) or "none"
         raise UserError(f"{path}: no 'model' entry (found: {found}); virtual-pipeline checkpoints are not supported")
-    return {k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")}
+    state = {k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")}
+    return without_adapters(state, rank_args(path), path) if fold_adapters else state
+
+
+def rank_args(path: Path) -> dict:
+    """The `args` a rank file records (Megatron / MindSpeed write an argparse.Namespace, we a dict)."""
+    return _args_dict(load_rank(path).get("args"))
 
 
 def _args_dict(args) -> dict:

@@ -31,7 +31,9 @@ def run_job(job: dict) -> None:
     from megatron.core import tensor_parallel
 
     from ascendfactory.convert.layout import torch_dtype
-    from ascendfactory.convert.mgckpt import model_state, read_checkpoint_layout
+    from ascendfactory.convert.lora import has_adapters
+    from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
+    from ascendfactory.engine.lora import LoRASpec, apply_lora
     from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
     from ascendfactory.modelinfo import read_model_facts
 
@@ -46,7 +48,12 @@ def run_job(job: dict) -> None:
         model = build_gpt_model(facts, cfg, pre_process=first, post_process=last,
                                 vocab_size=ck.padded_vocab_size)
         dtype = torch_dtype(job.get("dtype"), torch.float32)
-        _load_strict(model, model_state(ck.file(tp_rank, pp_rank)), ck.file(tp_rank, pp_rank), dtype)
+        f = ck.file(tp_rank, pp_rank)
+        state = model_state(f, fold_adapters=False)
+        if has_adapters(state):
+            # The trained model as it ran (adapters beside frozen weights): checks the HF side's merged weights.
+            apply_lora(model, LoRASpec.from_args(rank_args(f)), 0, ck.tp, tp_rank)
+        _load_strict(model, state, f, dtype)
         model.eval()
         ref = torch.load(job["reference"])
         tokens = ref["tokens"]

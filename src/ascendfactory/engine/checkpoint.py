@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
+from ascendfactory.convert.lora import LORA_A, is_lora_key, without_adapters
 from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
@@ -290,8 +291,12 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
     returns the consumed_train_samples its args record, if any."""
     f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
     state = torch.load(f, map_location="cpu", weights_only=False)
-    missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
+    args = state.get("args") or {}
+    args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
+    weights = _fit_adapters(state["model"], model, full, args, f)
+    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
+    # Weights only into a LoRA run from a checkpoint without (matching) adapters: they start fresh.
+    missing = [k for k in missing if not k.endswith("_extra_state") and (full or not is_lora_key(k))]
     unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise UserError(f"{f}: weights do not fit the model built from config.json "
@@ -310,9 +315,29 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
     else:
         # The fp32 main copy inside the optimizer was taken from the random init: refresh it.
         optimizer.reload_model_params()
-    args = state.get("args") or {}
-    args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
     return args.get("consumed_train_samples")
+
+
+def _fit_adapters(weights: dict, model, full: bool, args: dict, f: Path):
+    """The checkpoint's weights as this model takes them. LoRA adapters load as they are when the model has the
+    same ones; otherwise (a full fine-tuning run, or other adapter settings) they are folded into the base
+    weights, which a resume cannot do: its optimizer state is for the checkpoint's own trainable parameters."""
+    ours = {k: v.shape for k, v in model.state_dict().items() if is_lora_key(k)}
+    theirs = {k: v.shape for k, v in weights.items() if is_lora_key(k)}
+    if ours == theirs:
+        return weights
+    if full:
+        raise UserError(f"{f}: the checkpoint was trained with {_tuning(theirs)}, this run uses {_tuning(ours)}; "
+                        "resume with the checkpoint's finetuning_type / lora settings, or use ckpt_load_type 1 to load "
+                        "its weights with a fresh optimizer")
+    return without_adapters(weights, args, f)
+
+
+def _tuning(adapter_shapes: dict) -> str:
+    if not adapter_shapes:
+        return "full fine-tuning"
+    rank = next(v[0] for k, v in adapter_shapes.items() if k.endswith(LORA_A))
+    return f"LoRA (lora_r {rank} on {', '.join(sorted({k.split('.')[-3] for k in adapter_shapes}))})"
 
 
 def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:

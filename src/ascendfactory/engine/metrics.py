@@ -30,13 +30,14 @@ class Log:
             print(f"warning: {msg}", file=sys.stderr, flush=True)
 
 
-def flops_per_token(facts: ModelFacts, seq_len: int) -> float:
-    """Training FLOPs per token: 6 x matmul weights (fwd + bwd) plus the attention score/value matmuls."""
+def flops_per_token(facts: ModelFacts, seq_len: int, frozen_weights: bool = False) -> float:
+    """Training FLOPs per token: 6 x matmul weights (forward, input and weight gradients; 4 x when the weights
+    are frozen, as under LoRA, whose adapters add next to nothing) plus the attention score/value matmuls."""
     h, d = facts.hidden_size, facts.head_dim
     attn = h * facts.num_heads * d * 2 + h * facts.num_kv_heads * d * 2
     mlp = 3 * h * facts.ffn_hidden_size
     dense = facts.num_layers * (attn + mlp) + facts.vocab_size * h
-    return 6.0 * dense + 12.0 * facts.num_layers * seq_len * facts.num_heads * d
+    return (4.0 if frozen_weights else 6.0) * dense + 12.0 * facts.num_layers * seq_len * facts.num_heads * d
 
 
 class Metrics:

@@ -23,6 +23,7 @@ from ascendfactory.data.stage import find_data_prefix
 from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
 from ascendfactory.engine.faults import StopRequest, kill_point
+from ascendfactory.engine.lora import LoRASpec, apply_lora
 from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
 from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
 from ascendfactory.errors import UserError
@@ -192,6 +193,13 @@ class Trainer:
         core = build_gpt_model(self.facts, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
                                max_sequence_length=max(cfg.seq_len, self.facts.max_position_embeddings),
                                vocab_size=self.padded_vocab)
+        self.lora = None
+        if cfg.finetuning_type == "lora":
+            self.lora = LoRASpec(cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules))
+            trainable, total = apply_lora(core, self.lora, cfg.seed, cfg.tp, ps.get_tensor_model_parallel_rank())
+            self.log.info(f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
+                          f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%) "
+                          "on this rank, the rest frozen")
         core.to(self.dev.torch_device)
         if self.precision != "fp32":
             core = Float16Module(self.tconfig, core)
@@ -288,7 +296,7 @@ class Trainer:
                       f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
                       f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
         metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
-        fpt = flops_per_token(self.facts, cfg.seq_len)
+        fpt = flops_per_token(self.facts, cfg.seq_len, frozen_weights=self.lora is not None)
         try:
             while self.iteration < self.train_iters:
                 t0 = time.perf_counter()
@@ -339,6 +347,7 @@ class Trainer:
             self.facts.vocab_size, self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
+            **(self.lora.checkpoint_args() if self.lora else {}),
         )
         checkpoint.save(self.paths.save_dir, self.iteration, self.layout, _core(self.model).state_dict(),
                         self.optimizer, self.scheduler, args, self.consumed, cfg.model_name_or_path,

@@ -1,0 +1,122 @@
+"""LoRA (finetuning_type: lora) on megatron-core's tensor-parallel linears.
+
+Each target linear gets two children, lora_A [r, in] and lora_B [out, r], and a forward hook that adds
+(lora_alpha / lora_r) * B A x to its output; every other parameter is frozen. The base weights keep their
+names, so converted checkpoints load as they are and a saved checkpoint folds back into plain weights
+(convert/lora.py). The adapters are split like their linear: a column-parallel linear (linear_qkv, linear_fc1)
+splits B's rows over TP and keeps A whole, a row-parallel one (linear_proj, linear_fc2) splits A's columns and
+keeps B whole, and the few-column middle product takes megatron-core's own TP / sequence-parallel collectives.
+A starts from a generator seeded by (seed, layer, linear) and is cut from the full matrix, B from zeros, so
+the start is the base model and every TP / PP layout trains the same adapters.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import torch
+
+from ascendfactory.config.schema import LORA_TARGETS
+
+
+@dataclass(frozen=True)
+class LoRASpec:
+    r: int
+    alpha: float
+    targets: tuple[str, ...] = LORA_TARGETS
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+    @classmethod
+    def from_args(cls, args: dict) -> "LoRASpec":
+        return cls(int(args["lora_r"]), float(args["lora_alpha"]), tuple(args["lora_target_modules"]))
+
+    def checkpoint_args(self) -> dict:
+        return {"finetuning_type": "lora", "lora_r": self.r, "lora_alpha": self.alpha,
+                "lora_target_modules": list(self.targets)}
+
+
+def _initial_a(r: int, fan_in: int, seed: int, layer_number: int, name: str) -> torch.Tensor:
+    """nn.Linear's default init (what PEFT gives A), from a generator of its own: the same full matrix on every
+    rank and in every layout."""
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{seed}/{layer_number}/{name}".encode()))
+    a = torch.empty(r, fan_in)
+    torch.nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
+    return a
+
+
+def _linear(weight: torch.Tensor) -> torch.nn.Linear:
+    lin = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
+    lin.weight = torch.nn.Parameter(weight)
+    return lin
+
+
+def _column_hook(module, args, output):
+    from megatron.core.tensor_parallel.mappings import (
+        copy_to_tensor_model_parallel_region,
+        gather_from_sequence_parallel_region,
+    )
+
+    a = module.lora_A(args[0])
+    # B's TP shards all need the whole A x: gathered over the sequence under SP, else already replicated
+    # (the backward then sums the shards' gradients either way).
+    a = gather_from_sequence_parallel_region(a) if module.sequence_parallel else copy_to_tensor_model_parallel_region(a)
+    out, bias = output
+    return out + module.lora_scaling * module.lora_B(a), bias
+
+
+def _row_hook(module, args, output):
+    from megatron.core.tensor_parallel.mappings import (
+        reduce_from_tensor_model_parallel_region,
+        reduce_scatter_to_sequence_parallel_region,
+    )
+
+    a = module.lora_A(args[0])  # this rank's input columns: a partial sum, completed like the base output
+    a = (reduce_scatter_to_sequence_parallel_region(a) if module.sequence_parallel
+         else reduce_from_tensor_model_parallel_region(a))
+    out, bias = output
+    return out + module.lora_scaling * module.lora_B(a), bias
+
+
+def _attach(linear, spec: LoRASpec, seed: int, layer_number: int, name: str, tp: int, tp_rank: int) -> None:
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+
+    base = linear.weight
+    a = _initial_a(spec.r, linear.input_size, seed, layer_number, name)
+    if isinstance(linear, ColumnParallelLinear):
+        b = torch.zeros(linear.output_size_per_partition, spec.r)
+        hook = _column_hook
+    elif isinstance(linear, RowParallelLinear):
+        a = a.chunk(tp, dim=1)[tp_rank].contiguous()
+        b = torch.zeros(linear.output_size, spec.r)
+        hook = _row_hook
+    else:
+        raise TypeError(f"{name}: {type(linear).__name__} is not a megatron-core parallel linear")
+    linear.lora_A = _linear(a.to(base.device, base.dtype))
+    linear.lora_B = _linear(b.to(base.device, base.dtype))
+    column = hook is _column_hook
+    split, whole = (linear.lora_B, linear.lora_A) if column else (linear.lora_A, linear.lora_B)
+    set_tensor_model_parallel_attributes(split.weight, True, 0 if column else 1, 1)
+    # The whole matrix sees only this rank's part of the sequence under SP: megatron-core sums its gradient
+    # over TP, as for the norms.
+    whole.weight.sequence_parallel = linear.sequence_parallel
+    linear.lora_scaling = spec.scaling
+    linear.register_forward_hook(hook)
+
+
+def apply_lora(model: torch.nn.Module, spec: LoRASpec, seed: int, tp: int, tp_rank: int) -> tuple[int, int]:
+    """Freeze `model` (one pipeline stage of a GPTModel) and add adapters to its target linears; returns
+    (trainable, total) parameter counts of this rank."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer in model.decoder.layers:
+        targets = [(n, m) for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in spec.targets]
+        for name, module in targets:
+            _attach(module, spec, seed, layer.layer_number, name, tp, tp_rank)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
