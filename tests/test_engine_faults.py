@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -238,3 +239,21 @@ def test_read_only_save_dir_refused_before_training(env):
     assert res.returncode != 0
     assert f"error: {save}: not writable" in res.stderr
     assert L.read_tracker(save) == 8 and not E.losses(out)
+
+
+def test_diverged_training_stops_before_saving_non_finite_weights(env, tmp_path):
+    """lr 1e20: iteration 1 is finite (and saved), its update overflows the weights, iteration 2's loss is NaN:
+    every rank stops with one `error:` line, exit 1, and neither NaN weights nor a tracker pointing at them."""
+    out = tmp_path / "diverged"
+    cfg = _config(out, env["model"], env["data"], save_interval=1, lr=1e20, min_lr=1e20, lr_decay_style="constant",
+                  lr_warmup_iters=0, clip_grad=0.0)
+    res = E.run_engine(cfg, 2)
+    assert res.returncode != 0 and re.search(r"exitcode\s*: 1 ", res.stderr), E.describe(res)
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[0].startswith("error: iteration 2: lm loss nan, grad norm nan: training diverged; "
+                                           "nothing of this iteration was saved and the newest checkpoint, "
+                                           f"{out / 'saved_checkpoints' / 'iter_0000001'}, is from before"), errors
+    assert "trainer.py" not in res.stderr  # no worker traceback (torchrun prints its own)
+    assert L.read_tracker(out / "saved_checkpoints") == 1
+    assert L.iterations_on_disk(out / "saved_checkpoints") == [1]
+    assert [m["iteration"] for m in E.metrics(out)][-1] == 2  # the NaN iteration is logged, for the record

@@ -144,6 +144,20 @@ def test_restarts_exhausted_names_cause_and_log(assets, tmp_path):
     assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
+def test_divergence_fails_the_stage_with_the_workers_reason(assets, tmp_path):
+    out = tmp_path / "nan"
+    cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False, lr=1e20, **{"min-lr": 1e20},
+                    lr_decay_style="constant", lr_warmup_iters=0, clip_grad=0.0, max_restarts=0,
+                    **{"save-interval": 1})
+    r = train(cfg)
+    assert r.returncode == 1, r.stdout[-3000:]
+    line = [x for x in r.stdout.splitlines() if "train: FAILED" in x][-1]
+    assert "exited with code 1 (iteration 2: lm loss nan, grad norm nan: training diverged;" in line, line
+    assert "stderr.log" in line
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "1"
+    assert not (out / "saved_checkpoints" / "iter_0000002").exists()
+
+
 def test_sigterm_saves_and_next_launch_continues(assets, tmp_path):
     out = tmp_path / "term"
     cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False, **{"train-iters": 400},

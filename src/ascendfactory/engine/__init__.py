@@ -3,7 +3,7 @@ one process per device under torchrun.
 
 Exit codes of each worker:
   0  training finished (final checkpoint saved)
-  1  failure (traceback on the rank's stderr)
+  1  failure (traceback on the rank's stderr), or training diverged (`error:` line: loss / grad norm not finite)
   2  bad input (UserError: one line naming the file / key and the fix)
   3  stopped by SIGTERM / SIGINT after saving a checkpoint; relaunch with train_auto_resume to continue
 (torchrun itself exits 1 when any worker exits non-zero; it prints each worker's exitcode.)

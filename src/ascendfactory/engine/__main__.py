@@ -6,6 +6,7 @@ import traceback
 import warnings
 
 from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
+from ascendfactory.engine.faults import Diverged
 from ascendfactory.errors import UserError
 
 
@@ -28,6 +29,9 @@ def run() -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_USER_ERROR
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     except Exception:
         traceback.print_exc()
         return EXIT_FAILURE

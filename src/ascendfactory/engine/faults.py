@@ -1,4 +1,4 @@
-"""Stop requests (SIGTERM / SIGINT) and the test hook that SIGKILLs the run at a named point."""
+"""Stop requests (SIGTERM / SIGINT), divergence, and the test hook that SIGKILLs the run at a named point."""
 
 from __future__ import annotations
 
@@ -12,6 +12,10 @@ import time
 # not yet replaced), "after_save:N" (checkpoint complete). An optional third part ":A" fires only in the
 # first A torchrun attempts (TORCHELASTIC_RESTART_COUNT < A), so a restarted run can get past the point.
 KILL_HOOK_ENV = "ASCENDFACTORY_TEST_KILL_AT"
+
+
+class Diverged(Exception):
+    """The loss or the gradient norm is no longer finite: the weights are unusable and are not saved."""
 
 
 class StopRequest:

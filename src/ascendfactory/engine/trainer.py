@@ -22,7 +22,7 @@ from ascendfactory.convert.layout import padded_vocab_size, stage_layers
 from ascendfactory.data.stage import find_data_prefix
 from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
-from ascendfactory.engine.faults import StopRequest, kill_point
+from ascendfactory.engine.faults import Diverged, StopRequest, kill_point
 from ascendfactory.engine.lora import LoRASpec, apply_lora
 from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
 from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
@@ -309,18 +309,21 @@ class Trainer:
                 dist.all_reduce(v)
                 dt = time.perf_counter() - t0
                 stopping = v[2].item() > 0
-                if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters:
+                loss = (v[0] / v[1].clamp(min=1)).item()
+                diverged = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
+                if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters or diverged:
                     tokens = (self.batches.tokens_read - tokens0) * self.dp / self.world
                     row = {
                         "iteration": self.iteration, "consumed_samples": self.consumed,
-                        "loss": (v[0] / v[1].clamp(min=1)).item(), "lr": self.scheduler.get_lr(
-                            self.optimizer.param_groups[0]),
+                        "loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
                         "grad_norm": grad_norm, "tokens_per_sec": tokens / dt, "tflops": fpt * tokens / dt / 1e12,
                         "iter_ms": dt * 1000.0,
                     }
                     self.log.info(format_line(row, self.train_iters, cfg.global_batch_size))
                     if metrics:
                         metrics.record(row)
+                if diverged:
+                    raise self._diverged(loss, grad_norm)
                 if self.iteration % cfg.save_interval == 0 or self.iteration == self.train_iters or stopping:
                     self._save()
                 if stopping and self.iteration < self.train_iters:
@@ -338,6 +341,17 @@ class Trainer:
             self.log.info(f"loss curve: {self.paths.output_dir / 'training_loss.png'}")
         self.log.info(f"training done: iteration {self.iteration}, checkpoint in {self.paths.save_dir}")
         return EXIT_OK
+
+    def _diverged(self, loss: float, grad_norm: float | None) -> Diverged:
+        """Every rank sees the same all-reduced loss and grad norm, so all stop here together, before a save."""
+        newest = checkpoint.newest_valid(self.paths.save_dir) if self.paths.save_dir.is_dir() else None
+        kept = (f"the newest checkpoint, {self.paths.save_dir / L.iter_dir_name(newest)}, is from before"
+                if newest is not None else "no checkpoint was saved")
+        gbs = self.cfg.global_batch_size
+        return Diverged(f"iteration {self.iteration}: lm loss {loss}, grad norm {grad_norm}: training diverged; "
+                        f"nothing of this iteration was saved and {kept}. Lower lr (now {self.cfg.lr:g}) or "
+                        f"check the samples {self.consumed - gbs}-{self.consumed - 1} of the data order "
+                        f"(precision {self.precision})")
 
     def _save(self) -> None:
         t0 = time.perf_counter()

@@ -79,18 +79,19 @@ class TrainingFailed(Exception):
 
 
 _FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
+# A worker's one-line reason (bad input, divergence), as torchrun's --tee prints it.
+_ERROR = re.compile(r"^(?:\[\w+\]:)?error: (.*)$")
 
 
-def _cause(line: str | None) -> str:
+def _cause(line: str | None, error: str | None) -> str:
     m = _FAILED.search(line or "")
     if not m:
         return "a worker failed"
     code, rank = int(m.group(1)), m.group(2)
-    if code == EXIT_USER_ERROR:
-        return f"local rank {rank} stopped on bad input (its error line is in the log)"
     if code < 0:
         return f"local rank {rank} was killed by {signal.Signals(-code).name}"
-    return f"local rank {rank} exited with code {code}"
+    what = "stopped on bad input" if code == EXIT_USER_ERROR else f"exited with code {code}"
+    return f"local rank {rank} {what}" + (f" ({error})" if error else "")
 
 
 def _worker_log(logs_dir: Path, local_rank: str | None) -> Path:
@@ -110,7 +111,7 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
     node_log = paths.logs_dir / f"train-node{layout.node_rank}.log"
     proc = subprocess.Popen(["bash", str(script)], env=training_env(cfg, paths, layout), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
-    stopped, last_failure = [], None
+    stopped, last_failure, last_error = [], None, None
 
     def forward(signum, _frame):
         stopped.append(signum)
@@ -127,6 +128,8 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
                 log.write(line)
                 if _FAILED.search(line):
                     last_failure = line
+                elif m := _ERROR.match(line.rstrip("\n")):
+                    last_error = m.group(1)
         rc = proc.wait()
     finally:
         for s, h in old.items():
@@ -138,6 +141,6 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
                              f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_PREEMPTED)
     m = _FAILED.search(last_failure or "")
     user_error = bool(m) and int(m.group(1)) == EXIT_USER_ERROR
-    raise TrainingFailed(f"{_cause(last_failure)} after {cfg.max_restarts} restart(s); see "
+    raise TrainingFailed(f"{_cause(last_failure, last_error)} after {cfg.max_restarts} restart(s); see "
                          f"{_worker_log(paths.logs_dir, m.group(2) if m else None)} and {node_log}",
                          EXIT_USER_ERROR if user_error else (rc if rc > 0 else 1))
