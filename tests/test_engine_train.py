@@ -77,6 +77,24 @@ def test_pretrain_dp2_distributed_optimizer_bf16_loss_falls(env):
         assert part in line
 
 
+def test_fp16_dynamic_loss_scaling(env):
+    """fp16 weights with megatron-core's dynamic loss scaler: the loss falls, the log shows the scale and the
+    steps skipped on overflow, as Megatron's does."""
+    out = env["root"] / "fp16"
+    cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, precision="fp16", train_iters=6)
+    _ok(res := E.run_engine(cfg, 1))
+    assert "precision fp16" in res.stdout
+    lines = [x for x in res.stdout.splitlines() if "lm loss:" in x]
+    assert len(lines) == 6 and all(re.search(r"loss scale: \d+\.\d \| grad norm: ", x) for x in lines), lines
+    assert re.search(r"number of skipped iterations: +\d+ \|$", lines[-1])
+    losses = E.losses(out)
+    assert losses[6] < losses[1] - 0.5
+    state = torch.load(out / "saved_checkpoints" / "iter_0000006" / "mp_rank_00" / "model_optim_rng.pt",
+                       map_location="cpu", weights_only=False)
+    assert state["model"]["decoder.layers.0.mlp.linear_fc1.weight"].dtype == torch.float16
+    assert "grad_scaler" in state["optimizer"]  # resumes with its loss scale
+
+
 def _packed_run(env, tp: int, pp: int, layers: str | None = None, cp: int = 1):
     """Packed SFT, 5 iterations from the HF weights converted to this layout; run once per module, as the
     same-loss tests share the TP1 PP1 reference."""

@@ -67,14 +67,17 @@ class Metrics:
             self.tb.close()
 
 
-def format_line(row: dict, train_iters: int, gbs: int) -> str:
-    gn = "nan" if row["grad_norm"] is None else f"{row['grad_norm']:.4f}"
-    return (
+def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None = None, skipped: int = 0) -> str:
+    """Megatron's log line; with fp16 also its loss scale and the steps skipped on overflow (no grad norm)."""
+    gn = "skipped" if row["grad_norm"] is None else f"{row['grad_norm']:.4f}"
+    fp16 = "" if loss_scale is None else f"loss scale: {loss_scale:.1f} | "
+    line = (
         f"iteration {row['iteration']:8d}/{train_iters:8d} | consumed samples: {row['consumed_samples']:12d} | "
         f"elapsed time per iteration (ms): {row['iter_ms']:.1f} | learning rate: {row['lr']:.6E} | "
-        f"global batch size: {gbs:5d} | lm loss: {row['loss']:.6E} | grad norm: {gn} | "
+        f"global batch size: {gbs:5d} | lm loss: {row['loss']:.6E} | {fp16}grad norm: {gn} | "
         f"tokens/s/device: {row['tokens_per_sec']:.1f} | TFLOP/s/device: {row['tflops']:.4f} |"
     )
+    return line if loss_scale is None else f"{line} number of skipped iterations: {skipped:3d} |"
 
 
 def read_losses(metrics_path: Path) -> dict[int, float]:

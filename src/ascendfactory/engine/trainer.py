@@ -156,7 +156,7 @@ class Trainer:
         self._open_data()
         self._build_model()
         self._build_optimizer()
-        self.iteration, self.consumed = 0, 0
+        self.iteration, self.consumed, self.skipped = 0, 0, 0
         self._load()
         self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, ps.get_data_parallel_rank(),
                                     self.dp, cfg.seq_len, fixed_len=cfg.pp > 1, multiple=math.lcm(16, seq_unit(cfg)))
@@ -282,6 +282,8 @@ class Trainer:
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=self.cfg.global_batch_size)
+        else:  # fp16 overflow: the step was skipped and the loss scale lowered
+            self.skipped += 1
         # On the device: the losses are there and the all-reduce backend (nccl / hccl) needs it.
         total = torch.zeros(2, dtype=torch.float64, device=self.dev.torch_device)
         if losses and self.layout.tp_rank == 0:
@@ -319,7 +321,8 @@ class Trainer:
                         "grad_norm": grad_norm, "tokens_per_sec": tokens / dt, "tflops": fpt * tokens / dt / 1e12,
                         "iter_ms": dt * 1000.0,
                     }
-                    self.log.info(format_line(row, self.train_iters, cfg.global_batch_size))
+                    scale = self.optimizer.get_loss_scale().item() if self.precision == "fp16" else None
+                    self.log.info(format_line(row, self.train_iters, cfg.global_batch_size, scale, self.skipped))
                     if metrics:
                         metrics.record(row)
                 if diverged:
