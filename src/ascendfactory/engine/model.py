@@ -5,6 +5,7 @@ Local layer spec: its parameter names are the ones the converter's tables target
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -13,6 +14,17 @@ import torch.nn.functional as F
 
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts
+
+
+class _OwnMLPNotice(logging.Filter):
+    """megatron-core logs "Unknown MLP type" for every layer of SwiGLUMLP (not its own MLP class) and then builds
+    it as it builds its MLP (the TP group from parallel_state): a notice, not a problem, in each rank's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_OwnMLPNotice())
 
 
 @dataclass(frozen=True)
