@@ -284,8 +284,9 @@ class Trainer:
             self.scheduler.step(increment=self.cfg.global_batch_size)
         else:  # fp16 overflow: the step was skipped and the loss scale lowered
             self.skipped += 1
-        # On the device: the losses are there and the all-reduce backend (nccl / hccl) needs it.
-        total = torch.zeros(2, dtype=torch.float64, device=self.dev.torch_device)
+        # On the device: the losses are there and the all-reduce backend (nccl / hccl) needs it. float32: HCCL
+        # (Atlas A2 / A3) reduces no float64, and a logged loss needs no more.
+        total = torch.zeros(2, dtype=torch.float32, device=self.dev.torch_device)
         if losses and self.layout.tp_rank == 0:
             for d in losses:
                 total += d["lm loss"]
@@ -385,7 +386,7 @@ def _loss_func(loss_mask: torch.Tensor, cp_group, per_token_loss: torch.Tensor):
     count = n.clone()
     if cp > 1:
         dist.all_reduce(count, group=cp_group)
-    return loss_sum * cp, count, {"lm loss": torch.stack([loss_sum.detach().double(), n.double()])}
+    return loss_sum * cp, count, {"lm loss": torch.stack([loss_sum.detach(), n.float()])}
 
 
 def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
