@@ -28,7 +28,10 @@ class Device:
     def torch_device(self) -> torch.device:
         if self.kind == "cpu":
             return torch.device("cpu")
-        # transfer_to_npu makes "cuda" mean the NPU, so npu and cuda share this path.
+        # transfer_to_npu maps torch.cuda.* onto the NPU, but a torch.device("cuda") we build ourselves would stay
+        # a CUDA device: name the NPU as torch_npu registers it.
+        if self.kind == "npu":
+            return torch.device("npu", torch.npu.current_device())
         return torch.device("cuda", torch.cuda.current_device())
 
     @property
