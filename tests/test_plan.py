@@ -56,6 +56,9 @@ def test_plan_json_for_each_shipped_experiment(model, exp, tmp_path):
     assert out["config"]["tensor_model_parallel_size"] == cfg.tp and "micro_batch_size" in out["config"]
     assert out["unchecked"]  # model files are not on this machine: say which rules were not checked
     assert not (tmp_path / "out").exists()  # plan writes nothing
+    train = next(s for s in out["stages"] if s["name"] == "train")
+    assert ("of LoRA (r 16 on linear_qkv, linear_proj, linear_fc1, linear_fc2)" in train["reason"]) == (
+        cfg.finetuning_type == "lora"), train
 
 
 def test_plan_modelarts_4_nodes(tmp_path):

@@ -57,6 +57,8 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     if done is not None and cfg.epochs is None and cfg.train_iters and done >= cfg.train_iters:
         return False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}"
     iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
+    if cfg.finetuning_type == "lora":
+        iters += f" of LoRA (r {cfg.lora_r} on {', '.join(cfg.lora_target_modules)})"
     if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
         return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {
