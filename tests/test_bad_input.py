@@ -74,7 +74,8 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
         "stage": ({"stage": "rl"}, "stage = 'rl'"),
         "lora_targets": ({"finetuning_type": "lora", "lora_target_modules": "linear_qkv q_proj"},
                          "lora_target_modules = ['linear_qkv', 'q_proj']: unknown q_proj; choose from linear_qkv, "
-                         "linear_proj, linear_fc1, linear_fc2"),
+                         "linear_proj, linear_fc1, linear_fc2 (or all) (q_proj is in linear_qkv: megatron-core fuses "
+                         "them)"),
         "handler": ({"handler-name": "AlpacaHandler"}, "handler_name = 'AlpacaHandler'"),
         "resume_without_ckpt": ({"ckpt_load_type": 2}, "ckpt_load_type = 2 (resume) needs"),
         "save_interval": ({"save-interval": 0}, "save_interval = 0"),

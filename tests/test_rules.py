@@ -123,6 +123,8 @@ def test_lora_settings(tmp_path, model_dir):
     one(tmp_path, model_dir, r"lora_r = 0: the adapter rank must be >= 1", finetuning_type="lora", lora_r=0)
     one(tmp_path, model_dir, r"lora_alpha = -1.0: must be > 0", finetuning_type="lora", lora_alpha=-1)
     one(tmp_path, model_dir, r"lora_target_modules = \[\]: empty", finetuning_type="lora", lora_target_modules=[])
+    r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", lora_target="all")
+    assert r.cfg.lora_target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
     one(tmp_path, model_dir, r"lora_dropout = 0.1: adapters train without dropout", finetuning_type="lora",
         lora_dropout=0.1)
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", ckpt_load_type=0)

@@ -21,6 +21,11 @@ from ascendfactory.launch.torchrun import scripts_dir
 from ascendfactory.modelinfo import load_config_json
 
 
+# HF linear names (LLaMA-Factory's lora_target) -> the megatron-core linear holding them.
+_HF_LINEARS = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
+               "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+
+
 def _lora_rules(cfg, bad, warnings: list[str]) -> None:
     if cfg.lora_r < 1:
         bad(f"lora_r = {cfg.lora_r}: the adapter rank must be >= 1 (8-64 is usual)")
@@ -29,7 +34,9 @@ def _lora_rules(cfg, bad, warnings: list[str]) -> None:
     unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
     if unknown or not cfg.lora_target_modules:
         what = f"unknown {', '.join(unknown)}" if unknown else "empty"
-        bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)}")
+        hf = [f"{m} is in {_HF_LINEARS[m]}" for m in unknown if m in _HF_LINEARS]
+        bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)} "
+            f"(or all){' (' + '; '.join(hf) + ': megatron-core fuses them)' if hf else ''}")
     if cfg.lora_dropout != 0:
         bad(f"lora_dropout = {cfg.lora_dropout}: adapters train without dropout here; set lora_dropout: 0")
     if cfg.ckpt_load_type == 0:

@@ -99,7 +99,8 @@ class ExpConfig(BaseModel):
     @classmethod
     def _split_modules(cls, v):
         # MindSpeed-LLM writes them space-separated on its command line; commas are accepted too
-        return v.replace(",", " ").split() if isinstance(v, str) else v
+        v = v.replace(",", " ").split() if isinstance(v, str) else v
+        return list(LORA_TARGETS) if v == ["all"] else v  # LLaMA-Factory's `lora_target: all`
 
     @property
     def tp(self) -> int:
