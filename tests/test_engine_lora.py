@@ -90,6 +90,19 @@ def test_adapters_alone_train_alike_in_every_layout_and_export_reproduces_them(e
     assert tp2["decoder.layers.0.mlp.linear_fc2.lora_A.weight"].shape == (4, 64)  # A's columns split (128 / 2)
     assert tp2["decoder.layers.0.mlp.linear_fc2.lora_B.weight"].shape == (64, 4)
 
+    # Dropout on the adapters' input: in the whole-input case (column linear, no SP) both TP ranks draw the same
+    # mask, so the replicated A stays one matrix; it changes the training (iteration 1 is the base model either way,
+    # and Adam's first step is lr x sign(gradient), which the masks rarely flip).
+    drop, res = _run(env, "lora_TP2_dropout", 2, ckpt_load_type=1, user_converted_ckpt_path=str(env["conv"][(2, 1)]),
+                     tensor_model_parallel_size=2, lora_dropout=0.3, train_iters=3)
+    _ok(res)
+    ranks = [_weights(L.rank_file(drop / "saved_checkpoints", 3, t, 0, 1)) for t in (0, 1)]
+    for k in ranks[0]:
+        if k.endswith(("linear_qkv.lora_A.weight", "linear_fc1.lora_A.weight")):
+            assert torch.equal(ranks[0][k], ranks[1][k]), k
+    got = E.losses(drop)
+    assert got[1] == pytest.approx(ref[1], rel=1e-5) and abs(got[3] - ref[3]) > 1e-4 * ref[3]
+
     # Export: merged weights; the HF model reproduces the megatron model running its adapters (verify builds it
     # with the adapters beside the frozen weights), and every layout exports the same model (so the TP / PP
     # shards fold like the whole matrices).
@@ -112,14 +125,17 @@ def test_adapters_alone_train_alike_in_every_layout_and_export_reproduces_them(e
 
 def test_resume_is_exact_and_full_runs_take_lora_checkpoints_only_as_merged_weights(env):
     conv = str(env["conv"][(1, 1)])
-    first, res = _run(env, "lora_resume_src", 1, ckpt_load_type=1, user_converted_ckpt_path=conv, save_interval=3)
+    # with dropout: the resume must also restore the generators that draw its masks
+    first, res = _run(env, "lora_resume_src", 1, ckpt_load_type=1, user_converted_ckpt_path=conv, save_interval=3,
+                      lora_dropout=0.1)
     _ok(res)
     cut = env["root"] / "lora_resume_cut"  # the run as it was at iteration 3
     (cut / "saved_checkpoints").mkdir(parents=True)
     shutil.copytree(first / "saved_checkpoints" / "iter_0000003", cut / "saved_checkpoints" / "iter_0000003")
     L.write_tracker(cut / "saved_checkpoints", 3)
 
-    again, res = _run(env, "lora_resume", 1, ckpt_load_type=2, user_converted_ckpt_path=str(cut / "saved_checkpoints"))
+    again, res = _run(env, "lora_resume", 1, ckpt_load_type=2, user_converted_ckpt_path=str(cut / "saved_checkpoints"),
+                      lora_dropout=0.1)
     _ok(res)
     assert "starting at iteration 3" in res.stdout
     ref, got = E.losses(first), E.losses(again)

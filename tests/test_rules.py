@@ -125,8 +125,7 @@ def test_lora_settings(tmp_path, model_dir):
     one(tmp_path, model_dir, r"lora_target_modules = \[\]: empty", finetuning_type="lora", lora_target_modules=[])
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", lora_target="all")
     assert r.cfg.lora_target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    one(tmp_path, model_dir, r"lora_dropout = 0.1: adapters train without dropout", finetuning_type="lora",
-        lora_dropout=0.1)
+    one(tmp_path, model_dir, r"lora_dropout = 1.0: must be in \[0, 1\)", finetuning_type="lora", lora_dropout=1)
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", ckpt_load_type=0)
     assert any("frozen base weights are random" in w for w in check(r, cluster_layout(r.cfg, env={})).warnings)
 

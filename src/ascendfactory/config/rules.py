@@ -37,8 +37,8 @@ def _lora_rules(cfg, bad, warnings: list[str]) -> None:
         hf = [f"{m} is in {_HF_LINEARS[m]}" for m in unknown if m in _HF_LINEARS]
         bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)} "
             f"(or all){' (' + '; '.join(hf) + ': megatron-core fuses them)' if hf else ''}")
-    if cfg.lora_dropout != 0:
-        bad(f"lora_dropout = {cfg.lora_dropout}: adapters train without dropout here; set lora_dropout: 0")
+    if not 0 <= cfg.lora_dropout < 1:
+        bad(f"lora_dropout = {cfg.lora_dropout}: must be in [0, 1) (0.05-0.1 is usual)")
     if cfg.ckpt_load_type == 0:
         warnings.append("finetuning_type lora with ckpt_load_type 0: the frozen base weights are random; "
                         "use ckpt_load_type 1 to adapt the weights of model_name_or_path")

@@ -1,7 +1,7 @@
 """LoRA (finetuning_type: lora) on megatron-core's tensor-parallel linears.
 
 Each target linear gets two children, lora_A [r, in] and lora_B [out, r], and a forward hook that adds
-(lora_alpha / lora_r) * B A x to its output; every other parameter is frozen. The base weights keep their
+(lora_alpha / lora_r) * B A dropout(x) to its output; every other parameter is frozen. The base weights keep their
 names, so converted checkpoints load as they are and a saved checkpoint folds back into plain weights
 (convert/lora.py). The adapters are split like their linear: a column-parallel linear (linear_qkv, linear_fc1)
 splits B's rows over TP and keeps A whole, a row-parallel one (linear_proj, linear_fc2) splits A's columns and
@@ -26,6 +26,7 @@ class LoRASpec:
     r: int
     alpha: float
     targets: tuple[str, ...] = LORA_TARGETS
+    dropout: float = 0.0
 
     @property
     def scaling(self) -> float:
@@ -33,11 +34,12 @@ class LoRASpec:
 
     @classmethod
     def from_args(cls, args: dict) -> "LoRASpec":
-        return cls(int(args["lora_r"]), float(args["lora_alpha"]), tuple(args["lora_target_modules"]))
+        return cls(int(args["lora_r"]), float(args["lora_alpha"]), tuple(args["lora_target_modules"]),
+                   float(args.get("lora_dropout", 0.0)))
 
     def checkpoint_args(self) -> dict:
         return {"finetuning_type": "lora", "lora_r": self.r, "lora_alpha": self.alpha,
-                "lora_target_modules": list(self.targets)}
+                "lora_target_modules": list(self.targets), "lora_dropout": self.dropout}
 
 
 def _initial_a(r: int, fan_in: int, seed: int, layer_number: int, name: str) -> torch.Tensor:
@@ -55,13 +57,28 @@ def _linear(weight: torch.Tensor) -> torch.nn.Linear:
     return lin
 
 
+def _dropped(module, x: torch.Tensor, own_slice: bool) -> torch.Tensor:
+    """Dropout on the adapter's input. An input every TP rank holds whole takes the default generator (seeded alike
+    on the TP ranks: the same mask, so the replicated A gets the same gradient); a rank's own slice (hidden columns,
+    or the sequence under SP) takes megatron-core's model-parallel generator, as its own dropout does."""
+    p = module.lora_dropout
+    if not (p and module.training):
+        return x
+    if own_slice:
+        from megatron.core.tensor_parallel import get_cuda_rng_tracker
+
+        with get_cuda_rng_tracker().fork():
+            return torch.nn.functional.dropout(x, p, True)
+    return torch.nn.functional.dropout(x, p, True)
+
+
 def _column_hook(module, args, output):
     from megatron.core.tensor_parallel.mappings import (
         copy_to_tensor_model_parallel_region,
         gather_from_sequence_parallel_region,
     )
 
-    a = module.lora_A(args[0])
+    a = module.lora_A(_dropped(module, args[0], own_slice=module.sequence_parallel))
     # B's TP shards all need the whole A x: gathered over the sequence under SP, else already replicated
     # (the backward then sums the shards' gradients either way).
     a = gather_from_sequence_parallel_region(a) if module.sequence_parallel else copy_to_tensor_model_parallel_region(a)
@@ -75,7 +92,8 @@ def _row_hook(module, args, output):
         reduce_scatter_to_sequence_parallel_region,
     )
 
-    a = module.lora_A(args[0])  # this rank's input columns: a partial sum, completed like the base output
+    # this rank's input columns: a partial sum, completed like the base output
+    a = module.lora_A(_dropped(module, args[0], own_slice=True))
     a = (reduce_scatter_to_sequence_parallel_region(a) if module.sequence_parallel
          else reduce_from_tensor_model_parallel_region(a))
     out, bias = output
@@ -106,6 +124,7 @@ def _attach(linear, spec: LoRASpec, seed: int, layer_number: int, name: str, tp:
     # over TP, as for the norms.
     whole.weight.sequence_parallel = linear.sequence_parallel
     linear.lora_scaling = spec.scaling
+    linear.lora_dropout = spec.dropout
     linear.register_forward_hook(hook)
 
 

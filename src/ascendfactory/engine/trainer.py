@@ -195,7 +195,7 @@ class Trainer:
                                vocab_size=self.padded_vocab)
         self.lora = None
         if cfg.finetuning_type == "lora":
-            self.lora = LoRASpec(cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules))
+            self.lora = LoRASpec(cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules), cfg.lora_dropout)
             trainable, total = apply_lora(core, self.lora, cfg.seed, cfg.tp, ps.get_tensor_model_parallel_rank())
             self.log.info(f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
                           f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%) "
