@@ -111,6 +111,15 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
             (d / "config.json").write_text(json.dumps(c))
         exp["model_name_or_path"] = str(d)
         return [], "unsupported architecture"
+    if case == "rope_yarn":  # converts fine, but training would not reproduce it: refused before any stage
+        d = user / "model_yarn"
+        if not d.exists():
+            shutil.copytree(user / "model", d)
+            c = json.loads((d / "config.json").read_text())
+            c["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}
+            (d / "config.json").write_text(json.dumps(c))
+        exp["model_name_or_path"] = str(d)
+        return [], "rope_scaling type 'yarn' is not supported for training"
     if case == "no_tokenizer":
         d = user / "model_notok"
         if not d.exists():
@@ -170,7 +179,7 @@ CASES = [
     "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp", "seq_sp", "device_missing",
     "data_and_processed", "no_data", "load_type", "stage", "lora_targets", "handler", "resume_without_ckpt", "save_interval",
     "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
-    "unsupported_arch", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
+    "unsupported_arch", "rope_yarn", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
     "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "output_not_writable",
 ]
 

@@ -115,6 +115,14 @@ def test_dataset_xor_processed_data_dir(tmp_path, model_dir):
     one(tmp_path, model_dir, r"neither dataset nor processed_data_dir", dataset=None)
 
 
+def test_warmup_must_end_before_the_run(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"lr_warmup_iters: lr warmup \(100 iterations\) must be shorter than train_iters \(100\)",
+        lr_warmup_iters=100, train_iters=100)
+    one(tmp_path, model_dir, r"lr_warmup_fraction: lr warmup \(100 iterations\) must be shorter", lr_warmup_fraction=1.0,
+        train_iters=100)
+    assert problems(tmp_path, model_dir, lr_warmup_iters=100, train_iters=None, epochs=1) == []  # the trainer checks
+
+
 def test_lora_settings(tmp_path, model_dir):
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", **{"lora-rank": 8},
                  lora_target="linear_qkv,linear_fc2")  # LLaMA-Factory's names, a comma list

@@ -39,6 +39,23 @@ class ModelFacts:
     rope_scaling: dict | None = field(default=None, hash=False)
     torch_dtype: str | None = None
 
+    @property
+    def rope_scaling_type(self) -> str | None:
+        if not self.rope_scaling:
+            return None
+        return self.rope_scaling.get("rope_type") or self.rope_scaling.get("type")
+
+
+# RoPE variants the training model reproduces (conversion itself is independent of RoPE).
+TRAINABLE_ROPE = (None, "default", "llama3")
+
+
+def check_trainable(facts: ModelFacts, source: str = "config.json") -> None:
+    """What conversion accepts but training cannot build exactly, refused before any stage runs."""
+    if facts.rope_scaling_type not in TRAINABLE_ROPE:
+        raise UserError(f"{source}: rope_scaling type {facts.rope_scaling_type!r} is not supported for training "
+                        "(supported: llama3, or none); remove rope_scaling or use another model")
+
 
 def config_path(model_dir: str | Path) -> Path:
     return Path(model_dir) / "config.json"

@@ -149,12 +149,13 @@ def _prepare_output_dir(paths: RunPaths) -> None:
 def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> None:
     from ascendfactory.launch.lock import RunLock
     from ascendfactory.launch.torchrun import TrainingFailed
-    from ascendfactory.modelinfo import read_model_facts
+    from ascendfactory.modelinfo import check_trainable, config_path, read_model_facts
 
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
     if plan.report.model_error:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
+    check_trainable(facts, str(config_path(plan.cfg.model_name_or_path)))
     _check_given_checkpoint(plan.cfg, facts.num_layers)
     from ascendfactory.engine.device import check_requested
 

@@ -98,6 +98,9 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"train_iters = {cfg.train_iters}: must be positive (or set `epochs`)")
     if cfg.min_lr > cfg.lr:
         bad(f"min_lr = {cfg.min_lr} > lr = {cfg.lr}: the schedule decays from lr down to min_lr")
+    if cfg.epochs is None and cfg.train_iters and cfg.train_iters > 0 and (
+            problem := warmup_problem(cfg, cfg.train_iters)):
+        bad(problem)
     if r.problems:  # sizes below 1 make the divisibility rules meaningless
         return r
 
@@ -151,6 +154,20 @@ def check(res: Resolved, layout: Layout) -> Report:
     _check_model(cfg, layer_list, r)
     _check_checkpoint_layout(cfg, r)
     return r
+
+
+def warmup_iters(cfg, train_iters: int) -> int:
+    return int(cfg.lr_warmup_fraction * train_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
+
+
+def warmup_problem(cfg, train_iters: int) -> str | None:
+    """The warmup must end before the run does (with `epochs`, train_iters is known only to the trainer)."""
+    warmup = warmup_iters(cfg, train_iters)
+    if warmup >= train_iters:
+        key = "lr_warmup_fraction" if cfg.lr_warmup_fraction is not None else "lr_warmup_iters"
+        return (f"{key}: lr warmup ({warmup} iterations) must be shorter than train_iters ({train_iters}); "
+                f"lower {key}")
+    return None
 
 
 def seq_unit(cfg) -> int:

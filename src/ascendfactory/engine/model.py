@@ -12,8 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ascendfactory.errors import UserError
-from ascendfactory.modelinfo import ModelFacts
+from ascendfactory.modelinfo import ModelFacts, check_trainable
 
 
 class _OwnMLPNotice(logging.Filter):
@@ -145,21 +144,13 @@ def llama3_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
     return torch.where(medium, smoothed, scaled)
 
 
-def rope_scaling_type(facts: ModelFacts) -> str | None:
-    if not facts.rope_scaling:
-        return None
-    return facts.rope_scaling.get("rope_type") or facts.rope_scaling.get("type")
-
-
 def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_process: bool = True,
                     max_sequence_length: int | None = None, vocab_size: int | None = None):
     """GPTModel for one pipeline stage. `config` is from transformer_config() with the model's full layer count:
     megatron-core builds this stage's share (even, or par.num_layer_list's split)."""
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    kind = rope_scaling_type(facts)
-    if kind not in (None, "default", "llama3"):
-        raise UserError(f"config.json: rope_scaling type {kind!r} is not supported (supported: llama3)")
+    check_trainable(facts)
     model = GPTModel(
         config=config,
         transformer_layer_spec=local_block_spec(config, facts.qk_norm),
@@ -172,7 +163,7 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
         rotary_base=facts.rope_theta,
         rotary_percent=1.0,
     )
-    if kind == "llama3":
+    if facts.rope_scaling_type == "llama3":
         inv = llama3_inv_freq(facts.head_dim, facts.rope_theta, facts.rope_scaling)
         model.rotary_pos_emb.inv_freq = inv.to(model.rotary_pos_emb.inv_freq.device)
     return model

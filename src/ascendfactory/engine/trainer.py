@@ -16,7 +16,13 @@ import torch.distributed as dist
 from ascendfactory import ckpt_layout as L
 from ascendfactory.config.loader import load_resolved
 from ascendfactory.config.paths import RunPaths, run_paths
-from ascendfactory.config.rules import parse_layer_list, seq_len_problem, seq_unit
+from ascendfactory.config.rules import (
+    parse_layer_list,
+    seq_len_problem,
+    seq_unit,
+    warmup_iters,
+    warmup_problem,
+)
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.layout import padded_vocab_size, stage_layers
 from ascendfactory.data.stage import find_data_prefix
@@ -229,10 +235,9 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         self.tconfig.grad_scale_func = self.optimizer.scale_loss if self.precision == "fp16" else None
         gbs = cfg.global_batch_size
-        warmup = (int(cfg.lr_warmup_fraction * self.train_iters) if cfg.lr_warmup_fraction is not None
-                  else cfg.lr_warmup_iters)
-        if warmup >= self.train_iters:
-            raise UserError(f"lr warmup ({warmup} iterations) must be shorter than train_iters {self.train_iters}")
+        if problem := warmup_problem(cfg, self.train_iters):
+            raise UserError(problem)
+        warmup = warmup_iters(cfg, self.train_iters)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr,
             lr_warmup_steps=warmup * gbs, lr_decay_steps=self.train_iters * gbs, lr_decay_style=cfg.lr_decay_style,
