@@ -4,8 +4,11 @@ checkpoint crosses between full and LoRA runs only where that is sound."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -112,6 +115,24 @@ def test_adapters_alone_train_alike_in_every_layout_and_export_reproduces_them(e
         megatron_to_hf(out / "saved_checkpoints", hf, env["model"])
         exported[layout] = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert verify_conversion(tmp_path / "hf_11", runs[(1, 1)] / "saved_checkpoints") < 1e-4
+    # The adapters alone in PEFT's format (the fused q/k/v and gate/up adapters split per HF linear): peft puts
+    # them on the original HF model, which then computes what the merged export computes.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ascendfactory.convert.peft_adapter import export_peft_adapter
+
+    export_peft_adapter(runs[(2, 1)] / "saved_checkpoints", tmp_path / "peft", env["model"])
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"], config["target_modules"]) == (
+        4, 8.0, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"])
+    tokens = torch.randint(0, 400, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        with_adapter = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32), tmp_path / "peft")(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf_21", dtype=torch.float32)(tokens).logits
+    assert (with_adapter - merged).abs().max() < 1e-5
+
     original = {k: v for f in sorted(env["model"].glob("*.safetensors")) for k, v in load_file(f).items()}
     q = "model.layers.1.self_attn.q_proj.weight"
     assert (exported[(1, 1)][q] - original[q]).abs().max() > 1e-3  # the adapters are in
@@ -146,6 +167,13 @@ def test_resume_is_exact_and_full_runs_take_lora_checkpoints_only_as_merged_weig
     assert any(".lora_B." in k for k in a) and sorted(a) == sorted(b)
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-6, msg=k)
+
+    # A checkpoint without adapters has no PEFT export: refused before any work.
+    res = subprocess.run([sys.executable, "-m", "ascendfactory", "convert", "mg2hf", "--mg-dir", conv, "--hf-dir",
+                          str(env["root"] / "no_hf"), "--hf-config-dir", str(env["model"]), "--peft-dir",
+                          str(env["root"] / "no_peft")], capture_output=True, text=True)
+    assert res.returncode == 2 and "holds no LoRA adapters" in res.stderr, res.stderr
+    assert not (env["root"] / "no_hf").exists() and not (env["root"] / "no_peft").exists()
 
     # A full fine-tuning resume from it is refused: its optimizer state is the adapters'.
     bad, res = _run(env, "full_from_lora_resume", 1, finetuning_type="full", ckpt_load_type=2,

@@ -144,6 +144,29 @@ def test_restarts_exhausted_names_cause_and_log(assets, tmp_path):
     assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").read_text().strip() == "4"
 
 
+def test_lora_run_exports_merged_model_and_peft_adapter(assets, tmp_path):
+    out = tmp_path / "lora"
+    cfg = write_cfg(assets, out, pack=True, finetuning_type="lora", lora_r=4, lora_alpha=8, lr=1e-2,
+                    **{"train-iters": 4})
+    r = train(cfg)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "of LoRA (r 4 on linear_qkv, linear_proj, linear_fc1, linear_fc2)" in r.stdout
+    assert f"(merged) and {out / 'lora_adapter'} (PEFT adapter)" in r.stdout
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "converted_mg2hf_weight")
+    config = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["r"] == 4
+    assert (out / "lora_adapter" / "adapter_model.safetensors").is_file()
+    # nothing left to do on a second launch, the adapter included
+    r2 = train(cfg)
+    assert r2.returncode == 0 and f"{out / 'lora_adapter'} its adapter" in r2.stdout, r2.stdout[-3000:]
+    # ... until the adapter folder is gone
+    shutil.rmtree(out / "lora_adapter")
+    r3 = train(cfg)
+    assert r3.returncode == 0 and "export: running" in r3.stdout and (out / "lora_adapter").is_dir()
+
+
 def test_divergence_fails_the_stage_with_the_workers_reason(assets, tmp_path):
     out = tmp_path / "nan"
     cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False, lr=1e20, **{"min-lr": 1e20},

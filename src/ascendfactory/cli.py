@@ -137,12 +137,14 @@ def convert_mg2hf(
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the checkpoint's)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="largest safetensors file, e.g. 5GB, 500MB"),
     verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
+    peft_dir: Optional[str] = typer.Option(None, "--peft-dir",
+                                           help="a LoRA checkpoint's adapters, also as a PEFT adapter folder here"),
 ):
-    """Megatron checkpoint (any TP/PP) -> HF safetensors."""
+    """Megatron checkpoint (any TP/PP) -> HF safetensors (LoRA adapters folded in)."""
     from ascendfactory.convert.api import mg2hf_command
 
     mg2hf_command(mg_dir=mg_dir, hf_dir=hf_dir, hf_config_dir=hf_config_dir, iteration=iteration, dtype=dtype,
-                  shard_size=shard_size, verify=verify)
+                  shard_size=shard_size, verify=verify, peft_dir=peft_dir)
 
 
 def _flags(master_addr, num_nodes, rank) -> dict:

@@ -21,6 +21,11 @@ class RunPaths:
     def exp_config(self) -> Path:
         return self.output_dir / "exp-config.yaml"
 
+    @property
+    def lora_adapter_dir(self) -> Path:
+        """A LoRA run's adapters in PEFT's format (its merged model goes to hf_save_dir)."""
+        return self.output_dir / "lora_adapter"
+
     def as_json(self) -> dict:
         return {k: str(v) for k, v in self.__dict__.items()}
 

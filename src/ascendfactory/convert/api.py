@@ -4,6 +4,7 @@
     megatron_to_hf(mg_dir, hf_dir, hf_config_dir, ...) Megatron checkpoint (converted or trained) -> HF
     read_checkpoint_layout(mg_dir, iteration=None)     TP/PP/layers/source/padded vocab of a Megatron folder
     verify_conversion(hf_dir, mg_dir, ...)             HF vs megatron-core logits, raises on a mismatch
+    export_peft_adapter(mg_dir, out_dir, hf_config_dir) a LoRA checkpoint's adapters as a PEFT adapter folder
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from ascendfactory.convert.hf2mg import hf_to_megatron
 from ascendfactory.convert.layout import dtype_name
 from ascendfactory.convert.mg2hf import DEFAULT_SHARD_SIZE, megatron_to_hf
 from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
+from ascendfactory.convert.peft_adapter import export_peft_adapter
 from ascendfactory.convert.verify import VerificationFailed, verify_conversion
 
 __all__ = ["hf_to_megatron", "megatron_to_hf", "read_checkpoint_layout", "CheckpointLayout", "verify_conversion",
-           "VerificationFailed", "hf2mg_command", "mg2hf_command"]
+           "VerificationFailed", "export_peft_adapter", "hf2mg_command", "mg2hf_command"]
 
 
 def hf2mg_command(hf_dir, mg_dir, tp=1, pp=1, num_layer_list=None, dtype=None, make_vocab_size_divisible_by=None,
@@ -26,7 +28,9 @@ def hf2mg_command(hf_dir, mg_dir, tp=1, pp=1, num_layer_list=None, dtype=None, m
 
 
 def mg2hf_command(mg_dir, hf_dir, hf_config_dir, iteration=None, dtype=None, shard_size=DEFAULT_SHARD_SIZE,
-                  verify=False) -> None:
+                  verify=False, peft_dir=None) -> None:
+    if peft_dir:  # first: a checkpoint without adapters is refused before any work
+        export_peft_adapter(mg_dir, peft_dir, hf_config_dir, iteration)
     megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration, dtype, shard_size)
     if verify:
         verify_conversion(hf_dir, mg_dir, iteration, dtype=dtype_name(dtype))

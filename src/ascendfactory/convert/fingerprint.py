@@ -59,6 +59,19 @@ def export_complete(target: Path) -> bool:
     return (Path(target) / "config.json").is_file() and all((Path(target) / f).is_file() for f in files)
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def adapter_fingerprint(mg_dir, iteration: int, hf_config_dir) -> dict:
+    """A LoRA checkpoint's adapters in PEFT's format (convert/peft_adapter.py)."""
+    return export_fingerprint(mg_dir, iteration, hf_config_dir, None, 0) | {"format": "peft"}
+
+
+def adapter_complete(target: Path) -> bool:
+    return (Path(target) / ADAPTER_CONFIG).is_file() and (Path(target) / ADAPTER_WEIGHTS).is_file()
+
+
 def read_marker(target_dir: str | Path) -> dict | None:
     path = Path(target_dir) / MARKER
     try:

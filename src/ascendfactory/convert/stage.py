@@ -9,6 +9,8 @@ from ascendfactory.ckpt_layout import read_tracker
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
+    adapter_complete,
+    adapter_fingerprint,
     conversion_complete,
     conversion_fingerprint,
     export_complete,
@@ -68,13 +70,24 @@ def decide_export(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
         fp = export_fingerprint(paths.save_dir, it, cfg.model_name_or_path, export_dtype(cfg), EXPORT_SHARD_SIZE)
     except (UserError, OSError):
         fp = None
-    if fp is not None and marker == fp and export_complete(paths.hf_save_dir):
-        return False, f"{paths.hf_save_dir} already holds the export of iteration {it}"
-    return True, f"final checkpoint in {paths.save_dir} -> {paths.hf_save_dir}"
+    lora = cfg.finetuning_type == "lora"
+    adapter = paths.lora_adapter_dir
+    adapter_marker = ours(adapter, "lora adapter dir") if lora else None
+    if fp is not None and marker == fp and export_complete(paths.hf_save_dir) and (not lora or (
+            adapter_marker == adapter_fingerprint(paths.save_dir, it, cfg.model_name_or_path)
+            and adapter_complete(adapter))):
+        return False, f"{paths.hf_save_dir} already holds the export of iteration {it}" + (
+            f", {adapter} its adapter" if lora else "")
+    return True, f"final checkpoint in {paths.save_dir} -> {paths.hf_save_dir}" + (
+        f" (merged) and {adapter} (PEFT adapter)" if lora else "")
 
 
 def run_export(cfg: ExpConfig, paths: RunPaths) -> None:
     from ascendfactory.convert.mg2hf import megatron_to_hf
+    from ascendfactory.convert.peft_adapter import export_peft_adapter
 
     megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, None, export_dtype(cfg),
                    EXPORT_SHARD_SIZE, replace_ours=True, flag="hf_save_dir")
+    if cfg.finetuning_type == "lora":
+        export_peft_adapter(paths.save_dir, paths.lora_adapter_dir, cfg.model_name_or_path, replace_ours=True,
+                            flag="lora adapter dir")

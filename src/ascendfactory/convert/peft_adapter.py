@@ -1,0 +1,82 @@
+"""A LoRA training checkpoint's adapters as a PEFT adapter folder (adapter_config.json + adapter_model.safetensors),
+which peft / vLLM load on top of the original HF model.
+
+HF keeps q/k/v and gate/up as separate linears where megatron-core fuses them, but the fused adapter splits
+exactly: the delta of q_proj is B_q A, with B_q the q rows of the fused B (the same rows the conversion table
+takes from the fused weight) and the shared A. So each HF linear gets lora_A = A and its own rows of B, and a
+row-parallel linear (o_proj, down_proj) gets its A columns gathered from the TP ranks; same rank and scale.
+"""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ascendfactory.convert.families import COLUMNS, GATE_UP, QKV, rules_for, stage_items
+from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
+from ascendfactory.convert.layout import Layout
+from ascendfactory.convert.lora import LORA_A, LORA_B
+from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
+from ascendfactory.convert.sharding import merge
+from ascendfactory.convert.target import staged, up_to_date
+from ascendfactory.errors import UserError
+from ascendfactory.modelinfo import read_model_facts
+from ascendfactory.progress import Progress
+
+def _split(kind: str, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts) -> dict:
+    """HF linear weight name -> (A, B) from every TP rank's adapter shards of one megatron linear."""
+    if kind in (QKV, GATE_UP):  # column-parallel: A whole on every rank, B's rows like the weight's
+        return {n: (a[0], bn) for n, bn in merge(kind, names, b, facts, facts.vocab_size).items()}
+    if kind == COLUMNS:  # row-parallel: A's columns split like the weight's, B whole
+        return {names[0]: (merge(kind, names, a, facts, facts.vocab_size)[names[0]], b[0])}
+    raise ValueError(f"no LoRA adapter split for a {kind!r} tensor")
+
+
+def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = None, *,
+                        replace_ours: bool = False, flag: str = "--peft-dir") -> bool:
+    """Write the adapters of a LoRA checkpoint; False when out_dir already holds this export. UserError for a
+    checkpoint without adapters."""
+    from safetensors.torch import save_file
+
+    facts = read_model_facts(hf_config_dir)
+    ck = read_checkpoint_layout(mg_dir, iteration)
+    args = rank_args(ck.file(0, 0))
+    if args.get("finetuning_type") != "lora":
+        raise UserError(f"{ck.path}: iteration {ck.iteration} holds no LoRA adapters (not a finetuning_type lora "
+                        "checkpoint); export it with mg2hf")
+    fp = adapter_fingerprint(mg_dir, ck.iteration, hf_config_dir)
+    log = Progress("peft")
+    if up_to_date(out_dir, fp, flag, replace_ours, adapter_complete):
+        log.say(f"{out_dir} already holds this adapter; nothing to do")
+        return False
+    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    tensors, modules = {}, set()
+    for p in range(ck.pp):
+        states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]
+        for rule, mg_name, names in stage_items(rules_for(facts, ck.pp), layout, p):
+            stem = mg_name.removesuffix("weight")
+            if stem + LORA_A not in states[0]:
+                continue
+            pairs = _split(rule.kind, names, [sd[stem + LORA_A] for sd in states],
+                           [sd[stem + LORA_B] for sd in states], facts)
+            for name, (a, b) in pairs.items():
+                module = name.removesuffix(".weight")
+                # clones: the fused A is every split linear's own A, and safetensors stores no shared memory
+                tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()
+                tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
+                modules.add(module.rsplit(".", 1)[-1])
+        del states
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(hf_config_dir),
+        "r": int(args["lora_r"]), "lora_alpha": float(args["lora_alpha"]),
+        "lora_dropout": float(args.get("lora_dropout", 0.0)), "target_modules": sorted(modules), "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None,
+    }
+    with staged(out_dir, fp) as tmp:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    log.say(f"wrote {out_dir} (PEFT LoRA adapter: r {config['r']}, {len(tensors) // 2} linears, "
+            f"{', '.join(config['target_modules'])}; from {ck.describe()} iteration {ck.iteration})")
+    return True
