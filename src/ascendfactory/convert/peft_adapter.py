@@ -24,6 +24,7 @@ from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import read_model_facts
 from ascendfactory.progress import Progress
 
+
 def _split(kind: str, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts) -> dict:
     """HF linear weight name -> (A, B) from every TP rank's adapter shards of one megatron linear."""
     if kind in (QKV, GATE_UP):  # column-parallel: A whole on every rank, B's rows like the weight's
