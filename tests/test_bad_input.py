@@ -159,6 +159,14 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
             hf_to_megatron(user / "model", ck, tp=1, pp=2, num_layer_list=[3, 1])
         exp.update({"user_converted_ckpt_path": str(ck), "pipeline-model-parallel-size": 2})
         return [], "splits the layers 3,1"
+    if case == "resume_from_weights":  # converted weights hold no optimizer state: found before any stage runs
+        ck = user / "ck_weights"
+        if not ck.exists():
+            from ascendfactory.convert.api import hf_to_megatron
+
+            hf_to_megatron(user / "model", ck, tp=1, pp=1)
+        exp.update({"user_converted_ckpt_path": str(ck), "ckpt_load_type": 2})
+        return [], "no 'optimizer' (weights only, e.g. converted HF weights); use ckpt_load_type 1"
     if case == "output_not_writable":
         (user / "a_file").write_text("x")
         exp["output_dir"] = str(user / "a_file" / "out")
@@ -180,7 +188,8 @@ CASES = [
     "data_and_processed", "no_data", "load_type", "stage", "lora_targets", "handler", "resume_without_ckpt", "save_interval",
     "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
     "unsupported_arch", "rope_yarn", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
-    "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "output_not_writable",
+    "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "resume_from_weights",
+    "output_not_writable",
 ]
 
 

@@ -156,7 +156,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     check_trainable(facts, str(config_path(plan.cfg.model_name_or_path)))
-    _check_given_checkpoint(plan.cfg, facts.num_layers)
+    _check_given_checkpoint(plan.cfg, facts.num_layers, plan.paths)
     from ascendfactory.engine.device import check_requested
 
     check_requested(plan.cfg.device)
@@ -189,17 +189,24 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     _log(f"all stages done; outputs in {paths.output_dir}")
 
 
-def _check_given_checkpoint(cfg: ExpConfig, num_layers: int) -> None:
-    """The layers per PP stage of a given checkpoint must be the run's (its TP/PP were checked by the rules)."""
+def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) -> None:
+    """What the workers would find only after the other stages ran (and then once per torchrun attempt): the
+    layers per PP stage of a given checkpoint must be the run's (its TP/PP were checked by the rules), and a
+    resume needs a training checkpoint, unless auto-resume will take one of the run's own."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
     from ascendfactory.config.rules import parse_layer_list
     from ascendfactory.convert.layout import stage_layers
-    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+    from ascendfactory.convert.mgckpt import load_rank, read_checkpoint_layout, resume_problem
 
     ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
                         keys=("num_layer_list", "pipeline_model_parallel_size"))
-    theirs = list(read_checkpoint_layout(cfg.user_converted_ckpt_path).layers)
+    given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
+    if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir)):
+        first = given.file(0, 0)
+        if problem := resume_problem(load_rank(first), first):
+            raise UserError(problem)
+    theirs = list(given.layers)
     if theirs != ours:
         split = ",".join(map(str, theirs))
         raise UserError(f"user_converted_ckpt_path {cfg.user_converted_ckpt_path} splits the layers {split} over "

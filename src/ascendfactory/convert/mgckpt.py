@@ -63,6 +63,18 @@ def model_state(path: Path, fold_adapters: bool = True) -> Mapping[str, torch.Te
     return without_adapters(state, rank_args(path), path) if fold_adapters else state
 
 
+TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state")
+
+
+def resume_problem(rank_content: Mapping, path) -> str | None:
+    """Why a rank file cannot be resumed from (ckpt_load_type 2): converted weights carry no training state."""
+    missing = [k for k in TRAINING_STATE if k not in rank_content]
+    if missing:
+        return (f"{path}: no {missing[0]!r} (weights only, e.g. converted HF weights); "
+                "use ckpt_load_type 1 for such a checkpoint")
+    return None
+
+
 def rank_args(path: Path) -> dict:
     """The `args` a rank file records (Megatron / MindSpeed write an argparse.Namespace, we a dict)."""
     return _args_dict(load_rank(path).get("args"))

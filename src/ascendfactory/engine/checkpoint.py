@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
 from ascendfactory.convert.lora import LORA_A, is_lora_key, without_adapters
-from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
+from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout, resume_problem
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError
@@ -302,10 +302,8 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
         raise UserError(f"{f}: weights do not fit the model built from config.json "
                         f"(missing {missing[:3]}, unexpected {unexpected[:3]}); convert the weights again")
     if full:
-        for key in ("optimizer", "opt_param_scheduler", "rng_state"):
-            if key not in state:
-                raise UserError(f"{f}: no {key!r} (weights only, e.g. converted HF weights); "
-                                "use ckpt_load_type 1 for such a checkpoint")
+        if problem := resume_problem(state, f):
+            raise UserError(problem)
         optimizer.load_state_dict(state["optimizer"])
         if distributed_optimizer:
             _load_distributed_optimizer_shards(optimizer, f.parent / DISTRIB_OPTIM_FILE)
