@@ -60,7 +60,7 @@ def model_state(path: Path, fold_adapters: bool = True) -> Mapping[str, torch.Te
         found = ", ".join(sorted(k for k in ckpt if k.startswith("model"))) or "none"
         raise UserError(f"{path}: no 'model' entry (found: {found}); virtual-pipeline checkpoints are not supported")
     state = {k: v for k, v in ckpt["model"].items() if not k.endswith("_extra_state")}
-    return without_adapters(state, rank_args(path), path) if fold_adapters else state
+    return without_adapters(state, _args_dict(ckpt.get("args")), path) if fold_adapters else state
 
 
 TRAINING_STATE = ("optimizer", "opt_param_scheduler", "rng_state")
