@@ -17,6 +17,8 @@ fi
 TORCH_PIN=$(mktemp)
 "$PY" -c "import torch; print('torch==' + torch.__version__)" > "$TORCH_PIN"
 "$PY" -m pip install -c "$TORCH_PIN" -e ".[test]"
+# peft: only the LoRA adapter export's test loads it (skipped without); not needed to train or export.
+"$PY" -m pip install -c "$TORCH_PIN" -e ".[peft]" || echo "install.sh: peft not installed; its test will be skipped"
 # Optional speed-up for preprocessing; everything works without it.
 "$PY" -m pip install -c "$TORCH_PIN" -e ".[fast]" || echo "install.sh: gigatoken not installed; preprocessing uses the HF tokenizer"
 rm -f "$TORCH_PIN"
