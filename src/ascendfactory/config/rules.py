@@ -14,16 +14,12 @@ from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import LORA_TARGETS
+from ascendfactory.convert.families import hf_linear_owners
 from ascendfactory.data.handlers import HANDLERS
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.launch.torchrun import scripts_dir
 from ascendfactory.modelinfo import load_config_json
-
-
-# HF linear names (LLaMA-Factory's lora_target) -> the megatron-core linear holding them.
-_HF_LINEARS = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
-               "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
 
 
 def _lora_rules(cfg, bad, warnings: list[str]) -> None:
@@ -34,7 +30,8 @@ def _lora_rules(cfg, bad, warnings: list[str]) -> None:
     unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
     if unknown or not cfg.lora_target_modules:
         what = f"unknown {', '.join(unknown)}" if unknown else "empty"
-        hf = [f"{m} is in {_HF_LINEARS[m]}" for m in unknown if m in _HF_LINEARS]
+        owners = hf_linear_owners()  # HF names (LLaMA-Factory's lora_target) point at the fused linear
+        hf = [f"{m} is in {owners[m]}" for m in unknown if m in owners]
         bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)} "
             f"(or all){' (' + '; '.join(hf) + ': megatron-core fuses them)' if hf else ''}")
     if not 0 <= cfg.lora_dropout < 1:

@@ -74,6 +74,12 @@ QK_NORM = (
     Rule(f"{_MG_ATTN}.k_layernorm.weight", (f"{_ATTN}.k_norm.weight",), REPLICATED, when="qk_norm"),
 )
 
+def hf_linear_owners() -> dict[str, str]:
+    """HF linear name -> the megatron-core linear holding it (q_proj -> linear_qkv, ...), from the table."""
+    return {h.split(".")[-2]: r.mg.split(".")[-2] for r in COMMON if r.scope == LAYER and r.mg.endswith(".weight")
+            and r.kind != REPLICATED for h in r.hf}
+
+
 TABLES: dict[str, tuple[Rule, ...]] = {
     # Llama may carry attention_bias=true; the bias rule applies only when config.json says so.
     "LlamaForCausalLM": COMMON + QKV_BIAS,
