@@ -3,6 +3,7 @@
     <dir>/latest_checkpointed_iteration.txt
     <dir>/iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt            PP = 1
     <dir>/iter_0000001/mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt   PP > 1
+    <dir>/iter_0000001/mp_rank_{tp:02d}[_{pp:03d}]_{ep:03d}/...       EP > 1 (Megatron-LM's get_checkpoint_name)
 """
 
 from __future__ import annotations
@@ -17,19 +18,24 @@ TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
-_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?$")
+_RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 def iter_dir_name(iteration: int) -> str:
     return f"iter_{iteration:07d}"
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int) -> str:
-    return f"mp_rank_{tp_rank:02d}" if pp_size == 1 else f"mp_rank_{tp_rank:02d}_{pp_rank:03d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0, ep_size: int = 1) -> str:
+    """mp_rank_{tp:02d}[_{pp:03d}][_{ep:03d}]: the PP part only when PP > 1, the EP part only when EP > 1."""
+    pp = f"_{pp_rank:03d}" if pp_size > 1 else ""
+    ep = f"_{ep_rank:03d}" if ep_size > 1 else ""
+    return f"mp_rank_{tp_rank:02d}{pp}{ep}"
 
 
-def rank_file(ckpt_dir: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int) -> Path:
-    return Path(ckpt_dir) / iter_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size) / MODEL_FILE
+def rank_file(ckpt_dir: str | Path, iteration: int, tp_rank: int, pp_rank: int, pp_size: int, ep_rank: int = 0,
+              ep_size: int = 1) -> Path:
+    return (Path(ckpt_dir) / iter_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size)
+            / MODEL_FILE)
 
 
 def iterations_on_disk(ckpt_dir: str | Path) -> list[int]:
@@ -41,17 +47,22 @@ def iterations_on_disk(ckpt_dir: str | Path) -> list[int]:
     return sorted(its, reverse=True)
 
 
-def layout_of(iter_path: str | Path) -> tuple[int, int]:
-    """(tp, pp) from the mp_rank_* folder names of one iteration folder."""
-    tps, pps = set(), set()
+def layout_of(iter_path: str | Path, expert_parallel: bool = False) -> tuple[int, int, int]:
+    """(tp, pp, ep) from the mp_rank_* folder names of one iteration folder. A lone 3-digit part is the PP rank,
+    or the EP rank when `expert_parallel` (mp_rank_00_001 reads either way: the checkpoint's args tell)."""
+    tps, pps, eps = set(), set(), set()
     for d in Path(iter_path).iterdir():
         m = _RANK_RE.match(d.name)
         if m:
-            tps.add(int(m.group(1)))
-            pps.add(int(m.group(2) or 0))
+            tp, first, second = m.groups()
+            if second is None and expert_parallel:
+                first, second = None, first
+            tps.add(int(tp))
+            pps.add(int(first or 0))
+            eps.add(int(second or 0))
     if not tps:
         raise UserError(f"{iter_path}: no mp_rank_* folders; not a Megatron checkpoint iteration")
-    return max(tps) + 1, max(pps) + 1
+    return max(tps) + 1, max(pps) + 1, max(eps) + 1
 
 
 def read_tracker(ckpt_dir: str | Path) -> int:

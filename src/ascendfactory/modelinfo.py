@@ -9,15 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# The family records (traits, mapping table, tiny test model), by config.json architecture name.
+from ascendfactory.convert.families import ARCHITECTURES, Family, supported_architectures
 from ascendfactory.errors import UserError
-
-# Per-architecture traits that config.json does not spell out the same way in every family.
-ARCHITECTURES: dict[str, dict] = {
-    "LlamaForCausalLM": {"qkv_bias_key": "attention_bias", "qkv_bias": False, "qk_norm": False},
-    "MistralForCausalLM": {"qkv_bias_key": None, "qkv_bias": False, "qk_norm": False},
-    "Qwen2ForCausalLM": {"qkv_bias_key": None, "qkv_bias": True, "qk_norm": False},
-    "Qwen3ForCausalLM": {"qkv_bias_key": "attention_bias", "qkv_bias": False, "qk_norm": True},
-}
 
 
 @dataclass(frozen=True)
@@ -38,6 +32,10 @@ class ModelFacts:
     qk_norm: bool
     rope_scaling: dict | None = field(default=None, hash=False)
     torch_dtype: str | None = None
+
+    @property
+    def family(self) -> Family:
+        return ARCHITECTURES[self.architecture]
 
     @property
     def rope_scaling_type(self) -> str | None:
@@ -73,10 +71,6 @@ def load_config_json(model_dir: str | Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e}); restore the model's config.json") from None
 
 
-def supported_architectures() -> str:
-    return ", ".join(sorted(ARCHITECTURES))
-
-
 def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
@@ -84,13 +78,13 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
         raise UserError(
             f"{source}: unsupported architecture {archs or '(none)'}; supported: {supported_architectures()}"
         )
-    traits = ARCHITECTURES[arch]
+    family = ARCHITECTURES[arch]
     try:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        qkv_bias = traits["qkv_bias"]
-        if traits["qkv_bias_key"]:
-            qkv_bias = bool(cfg.get(traits["qkv_bias_key"], qkv_bias))
+        qkv_bias = family.qkv_bias
+        if family.qkv_bias_key:
+            qkv_bias = bool(cfg.get(family.qkv_bias_key, qkv_bias))
         rope_theta = cfg.get("rope_theta")
         rope_params = cfg.get("rope_parameters") or {}
         if rope_theta is None:
@@ -110,7 +104,7 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
             rope_theta=float(rope_theta),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
-            qk_norm=traits["qk_norm"],
+            qk_norm=family.qk_norm,
             rope_scaling=scaling,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
         )

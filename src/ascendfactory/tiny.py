@@ -6,8 +6,11 @@ embedded text, models are random-init from transformers config classes.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+
+from ascendfactory.convert.families import FAMILIES as REGISTRY
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIALS = [
@@ -106,19 +109,15 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
     return out
 
 
-FAMILIES = {
-    "llama": ("LlamaConfig", "LlamaForCausalLM", "llama3"),
-    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", "qwen"),
-    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", "qwen"),
-    "mistral": ("MistralConfig", "MistralForCausalLM", "llama3"),
-}
+# make_tiny_model's family name -> its family record (convert/families.py), whose `tiny` says how to build it.
+FAMILIES = {fam.tiny.name: fam for fam in REGISTRY}
 
 
 def tiny_config(family: str = "qwen2", vocab_size: int = 512, **overrides):
     """A transformers config of the given family with tiny sizes (GQA: 4 heads, 2 kv groups, 4 layers)."""
     import transformers
 
-    cls_name, _, _ = FAMILIES[family]
+    tiny = FAMILIES[family].tiny
     kw = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -131,18 +130,9 @@ def tiny_config(family: str = "qwen2", vocab_size: int = 512, **overrides):
         rope_theta=10000.0,
         tie_word_embeddings=False,
     )
-    if family == "qwen3":
-        kw["head_dim"] = 16
-    if family == "llama":
-        kw["rope_scaling"] = {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 64,
-        }
+    kw.update(copy.deepcopy(tiny.config))  # a copy: transformers may rewrite rope_scaling in place
     kw.update(overrides)
-    return getattr(transformers, cls_name)(**kw)
+    return getattr(transformers, tiny.config_class)(**kw)
 
 
 def make_tiny_model(
@@ -161,12 +151,12 @@ def make_tiny_model(
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = overrides.pop("vocab_size", None)
     if with_tokenizer:
-        make_tokenizer(out, flavor=FAMILIES[family][2])
+        make_tokenizer(out, flavor=FAMILIES[family].tiny.tokenizer)
         if vocab_size is None:
             vocab_size = len(transformers.AutoTokenizer.from_pretrained(str(out)))
     cfg = tiny_config(family, vocab_size=vocab_size or 512, **overrides)
     torch.manual_seed(seed)
-    model = getattr(transformers, FAMILIES[family][1])(cfg)
+    model = getattr(transformers, FAMILIES[family].architectures[0])(cfg)
     # Random-init norms are all ones; perturb them so conversion mistakes on norms show up.
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -223,7 +223,7 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         iter_path = ckpt / ckpt_layout.iter_dir_name(it)
         if not iter_path.is_dir():
             raise UserError(f"{ckpt / ckpt_layout.TRACKER} names iteration {it}, but {iter_path} does not exist")
-        tp, pp = ckpt_layout.layout_of(iter_path)
+        tp, pp, _ = ckpt_layout.layout_of(iter_path)
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return

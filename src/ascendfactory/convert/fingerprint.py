@@ -41,7 +41,7 @@ def conversion_fingerprint(hf_dir, layout: Layout, dtype: str | None) -> dict:
 def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None, shard_size: int) -> dict:
     """mg2hf: one iteration of a Megatron checkpoint, the config it is exported with, and the output options."""
     it_dir = Path(mg_dir) / iter_dir_name(iteration)
-    tp, pp = layout_of(it_dir)
+    tp, pp, _ = layout_of(it_dir)
     return fingerprint(it_dir, iteration=iteration, tp=tp, pp=pp, dtype=dtype, shard_size=shard_size,
                        config=str(Path(hf_config_dir).resolve()))
 

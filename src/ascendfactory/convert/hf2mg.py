@@ -13,7 +13,6 @@ from ascendfactory.convert.fingerprint import conversion_complete, conversion_fi
 from ascendfactory.convert.hfread import SafetensorsReader
 from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
 from ascendfactory.progress import Progress
-from ascendfactory.convert.sharding import shard
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts
@@ -61,7 +60,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                 t0, rank = time.time(), rank_dir_name(t, p, pp)
                 sd = {}
                 for rule, mg_name, names in items:
-                    tensor = shard(rule.kind, names, read, facts, layout, t)
+                    tensor = rule.kind.shard(names, read, facts, layout, t)
                     sd[mg_name] = (tensor.to(cast) if cast else tensor).contiguous()
                     log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
                 path = rank_file(tmp, ITERATION, t, p, pp)

@@ -18,7 +18,6 @@ from ascendfactory.convert.fingerprint import export_complete, export_fingerprin
 from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
 from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
 from ascendfactory.progress import Progress
-from ascendfactory.convert.sharding import merge
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
@@ -103,7 +102,7 @@ def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: Checkp
         raise UserError(f"{missing[0]}: tensor {mg_name} missing; the checkpoint does not match "
                         f"{facts.architecture} from {config_dir}")
     try:
-        return merge(rule.kind, names, [sd[mg_name] for sd in states], facts, facts.vocab_size)
+        return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, facts.vocab_size)
     except RuntimeError as e:  # shapes that do not fit the config's heads / sizes
         raise UserError(f"{ck.file(0, pp_rank)}: tensor {mg_name} does not fit {config_dir}/config.json ({e}); "
                         f"pass the config of the trained model") from None

@@ -93,7 +93,7 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
     it_dir = mg_dir / iter_dir_name(it)
     if not it_dir.is_dir():
         raise UserError(f"{it_dir}: iteration folder missing; pick an iteration that exists in {mg_dir}")
-    tp, pp = layout_of(it_dir)
+    tp, pp, _ = layout_of(it_dir)
     for p in range(pp):
         for t in range(tp):
             f = rank_file(mg_dir, it, t, p, pp)

@@ -5,33 +5,22 @@ HF keeps q/k/v and gate/up as separate linears where megatron-core fuses them, b
 exactly: the delta of q_proj is B_q A, with B_q the q rows of the fused B (the same rows the conversion table
 takes from the fused weight) and the shared A. So each HF linear gets lora_A = A and its own rows of B, and a
 row-parallel linear (o_proj, down_proj) gets its A columns gathered from the TP ranks; same rank and scale.
+Each mapping kind owns its split (sharding.py: split_adapter).
 """
 
 from __future__ import annotations
 
 import json
 
-import torch
-
-from ascendfactory.convert.families import COLUMNS, GATE_UP, QKV, rules_for, stage_items
+from ascendfactory.convert.families import rules_for, stage_items
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
 from ascendfactory.convert.layout import Layout
 from ascendfactory.convert.lora import LORA_A, LORA_B
 from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
-from ascendfactory.convert.sharding import merge
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import read_model_facts
 from ascendfactory.progress import Progress
-
-
-def _split(kind: str, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts) -> dict:
-    """HF linear weight name -> (A, B) from every TP rank's adapter shards of one megatron linear."""
-    if kind in (QKV, GATE_UP):  # column-parallel: A whole on every rank, B's rows like the weight's
-        return {n: (a[0], bn) for n, bn in merge(kind, names, b, facts, facts.vocab_size).items()}
-    if kind == COLUMNS:  # row-parallel: A's columns split like the weight's, B whole
-        return {names[0]: (merge(kind, names, a, facts, facts.vocab_size)[names[0]], b[0])}
-    raise ValueError(f"no LoRA adapter split for a {kind!r} tensor")
 
 
 def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = None, *,
@@ -59,8 +48,8 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
             stem = mg_name.removesuffix("weight")
             if stem + LORA_A not in states[0]:
                 continue
-            pairs = _split(rule.kind, names, [sd[stem + LORA_A] for sd in states],
-                           [sd[stem + LORA_B] for sd in states], facts)
+            pairs = rule.kind.split_adapter(names, [sd[stem + LORA_A] for sd in states],
+                                            [sd[stem + LORA_B] for sd in states], facts)
             for name, (a, b) in pairs.items():
                 module = name.removesuffix(".weight")
                 # clones: the fused A is every split linear's own A, and safetensors stores no shared memory

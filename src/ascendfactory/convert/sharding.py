@@ -1,18 +1,21 @@
-"""The generic TP sharding engine: applies one table rule (families.py) in either direction.
+"""Mapping kinds: how one Megatron tensor is cut over the TP ranks, and put back, named by Megatron's terms.
 
-hf -> mg reads only the rows / columns a rank needs (through `read`), so building one rank
-never holds more than that rank's tensors. mg -> hf is the exact inverse.
+Each kind owns both directions and the LoRA adapter split of its linear. hf -> mg reads only the rows / columns a
+rank needs (through `read`), so building one rank never holds more than that rank's tensors; mg -> hf is the exact
+inverse. A kind sees names already expanded (layer, expert), so expert rows need nothing here.
+
+No torch import at module level: the tables (families.py) hold these objects and `plan` reads the tables.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-from ascendfactory.convert.families import COLUMNS, GATE_UP, QKV, REPLICATED, VOCAB
-from ascendfactory.convert.layout import Layout
-from ascendfactory.modelinfo import ModelFacts
+    from ascendfactory.convert.layout import Layout
+    from ascendfactory.modelinfo import ModelFacts
 
 Range = tuple[int, int]
 
@@ -25,61 +28,162 @@ class Reader(Protocol):
     def shape(self, name: str) -> tuple[int, ...]: ...
 
 
+def _cat(tensors, dim: int = 0) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors, dim=dim)
+
+
 def _part(n: int, tp: int, rank: int) -> Range:
     size = n // tp
     return rank * size, (rank + 1) * size
 
 
-def _qkv_sizes(facts: ModelFacts) -> tuple[int, int]:
-    """Rows per kv group: of q (nh/ng heads) and of k or v (one head)."""
-    return facts.num_heads // facts.num_kv_heads * facts.head_dim, facts.head_dim
+class Kind:
+    """shard: TP rank `tp_rank`'s part of one Megatron tensor, built from the HF tensors `names`.
+    merge: the HF tensors rebuilt from every TP rank's shard (inverse of shard).
+    split_adapter: HF linear name -> (lora_A, lora_B) from every TP rank's adapter shards of the Megatron linear."""
+
+    name = ""
+    lora = False  # a linear LoRA can adapt (rules.py's lora_target_modules hint lists the HF names it fuses)
+
+    def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: Layout, tp_rank: int
+              ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def merge(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
+              ) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def split_adapter(self, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts: ModelFacts
+                      ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        raise ValueError(f"no LoRA adapter split for a {self.name} tensor")
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-def shard(kind: str, hf_names: list[str], read: Reader, facts: ModelFacts, layout: Layout,
-          tp_rank: int) -> torch.Tensor:
-    """TP rank `tp_rank`'s part of one Megatron tensor, built from the HF tensors `hf_names`."""
-    tp = layout.tp
-    name = hf_names[0]
-    if kind == REPLICATED:
-        return read(name)
-    if kind == COLUMNS:
-        return read(name, cols=_part(read.shape(name)[1], tp, tp_rank))
-    if kind == VOCAB:
-        a, b = _part(layout.padded_vocab_size, tp, tp_rank)
-        real = read(name, rows=(min(a, layout.vocab_size), min(b, layout.vocab_size)))
+class Replicated(Kind):
+    """Every TP rank holds the whole tensor (norms, a router)."""
+
+    name = "replicated"
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        return read(names[0])
+
+    def merge(self, names, shards, facts, vocab_size):
+        return {names[0]: shards[0]}
+
+
+class VocabRows(Kind):
+    """Vocab-parallel embedding / output layer: rows split after padding the vocab with zero rows."""
+
+    name = "vocab rows"
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        a, b = _part(layout.padded_vocab_size, layout.tp, tp_rank)
+        real = read(names[0], rows=(min(a, layout.vocab_size), min(b, layout.vocab_size)))
         pad = (b - a) - real.shape[0]
         if pad == 0:
             return real
-        return torch.cat([real, real.new_zeros((pad, *real.shape[1:]))])
-    if kind == QKV:
-        q_rows, kv_rows = _qkv_sizes(facts)
-        g0, g1 = _part(facts.num_kv_heads, tp, tp_rank)
-        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(hf_names, (q_rows, kv_rows, kv_rows))]
+        return _cat([real, real.new_zeros((pad, *real.shape[1:]))])
+
+    def merge(self, names, shards, facts, vocab_size):
+        return {names[0]: _cat(shards)[:vocab_size]}
+
+
+class ColumnParallel(Kind):
+    """Output dim split (dim 0 of the weight, a bias's only dim): each rank computes part of the outputs. Its LoRA
+    adapter keeps A whole on every rank and splits B's rows like the weight's."""
+
+    name = "column-parallel"
+    lora = True
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        return read(names[0], rows=_part(read.shape(names[0])[0], layout.tp, tp_rank))
+
+    def merge(self, names, shards, facts, vocab_size):
+        return {names[0]: _cat(shards)}
+
+    def split_adapter(self, names, a, b, facts):
+        # the delta of a fused part is B_part A: its own rows of B (as merge takes them from the weight), shared A
+        return {n: (a[0], bn) for n, bn in self.merge(names, b, facts, facts.vocab_size).items()}
+
+
+class RowParallel(Kind):
+    """Input dim split (dim 1 of the weight): each rank sums a partial product. Its LoRA adapter splits A's columns
+    like the weight's and keeps B whole."""
+
+    name = "row-parallel"
+    lora = True
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        return read(names[0], cols=_part(read.shape(names[0])[1], layout.tp, tp_rank))
+
+    def merge(self, names, shards, facts, vocab_size):
+        return {names[0]: _cat(shards, dim=1)}
+
+    def split_adapter(self, names, a, b, facts):
+        return {names[0]: (self.merge(names, a, facts, facts.vocab_size)[names[0]], b[0])}
+
+
+class FusedQKV(ColumnParallel):
+    """q, k, v (three HF tensors) interleaved per kv group (GQA), then column-parallel: rank r holds whole
+    groups."""
+
+    name = "fused qkv"
+
+    @staticmethod
+    def _rows(facts: ModelFacts) -> tuple[int, int]:
+        """Rows per kv group: of q (nh/ng heads) and of k or v (one head)."""
+        return facts.num_heads // facts.num_kv_heads * facts.head_dim, facts.head_dim
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        q_rows, kv_rows = self._rows(facts)
+        g0, g1 = _part(facts.num_kv_heads, layout.tp, tp_rank)
+        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, (q_rows, kv_rows, kv_rows))]
         rest = parts[0].shape[1:]
-        groups = [p.reshape(g1 - g0, -1, *rest) for p in parts]
-        return torch.cat(groups, dim=1).reshape(-1, *rest)
-    if kind == GATE_UP:
-        rows = _part(facts.ffn_hidden_size, tp, tp_rank)
-        return torch.cat([read(n, rows=rows) for n in hf_names])
-    raise ValueError(f"unknown transform kind {kind!r}")
+        return _cat([p.reshape(g1 - g0, -1, *rest) for p in parts], dim=1).reshape(-1, *rest)
 
-
-def merge(kind: str, hf_names: list[str], shards: list[torch.Tensor], facts: ModelFacts,
-          vocab_size: int) -> dict[str, torch.Tensor]:
-    """The HF tensors rebuilt from every TP rank's shard of one Megatron tensor (inverse of shard)."""
-    if kind == REPLICATED:
-        return {hf_names[0]: shards[0]}
-    if kind == COLUMNS:
-        return {hf_names[0]: torch.cat(shards, dim=1)}
-    if kind == VOCAB:
-        return {hf_names[0]: torch.cat(shards)[:vocab_size]}
-    if kind == QKV:
-        q_rows, kv_rows = _qkv_sizes(facts)
-        full = torch.cat(shards)
+    def merge(self, names, shards, facts, vocab_size):
+        q_rows, kv_rows = self._rows(facts)
+        full = _cat(shards)
         rest = full.shape[1:]
         q, k, v = full.reshape(facts.num_kv_heads, -1, *rest).split([q_rows, kv_rows, kv_rows], dim=1)
-        return {n: t.reshape(-1, *rest) for n, t in zip(hf_names, (q, k, v))}
-    if kind == GATE_UP:
+        return {n: t.reshape(-1, *rest) for n, t in zip(names, (q, k, v))}
+
+
+class FusedGateUp(ColumnParallel):
+    """SwiGLU's gate and up projections, column-parallel each: rank r holds cat(gate.chunk(T)[r], up.chunk(T)[r]).
+    From two HF tensors (gate_proj, up_proj) or from one already-fused [2F, H] tensor, gate rows first (GLM's
+    gate_up_proj). F comes from the tensor, so an expert's own MLP size needs nothing else."""
+
+    name = "fused gate/up"
+
+    @staticmethod
+    def _sources(names: list[str], read: Reader) -> list[tuple[str, int, int]]:
+        """(HF name, first row, rows) of gate, then of up."""
+        if len(names) == 2:
+            return [(n, 0, read.shape(n)[0]) for n in names]
+        f = read.shape(names[0])[0] // 2
+        return [(names[0], 0, f), (names[0], f, f)]
+
+    def shard(self, names, read, facts, layout, tp_rank):
+        parts = []
+        for name, first, rows in self._sources(names, read):
+            a, b = _part(rows, layout.tp, tp_rank)
+            parts.append(read(name, rows=(first + a, first + b)))
+        return _cat(parts)
+
+    def merge(self, names, shards, facts, vocab_size):
         halves = [s.chunk(2) for s in shards]
-        return {hf_names[0]: torch.cat([h[0] for h in halves]), hf_names[1]: torch.cat([h[1] for h in halves])}
-    raise ValueError(f"unknown transform kind {kind!r}")
+        gate, up = _cat([h[0] for h in halves]), _cat([h[1] for h in halves])
+        return {names[0]: gate, names[1]: up} if len(names) == 2 else {names[0]: _cat([gate, up])}
+
+
+REPLICATED = Replicated()
+VOCAB_ROWS = VocabRows()
+COLUMN_PARALLEL = ColumnParallel()
+ROW_PARALLEL = RowParallel()
+FUSED_QKV = FusedQKV()
+FUSED_GATE_UP = FusedGateUp()

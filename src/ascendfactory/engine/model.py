@@ -1,4 +1,4 @@
-"""megatron-core GPTModel built from an HF config.json (Llama, Qwen2, Qwen3, Mistral).
+"""megatron-core GPTModel built from an HF config.json and its family record's traits (convert/families.py).
 
 Local layer spec: its parameter names are the ones the converter's tables target.
 """
@@ -43,6 +43,10 @@ def pipeline_layout(num_layer_list) -> str | None:
     return "E" + "|".join("t" * n for n in num_layer_list) + "L"
 
 
+# MLP kind (a family trait) -> its TransformerConfig entries.
+MLP_CONFIG = {"swiglu": dict(gated_linear_unit=True, activation_func=F.silu)}
+
+
 def _dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
@@ -51,6 +55,7 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
                        use_cpu_initialization: bool = True, **overrides):
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    family = facts.family
     kw = dict(
         num_layers=facts.num_layers,
         hidden_size=facts.hidden_size,
@@ -58,10 +63,10 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
         num_query_groups=facts.num_kv_heads,
         kv_channels=facts.head_dim,
         ffn_hidden_size=facts.ffn_hidden_size,
-        normalization="RMSNorm",
+        normalization=family.norm,
         layernorm_epsilon=facts.rms_norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
+        **MLP_CONFIG[family.mlp],
+        rotary_interleaved=family.rope_interleaved,
         add_bias_linear=False,
         add_qkv_bias=facts.qkv_bias,
         qk_layernorm=facts.qk_norm,
@@ -100,8 +105,8 @@ class RMSNorm(torch.nn.RMSNorm):
 
 
 def local_block_spec(config, qk_norm: bool):
-    """megatron-core's local layer spec with RMSNorm above for every norm, SDPA core attention and the SwiGLU
-    MLP (same parameter names)."""
+    """megatron-core's local layer spec with the config's norm (RMSNorm above) for every norm, SDPA core attention
+    and the SwiGLU MLP (same parameter names; other MLP configs take megatron-core's path)."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -115,17 +120,18 @@ def local_block_spec(config, qk_norm: bool):
     from ascendfactory.engine.attention import SDPAttention
     from ascendfactory.engine.mlp import SwiGLUMLP
 
+    norm = {"RMSNorm": RMSNorm}[config.normalization]
     layer = get_gpt_layer_local_spec(qk_layernorm=qk_norm)
     attn = layer.submodules.self_attention
     attn_sub = replace(attn.submodules, core_attention=SDPAttention)
     if qk_norm:
-        attn_sub = replace(attn_sub, q_layernorm=RMSNorm, k_layernorm=RMSNorm)
-    layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=RMSNorm, pre_mlp_layernorm=RMSNorm,
+        attn_sub = replace(attn_sub, q_layernorm=norm, k_layernorm=norm)
+    layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm,
                                               self_attention=replace(attn, submodules=attn_sub),
                                               mlp=replace(layer.submodules.mlp, module=SwiGLUMLP)))
     n = get_num_layers_to_build(config)  # this process's pipeline stage
     return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=RMSNorm))
+                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm))
 
 
 def llama3_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
@@ -161,7 +167,7 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
         share_embeddings_and_output_weights=facts.tie_word_embeddings,
         position_embedding_type="rope",
         rotary_base=facts.rope_theta,
-        rotary_percent=1.0,
+        rotary_percent=facts.family.rope_percent,
     )
     if facts.rope_scaling_type == "llama3":
         inv = llama3_inv_freq(facts.head_dim, facts.rope_theta, facts.rope_scaling)
