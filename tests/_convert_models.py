@@ -6,15 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from ascendfactory.convert.families import FAMILIES as REGISTRY
 from ascendfactory.tiny import make_tiny_model
 
-# family -> make_tiny_model options: tied embeddings (Qwen2 small sizes), bf16 weights, llama3 rope scaling.
-FAMILIES = {
-    "llama": {},
-    "qwen2": {"tie_word_embeddings": True},
-    "qwen3": {"dtype": "bfloat16"},
-    "mistral": {},
-}
+# family -> make_tiny_model options, from the registry: each family's model covers another variant (Qwen2: tied
+# embeddings, Qwen3: bf16 weights; Llama's tiny config has llama3 rope scaling).
+FAMILIES = {fam.tiny.name: fam.tiny.tests for fam in REGISTRY}
 _BUILT: dict[str, Path] = {}
 
 
