@@ -7,6 +7,7 @@ import pytest
 
 from ascendfactory.config.loader import resolve
 from ascendfactory.config.rules import check
+from ascendfactory.errors import UserErrors
 from ascendfactory.launch.layout import cluster_layout
 
 QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28, "num_key_value_heads": 4,
@@ -33,6 +34,11 @@ def resolved(tmp_path, model_dir, **keys):
 def problems(tmp_path, model_dir, world=8, **keys):
     r = resolved(tmp_path, model_dir, nproc_per_node=world, **keys)
     return check(r, cluster_layout(r.cfg, env={})).problems
+
+
+def refused(tmp_path, model_dir, pattern, **keys):
+    with pytest.raises(UserErrors, match=pattern):
+        resolved(tmp_path, model_dir, nproc_per_node=8, **keys)
 
 
 def one(tmp_path, model_dir, pattern, **keys):
@@ -128,12 +134,12 @@ def test_lora_settings(tmp_path, model_dir):
                  lora_target="linear_qkv,linear_fc2")  # LLaMA-Factory's names, a comma list
     assert (r.cfg.lora_r, r.cfg.lora_alpha, r.cfg.lora_target_modules) == (8, 32.0, ["linear_qkv", "linear_fc2"])
     assert check(r, cluster_layout(r.cfg, env={})).problems == []
-    one(tmp_path, model_dir, r"lora_r = 0: the adapter rank must be >= 1", finetuning_type="lora", lora_r=0)
-    one(tmp_path, model_dir, r"lora_alpha = -1.0: must be > 0", finetuning_type="lora", lora_alpha=-1)
+    refused(tmp_path, model_dir, r"m: `lora_r` = 0: must be >= 1", finetuning_type="lora", lora_r=0)
+    refused(tmp_path, model_dir, r"m: `lora_alpha` = -1: must be > 0", finetuning_type="lora", lora_alpha=-1)
     one(tmp_path, model_dir, r"lora_target_modules = \[\]: empty", finetuning_type="lora", lora_target_modules=[])
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", lora_target="all")
     assert r.cfg.lora_target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    one(tmp_path, model_dir, r"lora_dropout = 1.0: must be in \[0, 1\)", finetuning_type="lora", lora_dropout=1)
+    refused(tmp_path, model_dir, r"`lora_dropout` = 1: must be in \[0, 1\)", finetuning_type="lora", lora_dropout=1)
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", ckpt_load_type=0)
     assert any("frozen base weights are random" in w for w in check(r, cluster_layout(r.cfg, env={})).warnings)
 
@@ -166,8 +172,11 @@ def test_all_problems_reported_together(tmp_path, model_dir):
 
 
 def test_bad_sizes_and_save_interval(tmp_path, model_dir):
-    ps = problems(tmp_path, model_dir, **{"micro-batch-size": 0, "save-interval": 0})
-    assert any("micro_batch_size = 0" in p for p in ps) and any("save_interval = 0" in p for p in ps)
+    # value ranges are the schema's: refused (all together) when the config is resolved
+    with pytest.raises(UserErrors) as ei:
+        resolved(tmp_path, model_dir, **{"micro-batch-size": 0, "save-interval": 0})
+    assert [p.split("cfg.yaml: ")[1] for p in ei.value.problems] == [
+        "m: `micro_batch_size` = 0: must be >= 1", "m: `save_interval` = 0: must be >= 1"]
 
 
 def test_missing_model_config_leaves_model_rules_unchecked(tmp_path):
