@@ -113,9 +113,9 @@ class ExpConfig(BaseModel):
 
     @field_validator("extra_args", "map_keys")
     @classmethod
-    def _finite_values(cls, v):
+    def _finite_values(cls, v, info):
         # passed on untouched, so not typed: refuse NaN/Infinity here (the trainer's flags, `plan --json`)
-        if (where := _non_finite(v)) is not None:
+        if (where := _non_finite(v, info.field_name)) is not None:
             raise ValueError(f"{where} is not a finite number; write a number")
         return v
 
@@ -152,13 +152,13 @@ NUMERIC_KEYS = frozenset(k for k, f in ExpConfig.model_fields.items()
                          if {int, float} & _types(f.annotation) and bool not in _types(f.annotation))
 
 
-def _non_finite(value, path: str = "") -> str | None:
+def _non_finite(value, path: str) -> str | None:
     """The dotted path of the first NaN/Infinity inside a nested value, or None."""
     if isinstance(value, float) and not math.isfinite(value):
-        return path or "the value"
+        return path
     items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
     for k, v in items:
-        if (where := _non_finite(v, f"{path}.{k}" if path else str(k))) is not None:
+        if (where := _non_finite(v, f"{path}.{k}")) is not None:
             return where
     return None
 
