@@ -219,8 +219,8 @@ CLI_CASES = {  # (command-line arguments, expected error text)
 }
 BOMB = "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'x'] * 10)}]\n" for i in range(6))
 YAML_EDITS = {  # (text replaced, by, expected error text); an empty text appends
-    "dup_key": ("  SEQ_LEN: 64\n", "  SEQ_LEN: 64\n  seq_len: 128\n", "duplicate key `seq_len` (already written as "
-                "`SEQ_LEN` at "),
+    "dup_key": ("  SEQ_LEN: 64\n", "  SEQ_LEN: 64\n  seq_len: 128\n", ("duplicate key `seq_len` (already written "
+                                                                            "as `SEQ_LEN` at ")),
     "dup_block": ("", "tiny:\n  model_name_or_path: /x\n  exp: {}\n", "duplicate block `tiny` (already written at "),
     "alias_bomb": ("", "extra_args:\n" + BOMB, "expands to more than 100000 values through aliases"),
 }

@@ -250,8 +250,8 @@ def test_value_ranges_one_line_per_key_with_the_block(tmp_path):
         f"{p}: base: `master_port` = 0: must be in [1, 65535]",
         f"{p}: base: `seed` = -1: must be in [0, 2147483647]",
         "command line: `log_interval` = 0: must be >= 1",
-        "command line: `extra_args` = {'loss_scale': -inf}: extra_args.loss_scale is not a finite number; "
-        "write a number",
+        ("command line: `extra_args` = {'loss_scale': -inf}: extra_args.loss_scale is not a finite number; "
+         "write a number"),
     ])
 
 
@@ -267,3 +267,10 @@ def test_dotted_override_needs_a_group_of_the_yaml(tmp_path):
     assert resolve(p, "m", "e", ["--training.lr=3e-5"]).cfg.lr == 3e-5
     with pytest.raises(UserErrors, match=r"`--anything.seed`: .*cfg.yaml has no group `anything`; write --seed="):
         resolve(p, "m", "e", ["--anything.seed=5"])
+
+
+def test_interpolation_cannot_grow_a_value_without_bound(tmp_path):
+    doubling = "".join(f"  a{i}: ${{a{i - 1}}}${{a{i - 1}}}\n" for i in range(1, 40))
+    p = write(tmp_path, MINIMAL + "extra_args:\n  a0: xxxxxxxxxx\n" + doubling.replace("${a", "${extra_args.a"))
+    with pytest.raises(UserError, match=r"`extra_args` grows to more than 100000 characters through \$\{\.\.\.\}"):
+        resolve(p, "m", "e")

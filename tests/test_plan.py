@@ -83,8 +83,8 @@ def test_plan_refuses_invalid_layout_exit_2(tmp_path):
 @pytest.mark.parametrize("override,message", [
     ("--lr=.nan", "command line: `lr` = nan: must be a finite number >= 0"),
     ("--save_grace_period=.inf", "command line: `save_grace_period` = inf: must be a finite number >= 0"),
-    ("--extra_args.loss_scale=.nan", "command line: `extra_args` = {'loss_scale': nan}: extra_args.loss_scale is not "
-     "a finite number"),
+    ("--extra_args.loss_scale=.nan", ("command line: `extra_args` = {'loss_scale': nan}: extra_args.loss_scale is "
+                                      "not a finite number")),
     ("--log_interval=0", "command line: `log_interval` = 0: must be >= 1"),
 ])
 def test_plan_json_refuses_non_finite_and_out_of_range_values(tmp_path, override, message):

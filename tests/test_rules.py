@@ -243,8 +243,8 @@ def test_scripts_dir_must_hold_train_sh(tmp_path, model_dir):
     ({}, {"MA_NUM_HOSTS": "2", "VC_TASK_INDEX": "1", "VC_WORKER_HOSTS": ""},
      "VC_WORKER_HOSTS = '': not a usable master address (2 node(s)); set VC_WORKER_HOSTS (or --master_addr)"),
     ({}, {"NNODES": "2", "MASTER_ADDR": ""}, "MASTER_ADDR = '': not a usable master address (2 node(s))"),
-    ({"num_nodes": 2, "rank": 1}, {}, "--master_addr = '': not a usable master address (2 node(s)); set "
-                                      "--master_addr to the host name or IP of node 0"),
+    ({"num_nodes": 2, "rank": 1}, {}, ("--master_addr = '': not a usable master address (2 node(s)); set "
+                                       "--master_addr to the host name or IP of node 0")),
     ({"num_nodes": 2, "rank": 1, "master_addr": "_"}, {}, "--master_addr = '_': not a usable master address"),
     ({}, {"MASTER_ADDR": "_"}, "MASTER_ADDR = '_': not a usable master address (1 node(s))"),
 ])

@@ -40,6 +40,8 @@ class Resolved:
 # values: an alias bomb (billion laughs) would grow without bound. A real experiment file has a few hundred.
 MAX_YAML_VALUES = 100_000
 _MERGE_TAG = "tag:yaml.org,2002:merge"
+# The same for interpolation: `a1: ${a0}${a0}`, `a2: ${a1}${a1}`, ... doubles a string per line.
+MAX_VALUE_CHARS = 100_000
 
 
 class _ConfigLoader(yaml.SafeLoader):
@@ -309,7 +311,11 @@ def interpolate(flat: dict, nested: dict, source: str, builtins: dict | None = N
         whole = _REF.fullmatch(value.strip())
         if whole:
             return get(whole.group(1))
-        return _REF.sub(lambda m: str(get(m.group(1))), value)
+        text = _REF.sub(lambda m: str(get(m.group(1))), value)
+        if len(text) > MAX_VALUE_CHARS:
+            raise UserError(f"{source}: `{chain[-1] if chain else '?'}` grows to more than {MAX_VALUE_CHARS} "
+                            "characters through ${...} references; shorten it")
+        return text
 
     for key in flat:
         resolve_key(key, ())

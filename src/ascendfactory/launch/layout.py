@@ -106,10 +106,11 @@ def cluster_layout(cfg: ExpConfig, flags: dict | None = None, env: dict | None =
     nodes_var = next((v for v in ("MA_NUM_HOSTS", "VC_WORKER_NUM") if v in env), None)
     modelarts = nodes_var is not None
     if modelarts:
-        source, nodes_var, rank_var = "ModelArts env", nodes_var, "VC_TASK_INDEX"
-        hosts = env.get("VC_WORKER_HOSTS", "").split(",")
-        master, master_var = (hosts[0].strip(), "VC_WORKER_HOSTS") if "VC_WORKER_HOSTS" in env else \
-            (env.get("MASTER_ADDR"), "VC_WORKER_HOSTS")
+        source, rank_var = "ModelArts env", "VC_TASK_INDEX"
+        if "VC_WORKER_HOSTS" in env or "MASTER_ADDR" not in env:  # the first worker host is the master
+            master, master_var = env.get("VC_WORKER_HOSTS", "").split(",")[0].strip() or None, "VC_WORKER_HOSTS"
+        else:
+            master, master_var = env["MASTER_ADDR"], "MASTER_ADDR"
     elif "NNODES" in env or "MASTER_ADDR" in env:
         source, nodes_var, rank_var = "torchrun env", "NNODES", "NODE_RANK"
         master, master_var = env.get("MASTER_ADDR"), "MASTER_ADDR"
