@@ -91,6 +91,9 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
         "clip_grad": ({"clip_grad": -1.0}, "`clip_grad` = -1.0: must be >= 0"),
         "weight_decay": ({"weight_decay": -0.1}, "`weight_decay` = -0.1: must be >= 0"),
         "epochs_zero": ({"epochs": 0}, "`epochs` = 0: must be > 0"),
+        "prompt_type": ({"prompt_type": "qwen3"}, "prompt_type = 'qwen3': unknown chat template"),
+        "layer_list_zero": ({"pipeline-model-parallel-size": 2, "num_layer_list": "4,0"},
+                            "num_layer_list = '4,0': every pipeline stage needs at least 1 layer"),
         "extra_args_inf": ({"extra_args": {"loss_scale": float("inf")}}, "extra_args.loss_scale is not a finite number"),
         "min_lr_gt_lr": ({"lr": 1e-5, "min-lr": 1e-3}, "min_lr"),
         "layer_list_len": ({"num_layer_list": "1,1,2"}, "num_layer_list (1,1,2) has 3 entries"),
@@ -245,7 +248,7 @@ CASES = [
     "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "resume_from_weights",
     "output_not_writable",
     "master_port", "grace_nan", "nproc_zero", "max_restarts", "lr_nan", "lr_negative", "warmup_negative", "adam_beta",
-    "clip_grad", "weight_decay", "epochs_zero", "extra_args_inf", *CLI_CASES, *YAML_EDITS, *ENV_CASES,
+    "clip_grad", "weight_decay", "epochs_zero", "extra_args_inf", "prompt_type", "layer_list_zero", *CLI_CASES, *YAML_EDITS, *ENV_CASES,
     *MODEL_CONFIGS,
 ]
 

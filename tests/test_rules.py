@@ -284,3 +284,10 @@ def test_broken_model_config_is_a_problem_not_unchecked(tmp_path, model_dir, edi
 def test_null_kv_heads_means_as_many_as_heads(tmp_path, model_dir):
     (model_dir / "config.json").write_text(json.dumps({**QWEN2_7B, "num_key_value_heads": None}))
     assert problems(tmp_path, model_dir) == []
+
+
+def test_prompt_type_and_layer_list_entries(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"prompt_type = 'qwen3': unknown chat template; use one of auto, qwen", prompt_type="qwen3")
+    with pytest.raises(UserError, match=r"num_layer_list = '14,0,14': every pipeline stage needs at least 1 layer"):
+        problems(tmp_path, model_dir, world=12, **{"pipeline-model-parallel-size": 3, "global-batch-size": 63,
+                                                   "num_layer_list": "14,0,14"})

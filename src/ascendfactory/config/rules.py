@@ -16,6 +16,7 @@ from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import LORA_TARGETS
 from ascendfactory.convert.families import hf_linear_owners
 from ascendfactory.data.handlers import HANDLERS
+from ascendfactory.data.templates import PROMPT_TYPES
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.launch.torchrun import scripts_dir
@@ -60,9 +61,12 @@ def parse_layer_list(text: str | None) -> list[int] | None:
     if text in (None, ""):
         return None
     try:
-        return [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
+        layers = [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise UserError(f"num_layer_list = {text!r}: expected comma-separated integers such as 10,12,10") from None
+    if min(layers, default=0) < 1:
+        raise UserError(f"num_layer_list = {text!r}: every pipeline stage needs at least 1 layer, e.g. 10,12,10")
+    return layers
 
 
 def check(res: Resolved, layout: Layout) -> Report:
@@ -114,6 +118,8 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"stage = {cfg.stage!r}: must be pt (pretrain) or sft")
     if cfg.handler_name not in HANDLERS:
         bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
+    if cfg.prompt_type not in PROMPT_TYPES:
+        bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
     if cfg.ckpt_load_type == 2 and not cfg.user_converted_ckpt_path:
         save_dir = run_paths(cfg).save_dir
         if not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(save_dir)):
