@@ -78,7 +78,23 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
                          "them)"),
         "handler": ({"handler-name": "AlpacaHandler"}, "handler_name = 'AlpacaHandler'"),
         "resume_without_ckpt": ({"ckpt_load_type": 2}, "ckpt_load_type = 2 (resume) needs"),
-        "save_interval": ({"save-interval": 0}, "save_interval = 0"),
+        "save_interval": ({"save-interval": 0}, "`save_interval` = 0: must be >= 1"),
+        # every value range, refused before any stage with the key as written in the YAML and the allowed range
+        "master_port": ({"master_port": 70000}, "tiny.exp: `master_port` = 70000: must be in [1, 65535]"),
+        "grace_nan": ({"save_grace_period": float("nan")}, "`save_grace_period` = nan: must be a finite number >= 0"),
+        "nproc_zero": ({"nproc_per_node": 0}, "`nproc_per_node` = 0: must be >= 1"),
+        "max_restarts": ({"max_restarts": -1}, "`max_restarts` = -1: must be >= 0"),
+        "lr_nan": ({"lr": float("nan")}, "`lr` = nan: must be a finite number >= 0"),
+        "lr_negative": ({"lr": -1e-5}, "`lr` = -1e-05: must be >= 0"),
+        "warmup_negative": ({"lr_warmup_iters": -5}, "`lr_warmup_iters` = -5: must be >= 0"),
+        "adam_beta": ({"adam_beta2": 1.0}, "`adam_beta2` = 1.0: must be in [0, 1)"),
+        "clip_grad": ({"clip_grad": -1.0}, "`clip_grad` = -1.0: must be >= 0"),
+        "weight_decay": ({"weight_decay": -0.1}, "`weight_decay` = -0.1: must be >= 0"),
+        "epochs_zero": ({"epochs": 0}, "`epochs` = 0: must be > 0"),
+        "prompt_type": ({"prompt_type": "qwen3"}, "prompt_type = 'qwen3': unknown chat template"),
+        "layer_list_zero": ({"pipeline-model-parallel-size": 2, "num_layer_list": "4,0"},
+                            "num_layer_list = '4,0': every pipeline stage needs at least 1 layer"),
+        "extra_args_inf": ({"extra_args": {"loss_scale": float("inf")}}, "extra_args.loss_scale is not a finite number"),
         "min_lr_gt_lr": ({"lr": 1e-5, "min-lr": 1e-3}, "min_lr"),
         "layer_list_len": ({"num_layer_list": "1,1,2"}, "num_layer_list (1,1,2) has 3 entries"),
         "missing_model_dir": ({"model_name_or_path": str(root / "nope")}, "is not a directory"),
@@ -91,6 +107,21 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
                 model.pop(k, None)
             else:
                 exp[k] = v
+        return [], expect
+    if case in CLI_CASES:
+        return CLI_CASES[case]
+    if case in YAML_EDITS:
+        old, new, expect = YAML_EDITS[case]
+        return ["__yaml_edit__", old, new], expect
+    if case in ENV_CASES:
+        return [], ENV_CASES[case][1]
+    if case in MODEL_CONFIGS:
+        edit, expect = MODEL_CONFIGS[case]
+        d = user / f"model_{case}"
+        if not d.exists():
+            shutil.copytree(user / "model", d)
+            (d / "config.json").write_text(json.dumps(edit(json.loads((d / "config.json").read_text()))))
+        exp["model_name_or_path"] = str(d)
         return [], expect
     if case == "missing_model_key":
         model.pop("model_name_or_path")
@@ -182,6 +213,32 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
     raise AssertionError(case)
 
 
+CLI_CASES = {  # (command-line arguments, expected error text)
+    "log_interval_cli": (["--log_interval=0"], "command line: `log_interval` = 0: must be >= 1"),
+    "bare_seq_len": (["--seq_len"], "command line: `seq_len` = True: must be a number, not true/false"),
+    "dotted_seed": (["--anything.seed=5"], "has no group `anything`; write --seed="),
+    "master_underscore": (["--master_addr", "_", "--num_nodes", "2", "--rank", "0"],
+                          "--master_addr = '_': not a usable master address (2 node(s))"),
+}
+BOMB = "".join(f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}' if i else 'x'] * 10)}]\n" for i in range(6))
+YAML_EDITS = {  # (text replaced, by, expected error text); an empty text appends
+    "dup_key": ("  SEQ_LEN: 64\n", "  SEQ_LEN: 64\n  seq_len: 128\n", ("duplicate key `seq_len` (already written "
+                                                                            "as `SEQ_LEN` at ")),
+    "dup_block": ("", "tiny:\n  model_name_or_path: /x\n  exp: {}\n", "duplicate block `tiny` (already written at "),
+    "alias_bomb": ("", "extra_args:\n" + BOMB, "expands to more than 100000 values through aliases"),
+}
+ENV_CASES = {  # (environment, expected error text)
+    "nnodes_zero": ({"NNODES": "0"}, "NNODES = 0: the number of nodes must be at least 1"),
+    "modelarts_no_hosts": ({"MA_NUM_HOSTS": "2", "VC_TASK_INDEX": "1", "VC_WORKER_HOSTS": ""},
+                           "VC_WORKER_HOSTS = '': not a usable master address (2 node(s))"),
+    "master_empty": ({"NNODES": "2", "MASTER_ADDR": ""}, "MASTER_ADDR = '': not a usable master address"),
+}
+MODEL_CONFIGS = {  # (config.json edit, expected error text)
+    "heads_zero": (lambda c: {**c, "num_attention_heads": 0}, "num_attention_heads = 0: must be a positive integer"),
+    "layers_zero": (lambda c: {**c, "num_hidden_layers": 0}, "num_hidden_layers = 0: must be a positive integer"),
+    "config_list": (lambda c: [c], "config.json: expected a JSON object of model settings, found a list"),
+}
+
 CASES = [
     "yaml_syntax", "unknown_model", "unknown_exp", "wrong_type", "unknown_key", "override_type",
     "tp_pp_cp_world", "tp_cp_heads", "kv_heads_tp", "layers_pp", "gbs_mbs_dp", "seq_gt_max_pe", "seq_cp", "seq_sp", "device_missing",
@@ -190,6 +247,9 @@ CASES = [
     "unsupported_arch", "rope_yarn", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
     "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "resume_from_weights",
     "output_not_writable",
+    "master_port", "grace_nan", "nproc_zero", "max_restarts", "lr_nan", "lr_negative", "warmup_negative", "adam_beta",
+    "clip_grad", "weight_decay", "epochs_zero", "extra_args_inf", "prompt_type", "layer_list_zero", *CLI_CASES, *YAML_EDITS, *ENV_CASES,
+    *MODEL_CONFIGS,
 ]
 
 
@@ -208,9 +268,16 @@ def test_bad_input(assets, case, tmp_path):
         model_name, extra = extra[1], []
     elif extra[:1] == ["__exp__"]:
         exp_name, extra = extra[1], []
+    elif extra[:1] == ["__yaml_edit__"]:
+        text = cfg_path.read_text()
+        old, new = extra[1:]
+        assert old in text
+        cfg_path.write_text(text.replace(old, new, 1) if old else text + new)
+        extra = []
     before = snapshot(root)
     r = subprocess.run([sys.executable, "-m", "ascendfactory", "train", str(cfg_path), model_name, exp_name, *extra],
-                       capture_output=True, text=True, timeout=300, env={**os.environ, "MASTER_PORT": "29731"})
+                       capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "MASTER_PORT": "29731", **ENV_CASES.get(case, ({},))[0]})
     assert r.returncode == 2, (r.returncode, r.stdout[-2000:], r.stderr[-2000:])
     assert "Traceback" not in r.stderr, r.stderr
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]

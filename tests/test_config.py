@@ -177,3 +177,100 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path):
 def test_list_experiments(tmp_path):
     p = write(tmp_path, DOC_STYLE)
     assert list_experiments(p) == {"qwen2-7b": ["4096-sft-full", "8192-pt-full"], "llama3.1-8b": ["4096-sft-full"]}
+
+
+MINIMAL = "m:\n  model_name_or_path: /m\n  output_dir: /o\n  dataset: /d\n  e: {}\n"
+
+
+def laughs(levels: int, width: int) -> str:
+    """A billion-laughs document under extra_args: width ** levels values from a few lines."""
+    lines = [f"  l0: &l0 [{', '.join(['lol'] * width)}]"]
+    lines += [f"  l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
+    return "extra_args:\n" + "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("levels,width", [(6, 10), (9, 9)])  # 10^6 values; the classic 9^9 (387 million)
+def test_alias_bomb_is_refused(tmp_path, levels, width):
+    p = write(tmp_path, MINIMAL + laughs(levels, width))
+    with pytest.raises(UserError, match=r"cfg.yaml: the YAML expands to more than 100000 values through aliases"):
+        resolve(p, "m", "e")
+
+
+def test_recursive_alias_is_refused(tmp_path):
+    p = write(tmp_path, MINIMAL + "extra_args:\n  loop: &a [1, *a]\n")
+    with pytest.raises(UserError, match=r"cfg.yaml:7: a YAML alias refers to the value that contains it"):
+        resolve(p, "m", "e")
+
+
+def test_ordinary_anchors_and_merge_keys_still_work(tmp_path):
+    p = write(tmp_path, """
+        common: &common {lr: 1.0e-5, seed: 3}
+        m:
+          model_name_or_path: /m
+          output_dir: /o
+          dataset: /d
+          e:
+            <<: *common
+            lr: 2.0e-5
+            extra_args: {a: *common, b: *common}
+    """)
+    c = resolve(p, "m", "e").cfg
+    assert (c.lr, c.seed, c.extra_args["b"]) == (2.0e-5, 3, {"lr": 1.0e-5, "seed": 3})
+
+
+def test_duplicate_keys_and_blocks_name_both_lines(tmp_path):
+    p = write(tmp_path, """
+        base:
+          SEQ_LEN: 64
+          micro-batch-size: 1
+          seq_len: 128
+          mbs: 2
+        m:
+          model_name_or_path: /m
+          e: {extra_args: {Flag: 1, flag: 2}}
+        m:
+          e: {}
+    """)
+    with pytest.raises(UserErrors) as ei:
+        resolve(p, "m", "e")
+    assert ei.value.problems == [
+        f"{p}:5: duplicate key `seq_len` (already written as `SEQ_LEN` at {p}:3); keep one of them",
+        f"{p}:6: duplicate key `mbs` (already written as `micro-batch-size` at {p}:4); keep one of them",
+        f"{p}:10: duplicate block `m` (already written at {p}:7); keep one of them",
+    ]  # extra_args keys go to the trainer as written: Flag and flag are two keys
+
+
+def test_value_ranges_one_line_per_key_with_the_block(tmp_path):
+    p = write(tmp_path, MINIMAL + "base:\n  lr: .nan\n  adam_beta2: 1\n  master_port: 0\n  seed: -1\n")
+    with pytest.raises(UserErrors) as ei:
+        resolve(p, "m", "e", ["--log_interval=0", "--extra_args.loss_scale=-.inf"])
+    assert sorted(ei.value.problems) == sorted([
+        f"{p}: base: `lr` = nan: must be a finite number >= 0",
+        f"{p}: base: `adam_beta2` = 1: must be in [0, 1)",
+        f"{p}: base: `master_port` = 0: must be in [1, 65535]",
+        f"{p}: base: `seed` = -1: must be in [0, 2147483647]",
+        "command line: `log_interval` = 0: must be >= 1",
+        ("command line: `extra_args` = {'loss_scale': -inf}: extra_args.loss_scale is not a finite number; "
+         "write a number"),
+    ])
+
+
+def test_bare_flag_is_true_only_for_switches(tmp_path):
+    p = write(tmp_path, MINIMAL)
+    assert resolve(p, "m", "e", ["--pack"]).cfg.pack is True
+    with pytest.raises(UserErrors, match=r"command line: `seq_len` = True: must be a number, not true/false"):
+        resolve(p, "m", "e", ["--seq_len"])
+
+
+def test_dotted_override_needs_a_group_of_the_yaml(tmp_path):
+    p = write(tmp_path, MINIMAL.replace("  e: {}", "  e:\n    training: {lr: 1.0e-5}"))
+    assert resolve(p, "m", "e", ["--training.lr=3e-5"]).cfg.lr == 3e-5
+    with pytest.raises(UserErrors, match=r"`--anything.seed`: .*cfg.yaml has no group `anything`; write --seed="):
+        resolve(p, "m", "e", ["--anything.seed=5"])
+
+
+def test_interpolation_cannot_grow_a_value_without_bound(tmp_path):
+    doubling = "".join(f"  a{i}: ${{a{i - 1}}}${{a{i - 1}}}\n" for i in range(1, 40))
+    p = write(tmp_path, MINIMAL + "extra_args:\n  a0: xxxxxxxxxx\n" + doubling.replace("${a", "${extra_args.a"))
+    with pytest.raises(UserError, match=r"`extra_args` grows to more than 100000 characters through \$\{\.\.\.\}"):
+        resolve(p, "m", "e")

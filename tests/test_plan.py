@@ -78,3 +78,23 @@ def test_plan_refuses_invalid_layout_exit_2(tmp_path):
     r = plan_json(SHIPPED, "qwen2.5-7b", "4096-sft-full", "--global-batch-size=100", env=env)
     assert r.returncode == 2 and "global_batch_size (100) must be divisible" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--lr=.nan", "command line: `lr` = nan: must be a finite number >= 0"),
+    ("--save_grace_period=.inf", "command line: `save_grace_period` = inf: must be a finite number >= 0"),
+    ("--extra_args.loss_scale=.nan", ("command line: `extra_args` = {'loss_scale': nan}: extra_args.loss_scale is "
+                                      "not a finite number")),
+    ("--log_interval=0", "command line: `log_interval` = 0: must be >= 1"),
+])
+def test_plan_json_refuses_non_finite_and_out_of_range_values(tmp_path, override, message):
+    env = {"MA_NUM_HOSTS": "1", "MA_NUM_GPUS": "2"}
+    r = plan_json(SHIPPED, "qwen2.5-7b", "4096-sft-full", f"--output_dir={tmp_path}", override, env=env)
+    assert r.returncode == 2 and f"error: {message}" in r.stderr and r.stdout == "", r.stderr
+    assert "Traceback" not in r.stderr
+    r = plan_json(SHIPPED, "qwen2.5-7b", "4096-sft-full", f"--output_dir={tmp_path}", "--lr=1e-5", env=env)
+
+    def refuse(constant):
+        raise AssertionError(f"{constant} in plan --json")
+
+    assert r.returncode == 0 and json.loads(r.stdout, parse_constant=refuse)["config"]["lr"] == 1e-5

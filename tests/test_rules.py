@@ -7,6 +7,7 @@ import pytest
 
 from ascendfactory.config.loader import resolve
 from ascendfactory.config.rules import check
+from ascendfactory.errors import UserError, UserErrors
 from ascendfactory.launch.layout import cluster_layout
 
 QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28, "num_key_value_heads": 4,
@@ -33,6 +34,11 @@ def resolved(tmp_path, model_dir, **keys):
 def problems(tmp_path, model_dir, world=8, **keys):
     r = resolved(tmp_path, model_dir, nproc_per_node=world, **keys)
     return check(r, cluster_layout(r.cfg, env={})).problems
+
+
+def refused(tmp_path, model_dir, pattern, **keys):
+    with pytest.raises(UserErrors, match=pattern):
+        resolved(tmp_path, model_dir, nproc_per_node=8, **keys)
 
 
 def one(tmp_path, model_dir, pattern, **keys):
@@ -128,12 +134,12 @@ def test_lora_settings(tmp_path, model_dir):
                  lora_target="linear_qkv,linear_fc2")  # LLaMA-Factory's names, a comma list
     assert (r.cfg.lora_r, r.cfg.lora_alpha, r.cfg.lora_target_modules) == (8, 32.0, ["linear_qkv", "linear_fc2"])
     assert check(r, cluster_layout(r.cfg, env={})).problems == []
-    one(tmp_path, model_dir, r"lora_r = 0: the adapter rank must be >= 1", finetuning_type="lora", lora_r=0)
-    one(tmp_path, model_dir, r"lora_alpha = -1.0: must be > 0", finetuning_type="lora", lora_alpha=-1)
+    refused(tmp_path, model_dir, r"m: `lora_r` = 0: must be >= 1", finetuning_type="lora", lora_r=0)
+    refused(tmp_path, model_dir, r"m: `lora_alpha` = -1: must be > 0", finetuning_type="lora", lora_alpha=-1)
     one(tmp_path, model_dir, r"lora_target_modules = \[\]: empty", finetuning_type="lora", lora_target_modules=[])
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", lora_target="all")
     assert r.cfg.lora_target_modules == ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
-    one(tmp_path, model_dir, r"lora_dropout = 1.0: must be in \[0, 1\)", finetuning_type="lora", lora_dropout=1)
+    refused(tmp_path, model_dir, r"`lora_dropout` = 1: must be in \[0, 1\)", finetuning_type="lora", lora_dropout=1)
     r = resolved(tmp_path, model_dir, nproc_per_node=8, finetuning_type="lora", ckpt_load_type=0)
     assert any("frozen base weights are random" in w for w in check(r, cluster_layout(r.cfg, env={})).warnings)
 
@@ -166,8 +172,11 @@ def test_all_problems_reported_together(tmp_path, model_dir):
 
 
 def test_bad_sizes_and_save_interval(tmp_path, model_dir):
-    ps = problems(tmp_path, model_dir, **{"micro-batch-size": 0, "save-interval": 0})
-    assert any("micro_batch_size = 0" in p for p in ps) and any("save_interval = 0" in p for p in ps)
+    # value ranges are the schema's: refused (all together) when the config is resolved
+    with pytest.raises(UserErrors) as ei:
+        resolved(tmp_path, model_dir, **{"micro-batch-size": 0, "save-interval": 0})
+    assert [p.split("cfg.yaml: ")[1] for p in ei.value.problems] == [
+        "m: `micro_batch_size` = 0: must be >= 1", "m: `save_interval` = 0: must be >= 1"]
 
 
 def test_missing_model_config_leaves_model_rules_unchecked(tmp_path):
@@ -221,3 +230,64 @@ def test_scripts_dir_must_hold_train_sh(tmp_path, model_dir):
     custom.mkdir()
     (custom / "train.sh").write_text("exit 0\n")
     assert problems(tmp_path, model_dir, scripts_dir=str(custom)) == []
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    ({}, {"NNODES": "0", "MASTER_ADDR": "10.0.0.1"}, "NNODES = 0: the number of nodes must be at least 1"),
+    ({}, {"MA_NUM_HOSTS": "0"}, "MA_NUM_HOSTS = 0: the number of nodes must be at least 1"),
+    ({"num_nodes": 0}, {}, "--num_nodes = 0: the number of nodes must be at least 1"),
+    ({}, {"NNODES": "2", "NODE_RANK": "2", "MASTER_ADDR": "a"}, "NODE_RANK = 2: the node rank must be in 0..1"),
+    ({}, {"MASTER_PORT": "70000"}, "MASTER_PORT = 70000: must be in [1, 65535]"),
+    ({}, {"MA_NUM_HOSTS": "2", "MA_NUM_GPUS": "-1", "VC_WORKER_HOSTS": "a,b"}, "MA_NUM_GPUS = -1"),
+    # a multi-node job without a usable master address would dial 127.0.0.1 on every node and hang
+    ({}, {"MA_NUM_HOSTS": "2", "VC_TASK_INDEX": "1", "VC_WORKER_HOSTS": ""},
+     "VC_WORKER_HOSTS = '': not a usable master address (2 node(s)); set VC_WORKER_HOSTS (or --master_addr)"),
+    ({}, {"NNODES": "2", "MASTER_ADDR": ""}, "MASTER_ADDR = '': not a usable master address (2 node(s))"),
+    ({"num_nodes": 2, "rank": 1}, {}, ("--master_addr = '': not a usable master address (2 node(s)); set "
+                                       "--master_addr to the host name or IP of node 0")),
+    ({"num_nodes": 2, "rank": 1, "master_addr": "_"}, {}, "--master_addr = '_': not a usable master address"),
+    ({}, {"MASTER_ADDR": "_"}, "MASTER_ADDR = '_': not a usable master address (1 node(s))"),
+])
+def test_layout_refuses_bad_cluster_values(tmp_path, model_dir, flags, env, message):
+    r = resolved(tmp_path, model_dir)  # devices per node from the env
+    with pytest.raises(UserError) as ei:
+        cluster_layout(r.cfg, flags, env=env)
+    assert message in str(ei.value)
+
+
+def test_layout_master_address_forms(tmp_path, model_dir):
+    r = resolved(tmp_path, model_dir, nproc_per_node=4)
+    # one node may leave it unset; two nodes on one machine (tests, Lite Server trials) may name 127.0.0.1
+    assert cluster_layout(r.cfg, {}, env={"MASTER_ADDR": ""}).master_addr == "127.0.0.1"
+    lay = cluster_layout(r.cfg, {"num_nodes": 2, "rank": 1, "master_addr": "127.0.0.1"}, env={})
+    assert (lay.nnodes, lay.master_addr) == (2, "127.0.0.1")
+    for host in ("job-1-worker-0.job-1", "10.0.0.9", "fe80::1"):
+        assert cluster_layout(r.cfg, {}, env={"NNODES": "2", "MASTER_ADDR": host}).master_addr == host
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads = 0: must be a positive integer"),
+    ({"num_hidden_layers": 0}, "num_hidden_layers = 0: must be a positive integer"),
+    ({"num_key_value_heads": -2}, "num_key_value_heads = -2: must be a positive integer"),
+    ({"num_hidden_layers": "28"}, 'num_hidden_layers = "28": must be a positive integer'),
+    ({"num_hidden_layers": None}, "missing key 'num_hidden_layers'"),
+    (None, "config.json: expected a JSON object of model settings, found a list"),
+])
+def test_broken_model_config_is_a_problem_not_unchecked(tmp_path, model_dir, edit, message):
+    cfg = [QWEN2_7B] if edit is None else {**QWEN2_7B, **edit}
+    (model_dir / "config.json").write_text(json.dumps(cfg))
+    r = resolved(tmp_path, model_dir, nproc_per_node=8)
+    rep = check(r, cluster_layout(r.cfg, env={}))
+    assert len(rep.problems) == 1 and message in rep.problems[0] and not rep.unchecked, rep
+
+
+def test_null_kv_heads_means_as_many_as_heads(tmp_path, model_dir):
+    (model_dir / "config.json").write_text(json.dumps({**QWEN2_7B, "num_key_value_heads": None}))
+    assert problems(tmp_path, model_dir) == []
+
+
+def test_prompt_type_and_layer_list_entries(tmp_path, model_dir):
+    one(tmp_path, model_dir, r"prompt_type = 'qwen3': unknown chat template; use one of auto, qwen", prompt_type="qwen3")
+    with pytest.raises(UserError, match=r"num_layer_list = '14,0,14': every pipeline stage needs at least 1 layer"):
+        problems(tmp_path, model_dir, world=12, **{"pipeline-model-parallel-size": 3, "global-batch-size": 63,
+                                                   "num_layer_list": "14,0,14"})

@@ -66,9 +66,27 @@ def load_config_json(model_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"{path}: config.json not found; model_name_or_path must be an HF model folder")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); restore the model's config.json") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path}: expected a JSON object of model settings, found a {type(cfg).__name__}; "
+                        "restore the model's config.json")
+    return cfg
+
+
+def positive_int(cfg: dict, key: str, source: str, default: int | None = None) -> int:
+    """A size from config.json; 0, negative or non-integer sizes are refused here, naming the key, instead
+    of failing later in whatever divides by them (the tokenizer, the model builder)."""
+    value = cfg.get(key)
+    if value is None:  # HF writes null for "derive it" (num_key_value_heads, head_dim)
+        if default is None:
+            raise KeyError(key)
+        value = default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise UserError(f"{source}: {key} = {json.dumps(value)}: must be a positive integer; "
+                        "restore the model's config.json")
+    return value
 
 
 def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
@@ -80,8 +98,8 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
         )
     family = ARCHITECTURES[arch]
     try:
-        heads = int(cfg["num_attention_heads"])
-        hidden = int(cfg["hidden_size"])
+        heads = positive_int(cfg, "num_attention_heads", source)
+        hidden = positive_int(cfg, "hidden_size", source)
         qkv_bias = family.qkv_bias
         if family.qkv_bias_key:
             qkv_bias = bool(cfg.get(family.qkv_bias_key, qkv_bias))
@@ -93,13 +111,13 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
         return ModelFacts(
             architecture=arch,
             hidden_size=hidden,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=positive_int(cfg, "num_hidden_layers", source),
             num_heads=heads,
-            num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-            head_dim=int(cfg.get("head_dim") or hidden // heads),
-            ffn_hidden_size=int(cfg["intermediate_size"]),
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+            num_kv_heads=positive_int(cfg, "num_key_value_heads", source, default=heads),
+            head_dim=positive_int(cfg, "head_dim", source, default=hidden // heads),
+            ffn_hidden_size=positive_int(cfg, "intermediate_size", source),
+            vocab_size=positive_int(cfg, "vocab_size", source),
+            max_position_embeddings=positive_int(cfg, "max_position_embeddings", source, default=4096),
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),

@@ -113,7 +113,7 @@ def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
             "paths": plan.paths.as_json(),
             "warnings": plan.report.warnings,
             "unchecked": plan.report.unchecked,
-        }))
+        }, allow_nan=False))  # NaN/Infinity is not JSON (the schema refuses them; this is the backstop)
         return
     lay = plan.layout
     print(f"experiment  {plan.resolved.model_name} / {plan.resolved.exp_name}  ({plan.resolved.source})")

@@ -26,6 +26,9 @@ ALIASES = {
 # Keys whose value is a mapping that belongs to the key (not an experiment block or a group).
 MAPPING_KEYS = frozenset({"extra_args", "map_keys"})
 
+# Groups a dotted command-line override may name even when the YAML does not have them (SPEC.md section 1).
+GROUPS = frozenset({"backend_config"})
+
 
 def normalize(key: str) -> str:
     """`micro-batch-size`, `MICRO_BATCH_SIZE`, `scirpts_dir` -> their canonical key (unchecked)."""

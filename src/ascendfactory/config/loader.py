@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from ascendfactory.config.keys import MAPPING_KEYS, is_known, normalize, suggestion
-from ascendfactory.config.schema import ExpConfig
+from ascendfactory.config.keys import GROUPS, MAPPING_KEYS, is_known, normalize, suggestion
+from ascendfactory.config.schema import ExpConfig, allowed_range
 from ascendfactory.errors import UserError, UserErrors
 
 BASE_BLOCK = "base"
@@ -36,18 +36,92 @@ class Resolved:
         return self.origins.get(key, "default")
 
 
+# Aliases share one node while parsing, but merging, interpolation and `plan --json` walk the expanded
+# values: an alias bomb (billion laughs) would grow without bound. A real experiment file has a few hundred.
+MAX_YAML_VALUES = 100_000
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+# The same for interpolation: `a1: ${a0}${a0}`, `a2: ${a1}${a1}`, ... doubles a string per line.
+MAX_VALUE_CHARS = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """SafeLoader that checks the composed document before building it (see _check_nodes)."""
+
+    source = "<string>"
+
+    def construct_document(self, node):
+        _check_nodes(node, self.source)
+        return super().construct_document(node)
+
+
+def _check_nodes(root: yaml.Node, source: str) -> None:
+    """Refuse an expansion beyond MAX_YAML_VALUES, a recursive alias, and a key written twice in one
+    block, also by spelling (SEQ_LEN and seq_len), outside the free-form mappings (extra_args, map_keys)."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    duplicates: list[str] = []
+
+    def walk(node: yaml.Node, free_form: bool) -> int:
+        if id(node) in sizes:  # an alias: counted at its full size, composed once
+            return sizes[id(node)]
+        if id(node) in open_nodes:
+            raise UserError(f"{source}:{node.start_mark.line + 1}: a YAML alias refers to the value that contains "
+                            "it; write the value out")
+        open_nodes.add(id(node))
+        total = 1
+        if isinstance(node, yaml.SequenceNode):
+            total += sum(walk(item, free_form) for item in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            seen: dict[str, yaml.Node] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != _MERGE_TAG:
+                    name = key.value if free_form else normalize(key.value)
+                    if name in seen:
+                        first = seen[name]
+                        what = "block" if isinstance(value, yaml.MappingNode) else "key"
+                        also = f" as `{first.value}`" if first.value != key.value else ""
+                        duplicates.append(f"{source}:{key.start_mark.line + 1}: duplicate {what} `{key.value}` "
+                                          f"(already written{also} at {source}:{first.start_mark.line + 1}); "
+                                          "keep one of them")
+                    seen.setdefault(name, key)
+                inner = free_form or (isinstance(key, yaml.ScalarNode) and normalize(key.value) in MAPPING_KEYS)
+                total += walk(key, free_form) + walk(value, inner)
+        if total > MAX_YAML_VALUES:
+            raise UserError(f"{source}: the YAML expands to more than {MAX_YAML_VALUES} values through aliases "
+                            "(&anchor / *alias); write the values out or use fewer aliases")
+        open_nodes.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    walk(root, free_form=False)
+    if duplicates:
+        raise UserErrors(duplicates)
+
+
+def safe_load(text: str, source: str):
+    """yaml.safe_load with the checks of _check_nodes; YAMLError (and RecursionError) are the caller's."""
+    loader = _ConfigLoader(text)
+    loader.source = source
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def load_yaml(path: str | Path) -> dict:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{path}: config file not found; give the path of the experiment YAML")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))
+        doc = safe_load(p.read_text(encoding="utf-8"), str(path))
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         raise UserError(f"{where}: YAML syntax error: {e.problem}; fix the YAML at that line") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot parse YAML ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: the YAML is nested too deeply; flatten it") from None
     if not isinstance(doc, dict):
         raise UserError(f"{path}: expected a mapping of `base` and model blocks at the top level")
     return doc
@@ -132,8 +206,8 @@ def parse_overrides(args: list[str]) -> list[tuple[list[str], Any]]:
         else:
             key, raw = body, "true"  # a bare --flag means true
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = safe_load(raw, f"command line `{arg}`") if raw != "" else ""
+        except (yaml.YAMLError, RecursionError):
             value = raw
         path = [p for p in key.split(".") if p]
         if not path:
@@ -141,6 +215,24 @@ def parse_overrides(args: list[str]) -> list[tuple[list[str], Any]]:
         out.append((path, value))
         i += 1
     return out
+
+
+def _check_groups(overrides: list[tuple[list[str], Any]], nested: dict, source: str) -> None:
+    """A dotted override addresses its leaf key only through a group the YAML has (or the documented
+    `backend_config`): `--anything.seed=1` must not quietly set seed."""
+    problems = []
+    for path, _ in overrides:
+        if len(path) < 2 or normalize(path[0]) in MAPPING_KEYS or normalize(path[0]) in GROUPS:
+            continue
+        node = nested
+        for part in path[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            dotted = ".".join(path)
+            problems.append(f"command line: `--{dotted}`: {source} has no group `{'.'.join(path[:-1])}`; "
+                            f"write --{path[-1]}=... or fix the group name")
+    if problems:
+        raise UserErrors(problems)
 
 
 def _apply_overrides(overrides: list[tuple[list[str], Any]], out: dict, origins: dict) -> None:
@@ -219,11 +311,18 @@ def interpolate(flat: dict, nested: dict, source: str, builtins: dict | None = N
         whole = _REF.fullmatch(value.strip())
         if whole:
             return get(whole.group(1))
-        return _REF.sub(lambda m: str(get(m.group(1))), value)
+        text = _REF.sub(lambda m: str(get(m.group(1))), value)
+        if len(text) > MAX_VALUE_CHARS:
+            raise UserError(f"{source}: `{chain[-1] if chain else '?'}` grows to more than {MAX_VALUE_CHARS} "
+                            "characters through ${...} references; shorten it")
+        return text
 
     for key in flat:
         resolve_key(key, ())
     return done
+
+
+_RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number"}
 
 
 def _type_problems(err, source: str, origins: dict, data: dict) -> list[str]:
@@ -237,7 +336,11 @@ def _type_problems(err, source: str, origins: dict, data: dict) -> list[str]:
             continue
         where = origins.get(key, source)
         value = data.get(key)
-        out.append(f"{where}: `{'.'.join(loc)}` = {value!r}: {e['msg']}")
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in _RANGE_ERRORS and key in ExpConfig.model_fields:
+            finite = "a finite number" if e["type"] == "finite_number" else None
+            msg = "must be " + " ".join(t for t in (finite, allowed_range(key)) if t)
+        out.append(f"{where}: `{'.'.join(loc)}` = {value!r}: {msg}")
     return out
 
 
@@ -262,6 +365,7 @@ def resolve(path: str | Path, model_name: str, exp_name: str, overrides: list[st
         _flatten(block, origin, flat, origins)
         _deep_update(nested, block)
     parsed = parse_overrides(list(overrides or []))
+    _check_groups(parsed, nested, source)
     _apply_overrides(parsed, flat, origins)
     for p, v in parsed:
         _deep_update(nested, _nest(p, v))

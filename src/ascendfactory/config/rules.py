@@ -16,17 +16,14 @@ from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import LORA_TARGETS
 from ascendfactory.convert.families import hf_linear_owners
 from ascendfactory.data.handlers import HANDLERS
+from ascendfactory.data.templates import PROMPT_TYPES
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.launch.torchrun import scripts_dir
-from ascendfactory.modelinfo import load_config_json
+from ascendfactory.modelinfo import config_path, load_config_json, positive_int
 
 
 def _lora_rules(cfg, bad, warnings: list[str]) -> None:
-    if cfg.lora_r < 1:
-        bad(f"lora_r = {cfg.lora_r}: the adapter rank must be >= 1 (8-64 is usual)")
-    if cfg.lora_alpha <= 0:
-        bad(f"lora_alpha = {cfg.lora_alpha}: must be > 0 (commonly 2 x lora_r)")
     unknown = [m for m in cfg.lora_target_modules if m not in LORA_TARGETS]
     if unknown or not cfg.lora_target_modules:
         what = f"unknown {', '.join(unknown)}" if unknown else "empty"
@@ -34,8 +31,6 @@ def _lora_rules(cfg, bad, warnings: list[str]) -> None:
         hf = [f"{m} is in {owners[m]}" for m in unknown if m in owners]
         bad(f"lora_target_modules = {cfg.lora_target_modules}: {what}; choose from {', '.join(LORA_TARGETS)} "
             f"(or all){' (' + '; '.join(hf) + ': megatron-core fuses them)' if hf else ''}")
-    if not 0 <= cfg.lora_dropout < 1:
-        bad(f"lora_dropout = {cfg.lora_dropout}: must be in [0, 1) (0.05-0.1 is usual)")
     if cfg.ckpt_load_type == 0:
         warnings.append("finetuning_type lora with ckpt_load_type 0: the frozen base weights are random; "
                         "use ckpt_load_type 1 to adapt the weights of model_name_or_path")
@@ -66,9 +61,12 @@ def parse_layer_list(text: str | None) -> list[int] | None:
     if text in (None, ""):
         return None
     try:
-        return [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
+        layers = [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
     except ValueError:
         raise UserError(f"num_layer_list = {text!r}: expected comma-separated integers such as 10,12,10") from None
+    if min(layers, default=0) < 1:
+        raise UserError(f"num_layer_list = {text!r}: every pipeline stage needs at least 1 layer, e.g. 10,12,10")
+    return layers
 
 
 def check(res: Resolved, layout: Layout) -> Report:
@@ -77,20 +75,7 @@ def check(res: Resolved, layout: Layout) -> Report:
     def bad(msg: str) -> None:
         r.problems.append(msg)
 
-    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
-    for key, value in (
-        ("tensor_model_parallel_size", tp),
-        ("pipeline_model_parallel_size", pp),
-        ("context_parallel_size", cp),
-        ("micro_batch_size", cfg.micro_batch_size),
-        ("global_batch_size", cfg.global_batch_size),
-        ("seq_len", cfg.seq_len),
-        ("max_pe", cfg.max_pe),
-    ):
-        if value < 1:
-            bad(f"{key} = {value}: must be at least 1")
-    if cfg.save_interval <= 0:
-        bad(f"save_interval = {cfg.save_interval}: must be a positive number of iterations")
+    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp  # value ranges (sizes >= 1, ...) are the schema's (config.schema)
     if cfg.train_iters is not None and cfg.train_iters <= 0 and cfg.epochs is None:
         bad(f"train_iters = {cfg.train_iters}: must be positive (or set `epochs`)")
     if cfg.min_lr > cfg.lr:
@@ -98,8 +83,6 @@ def check(res: Resolved, layout: Layout) -> Report:
     if cfg.epochs is None and cfg.train_iters and cfg.train_iters > 0 and (
             problem := warmup_problem(cfg, cfg.train_iters)):
         bad(problem)
-    if r.problems:  # sizes below 1 make the divisibility rules meaningless
-        return r
 
     world = layout.world_size
     if world % (tp * pp * cp):
@@ -135,6 +118,8 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"stage = {cfg.stage!r}: must be pt (pretrain) or sft")
     if cfg.handler_name not in HANDLERS:
         bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
+    if cfg.prompt_type not in PROMPT_TYPES:
+        bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
     if cfg.ckpt_load_type == 2 and not cfg.user_converted_ckpt_path:
         save_dir = run_paths(cfg).save_dir
         if not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(save_dir)):
@@ -185,17 +170,20 @@ def seq_len_problem(cfg) -> str | None:
 
 
 def _check_model(cfg, layer_list, r: Report) -> None:
+    source = config_path(cfg.model_name_or_path)
     try:
         mc = load_config_json(cfg.model_name_or_path)
-        heads = int(mc["num_attention_heads"])
-        kv = int(mc.get("num_key_value_heads") or heads)
-        layers = int(mc["num_hidden_layers"])
+        heads = positive_int(mc, "num_attention_heads", str(source))
+        kv = positive_int(mc, "num_key_value_heads", str(source), default=heads)
+        layers = positive_int(mc, "num_hidden_layers", str(source))
     except UserError as e:
-        r.model_error, r.unchecked = str(e), list(MODEL_RULES)
+        if source.is_file():  # there, but broken: refused now, not left to a later stage
+            r.problems.append(str(e))
+        else:  # model files not on this machine (plan elsewhere): say which rules were not checked
+            r.model_error, r.unchecked = str(e), list(MODEL_RULES)
         return
-    except (KeyError, TypeError, ValueError) as e:
-        r.model_error = f"{cfg.model_name_or_path}/config.json: missing or bad key {e}"
-        r.unchecked = list(MODEL_RULES)
+    except KeyError as e:
+        r.problems.append(f"{source}: missing key {e}; is this an HF causal-LM config.json?")
         return
     tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
     if heads % (tp * cp):
