@@ -27,7 +27,7 @@ def _prefix(cfg: ExpConfig, paths: RunPaths) -> Path:
 
 def _options(cfg: ExpConfig) -> dict:
     return out.options(cfg.handler_name, cfg.prompt_type, cfg.seq_len, cfg.pack, cfg.append_eod, cfg.json_keys,
-                   cfg.map_keys, cfg.skip_bad_records)
+                       cfg.map_keys, cfg.skip_bad_records, cfg.max_record_mb)
 
 
 def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
@@ -62,7 +62,7 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 
 def run(cfg: ExpConfig, paths: RunPaths) -> str:
     """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*; returns the data prefix for training."""
-    from ascendfactory.data.preprocess import preprocess_command
+    from ascendfactory.data.preprocess import YAML_KEYS, preprocess_command
 
     if not cfg.dataset:
         raise UserError("dataset: not set; give dataset (raw data) or processed_data_dir (preprocessed data)")
@@ -71,7 +71,8 @@ def run(cfg: ExpConfig, paths: RunPaths) -> str:
         input=cfg.dataset, tokenizer_name_or_path=cfg.model_name_or_path, output_prefix=prefix,
         handler_name=cfg.handler_name, prompt_type=cfg.prompt_type, seq_length=cfg.seq_len, pack=cfg.pack,
         append_eod=cfg.append_eod, json_keys=cfg.json_keys, map_keys=cfg.map_keys, workers=cfg.preprocess_workers,
-        skip_bad_records=cfg.skip_bad_records,
+        skip_bad_records=cfg.skip_bad_records, max_record_mb=cfg.max_record_mb,
+        overwrite=True, names=YAML_KEYS,  # preprocessed_data/ is the run's own folder; decide() said it must be redone
     )
     return out.data_prefix(prefix, cfg.handler_name, cfg.json_keys)
 
