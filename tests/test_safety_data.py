@@ -178,6 +178,12 @@ def test_train_names_the_yaml_keys(tmp_path, tok):
     with pytest.raises(UserError, match=r":2: record of 2.0 MB, over the limit of 1.0 MB \(max_record_mb\) "
                                         r"\(fix the record or set skip_bad_records: true\)$"):
         stage.run(cfg, run_paths(cfg))
+    cfg = cfg.model_copy(update={"handler_name": "AlpacaStyleInstructionHandler", "map_keys": {"bogus": "x"}})
+    with pytest.raises(UserError, match=r"^map_keys: unknown key\(s\) bogus"):
+        stage.run(cfg, run_paths(cfg))
+    cfg = cfg.model_copy(update={"map_keys": None, "prompt_type": "chatml"})
+    with pytest.raises(UserError, match=r"^prompt_type chatml: unknown"):
+        stage.run(cfg, run_paths(cfg))
 
 
 def test_unreadable_input_is_one_line(tmp_path, tok):

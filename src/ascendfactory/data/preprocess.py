@@ -43,6 +43,7 @@ from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, enco
 from ascendfactory.data.fast_encode import TextEncoder
 from ascendfactory.data.handlers import PRETRAIN, parse_map_keys
 from ascendfactory.data.indexed import OutputSet, optimal_dtype
+from ascendfactory.data.names import FLAGS
 from ascendfactory.data.packing import PACK_WINDOW, build_bin, pack_window
 from ascendfactory.data.readers import discover, iter_chunks, total_bytes
 from ascendfactory.data.templates import Renderer
@@ -51,17 +52,13 @@ from ascendfactory.errors import UserError, disk_full_as_error
 
 PROGRESS_EVERY_S = 5.0
 SHOWN_SKIPS = 5
-# How messages name the options: the command's flags; `train` passes YAML_KEYS, the keys its users write.
-FLAGS = {"input": "--input", "seq_length": "--seq-length", "workers": "--workers", "json_keys": "--json-keys",
-         "max_record_mb": "--max-record-mb", "skip_bad_records": "pass --skip-bad-records"}
-YAML_KEYS = {"input": "dataset", "seq_length": "seq_len", "workers": "preprocess_workers", "json_keys": "json_keys",
-             "max_record_mb": "max_record_mb", "skip_bad_records": "set skip_bad_records: true"}
 
 
 def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_name, prompt_type, seq_length, pack,
                        append_eod, json_keys, map_keys, workers, skip_bad_records,
                        max_record_mb: float, overwrite: bool = False, names: dict = FLAGS) -> dict:
-    """The `preprocess` command; returns the summary (also printed)."""
+    """The `preprocess` command; returns the summary (also printed). names: how messages name the options
+    (data.names: the flags, or the YAML keys under `train`)."""
     if seq_length < 1:
         raise UserError(f"{names['seq_length']} {seq_length}: must be at least 1")
     if workers < 1:
@@ -70,21 +67,23 @@ def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_nam
         raise UserError(f"{names['max_record_mb']} {max_record_mb}: must be above 0")
     if not json_keys:
         raise UserError(f"{names['json_keys']}: give at least one column name")
-    keys = parse_map_keys(handler_name, map_keys)
+    keys = parse_map_keys(handler_name, map_keys, names)
     opts = out.options(handler_name, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records,
                        max_record_mb)
     files, kind = discover(input, names["input"])
     stamp = out.fingerprint(files, tokenizer_name_or_path, opts)
     if not overwrite:
         _refuse_foreign_outputs(output_prefix, handler_name, json_keys, stamp)
-    tok = load_tokenizer(tokenizer_name_or_path)
+    tok = load_tokenizer(tokenizer_name_or_path, names["tokenizer"])
 
-    job = make_job(handler_name, tokenizer_name_or_path, tok, prompt_type, seq_length, json_keys, append_eod, keys)
+    job = make_job(handler_name, tokenizer_name_or_path, tok, prompt_type, seq_length, json_keys, append_eod, keys,
+                   names)
     job.max_record_bytes, job.max_record_key = int(max_record_mb * 2**20), names["max_record_mb"]
     dtype = optimal_dtype(tok.vocab_size) if handler_name == PRETRAIN else np.int32
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if pack and handler_name != PRETRAIN and pad_id is None:
-        raise UserError(f"{tokenizer_name_or_path}: --pack needs a pad_token or eos_token; the tokenizer has neither")
+        raise UserError(f"{tokenizer_name_or_path}: {names['pack']} needs a pad_token or eos_token; the tokenizer "
+                        "has neither")
 
     with disk_full_as_error(f"{output_prefix}_*"):
         outputs = _output_set(output_prefix, handler_name, json_keys, dtype)
@@ -123,14 +122,15 @@ def _output_set(output_prefix, handler, json_keys, dtype) -> OutputSet:
         raise UserError(f"{output_prefix}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 
-def make_job(handler, tokenizer_path, tok, prompt_type, seq_length, json_keys, append_eod, keys) -> Job:
+def make_job(handler, tokenizer_path, tok, prompt_type, seq_length, json_keys, append_eod, keys,
+             names: dict = FLAGS) -> Job:
     job = Job(handler=handler, tok=tok, seq_length=seq_length, json_keys=list(json_keys), keys=keys)
     if handler == PRETRAIN:
         if append_eod and tok.eos_id is None:
-            raise UserError(f"{tokenizer_path}: --append-eod needs an eos_token; the tokenizer has none")
+            raise UserError(f"{tokenizer_path}: {names['append_eod']} needs an eos_token; the tokenizer has none")
         job.encoder = TextEncoder(tok.backend, tokenizer_path, eod=tok.eos_id if append_eod else None)
     else:
-        job.renderer = Renderer(handler, prompt_type, tok, tokenizer_path)
+        job.renderer = Renderer(handler, prompt_type, tok, tokenizer_path, names)
         job.token_bytes = byte_level_token_lengths(tok.backend)
         if job.token_bytes is not None:
             job.encoder = TextEncoder(tok.backend, tokenizer_path, special_tokens=False)

@@ -62,7 +62,8 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 
 def run(cfg: ExpConfig, paths: RunPaths) -> str:
     """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*; returns the data prefix for training."""
-    from ascendfactory.data.preprocess import YAML_KEYS, preprocess_command
+    from ascendfactory.data.names import YAML_KEYS
+    from ascendfactory.data.preprocess import preprocess_command
 
     if not cfg.dataset:
         raise UserError("dataset: not set; give dataset (raw data) or processed_data_dir (preprocessed data)")
