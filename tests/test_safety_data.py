@@ -186,19 +186,27 @@ def test_train_names_the_yaml_keys(tmp_path, tok):
         stage.run(cfg, run_paths(cfg))
 
 
-def test_unreadable_input_is_one_line(tmp_path, tok):
-    src = jsonl(tmp_path / "in.jsonl", corpus_text(1))
-    src.chmod(0)
+def test_unreadable_input_and_unwritable_output(tmp_path, tok):
     # as root, permissions only bind once CAP_DAC_OVERRIDE is gone
     if os.geteuid() == 0 and not shutil.which("setpriv"):
         pytest.skip("running as root without setpriv")
-    prefix = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
-    r = subprocess.run(prefix + CLI + ["preprocess", "--input", str(src), "--tokenizer-name-or-path", tok,
-                                       "--output-prefix", str(tmp_path / "o"), "--handler-name",
-                                       "GeneralPretrainHandler"], capture_output=True, text=True, timeout=300)
-    err = one_error(r)
-    assert f"error: {src}: cannot read (Permission denied)" in err
+    as_user = ["setpriv", "--bounding-set", "-dac_override,-dac_read_search", "--"] if os.geteuid() == 0 else []
+
+    def run(src, prefix):
+        return subprocess.run(as_user + CLI + ["preprocess", "--input", str(src), "--tokenizer-name-or-path", tok,
+                                               "--output-prefix", str(prefix), "--handler-name",
+                                               "GeneralPretrainHandler"], capture_output=True, text=True, timeout=300)
+
+    src = jsonl(tmp_path / "in.jsonl", corpus_text(1))
+    src.chmod(0)
+    assert f"error: {src}: cannot read (Permission denied)" in one_error(run(src, tmp_path / "o"))
     assert not list(tmp_path.glob("o_*"))
+    src.chmod(0o644)
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    err = one_error(run(src, locked / "o"))
+    assert f"error: {locked / 'o'}: cannot write there (Permission denied); choose a writable folder" in err
+    assert list(locked.iterdir()) == []
 
 
 # ------------------------------------------------------------------ a full disk

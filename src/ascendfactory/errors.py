@@ -31,6 +31,10 @@ _FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exce
          errno.EFBIG: "the file size limit was hit"}
 
 
+def is_disk_full(e: OSError) -> bool:
+    return e.errno in _FULL
+
+
 @contextmanager
 def disk_full_as_error(output) -> Iterator[None]:
     """A write refused for space inside the block becomes one DiskFull line naming `output` (the user's path) and
@@ -40,7 +44,7 @@ def disk_full_as_error(output) -> Iterator[None]:
         yield
     except (OSError, RuntimeError) as e:
         cause = e if isinstance(e, OSError) else e.__context__
-        if not isinstance(cause, OSError) or cause.errno not in _FULL:
+        if not isinstance(cause, OSError) or not is_disk_full(cause):
             raise
         where = f" ({cause.filename})" if cause.filename else ""
         raise DiskFull(f"{output}: cannot write{where}: {_FULL[cause.errno]} ({cause.strerror}); nothing was kept; "

@@ -48,7 +48,7 @@ from ascendfactory.data.packing import PACK_WINDOW, build_bin, pack_window
 from ascendfactory.data.readers import discover, iter_chunks, total_bytes
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import byte_level_token_lengths, load_tokenizer
-from ascendfactory.errors import UserError, disk_full_as_error
+from ascendfactory.errors import UserError, disk_full_as_error, is_disk_full
 
 PROGRESS_EVERY_S = 5.0
 SHOWN_SKIPS = 5
@@ -118,7 +118,9 @@ def _refuse_foreign_outputs(output_prefix, handler, json_keys, stamp: dict) -> N
 def _output_set(output_prefix, handler, json_keys, dtype) -> OutputSet:
     try:
         return OutputSet(out.output_prefixes(output_prefix, handler, json_keys), dtype)
-    except PermissionError as e:
+    except OSError as e:  # permissions, a read-only file system, a file where a folder should be
+        if is_disk_full(e):
+            raise
         raise UserError(f"{output_prefix}: cannot write there ({e.strerror}); choose a writable folder") from None
 
 

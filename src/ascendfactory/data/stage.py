@@ -11,6 +11,7 @@ from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data import outputs as out
 from ascendfactory.data.handlers import PRETRAIN
+from ascendfactory.data.names import YAML_KEYS
 from ascendfactory.data.readers import discover
 from ascendfactory.errors import UserError
 
@@ -43,7 +44,8 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
                         "(json, jsonl, parquet, csv, arrow, txt)")
     prefix = _prefix(cfg, paths)
     try:
-        wanted = out.fingerprint(discover(cfg.dataset)[0], cfg.model_name_or_path, _options(cfg))
+        wanted = out.fingerprint(discover(cfg.dataset, YAML_KEYS["input"])[0], cfg.model_name_or_path,
+                                 _options(cfg))
     except UserError as e:
         return True, f"preprocess {cfg.dataset} ({e})"
     done = out.read_summary(prefix)
@@ -62,7 +64,6 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 
 def run(cfg: ExpConfig, paths: RunPaths) -> str:
     """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*; returns the data prefix for training."""
-    from ascendfactory.data.names import YAML_KEYS
     from ascendfactory.data.preprocess import preprocess_command
 
     if not cfg.dataset:
