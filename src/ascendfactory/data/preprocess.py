@@ -63,8 +63,8 @@ def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_nam
         raise UserError(f"{names['seq_length']} {seq_length}: must be at least 1")
     if workers < 1:
         raise UserError(f"{names['workers']} {workers}: must be at least 1")
-    if not max_record_mb > 0:
-        raise UserError(f"{names['max_record_mb']} {max_record_mb}: must be above 0")
+    if not 0 < max_record_mb < float("inf"):
+        raise UserError(f"{names['max_record_mb']} {max_record_mb}: must be a number above 0")
     if not json_keys:
         raise UserError(f"{names['json_keys']}: give at least one column name")
     keys = parse_map_keys(handler_name, map_keys, names)
