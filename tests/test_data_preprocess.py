@@ -205,7 +205,8 @@ def test_cli_exit_code_and_old_outputs_kept(tmp_path, tok):
             str(tmp_path / "o"), "--handler-name", "GeneralPretrainHandler", "--workers", "2"]
     assert subprocess.run(base + ["--input", good], capture_output=True).returncode == 0
     before = {p.name: p.read_bytes() for p in tmp_path.glob("o_*")}
-    r = subprocess.run(base + ["--input", str(bad)], capture_output=True, text=True)
+    # --overwrite: a run that may replace them still keeps them when it fails
+    r = subprocess.run(base + ["--input", str(bad), "--overwrite"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: {bad}:2: missing key 'text' (keys: txt) (fix the record or pass " \
                                "--skip-bad-records)"

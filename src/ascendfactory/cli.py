@@ -88,6 +88,8 @@ def preprocess(
     map_keys: Optional[str] = typer.Option(None, "--map-keys", help="JSON mapping of column/role names"),
     workers: int = typer.Option(1, "--workers"),
     skip_bad_records: bool = typer.Option(False, "--skip-bad-records"),
+    max_record_mb: float = typer.Option(16, "--max-record-mb", help="a longer record is a bad record"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace existing outputs of --output-prefix"),
 ):
     """Raw dataset -> Megatron indexed dataset (.bin/.idx)."""
     from ascendfactory.data.preprocess import preprocess_command
@@ -105,6 +107,8 @@ def preprocess(
         map_keys=map_keys,
         workers=workers,
         skip_bad_records=skip_bad_records,
+        max_record_mb=max_record_mb,
+        overwrite=overwrite,
     )
 
 

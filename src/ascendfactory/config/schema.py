@@ -54,6 +54,7 @@ class ExpConfig(BaseModel):
     map_keys: dict[str, Any] | None = None
     skip_bad_records: bool = False
     preprocess_workers: Size = 1
+    max_record_mb: float = Field(16, gt=0, allow_inf_nan=False)  # a longer record is a bad record
 
     # parallel layout
     tensor_model_parallel_size: Size = 8

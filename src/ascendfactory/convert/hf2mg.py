@@ -14,7 +14,7 @@ from ascendfactory.convert.hfread import SafetensorsReader
 from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
 from ascendfactory.progress import Progress
 from ascendfactory.convert.target import staged, up_to_date
-from ascendfactory.errors import UserError
+from ascendfactory.errors import UserError, disk_full_as_error
 from ascendfactory.modelinfo import ModelFacts
 
 
@@ -52,7 +52,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
     args = checkpoint_args(tp, pp, parse_num_layer_list(num_layer_list), str(Path(hf_dir).resolve()),
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size,
                            tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
-    with staged(mg_dir, fp) as tmp:
+    with disk_full_as_error(f"{flag} {mg_dir}"), staged(mg_dir, fp) as tmp:
         done = 0
         for p in range(pp):
             items = list(stage_items(rules, layout, p))
@@ -65,8 +65,9 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                     log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
                 path = rank_file(tmp, ITERATION, t, p, pp)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
-                            "model": sd}, path)
+                with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
+                    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
+                                "model": sd}, f)
                 done += 1
                 size = sum(v.numel() * v.element_size() for v in sd.values())
                 log.say(f"[{done}/{tp * pp}] {rank}: {len(sd)} tensors, {size / 2**20:.1f} MiB "

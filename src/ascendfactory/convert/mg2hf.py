@@ -20,7 +20,7 @@ from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_che
 from ascendfactory.progress import Progress
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date
-from ascendfactory.errors import UserError
+from ascendfactory.errors import UserError, disk_full_as_error
 from ascendfactory.modelinfo import ModelFacts, read_model_facts
 
 DEFAULT_SHARD_SIZE = "5GB"
@@ -74,7 +74,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     rules = [r for r in rules_for(facts, ck.pp) if r.to_hf]
     items = [it for p in range(ck.pp) for it in stage_items(rules, layout, p)]
     plan = [(n, hf_shape(t, facts)) for rule, _, names in items for t, n in zip(rule.hf, names)]
-    with staged(hf_dir, fp) as tmp:
+    with disk_full_as_error(f"{flag} {hf_dir}"), staged(hf_dir, fp) as tmp:
         writer = ShardedWriter(tmp, plan, out_dtype, size)
         n_done = 0
         for p in range(ck.pp):

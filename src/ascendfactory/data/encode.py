@@ -6,7 +6,9 @@ apply_chat_template's); the supervised character spans are then mapped to tokens
 tokenizers by summing each token's byte length (vectorized), otherwise from the tokenizer's character
 offsets. A token that overlaps a supervised span is supervised.
 
-A chunk is a list of (location, raw) with raw a JSON line (bytes), a text line (str) or a record (dict).
+A chunk is a list of (location, raw) with raw a JSON line (bytes), a text line (str), a record (dict) or
+readers.TooLarge. Records over the limit (max_record_bytes: the line, or the text to tokenize of a record from
+parquet/csv/arrow/a JSON array) are bad records: tokenizing one huge text takes minutes and gigabytes.
 Results carry their tokens concatenated in numpy arrays, so shipping them between processes is cheap.
 """
 
@@ -20,6 +22,7 @@ import numpy as np
 
 from ascendfactory.data.fast_encode import TextEncoder
 from ascendfactory.data.handlers import PRETRAIN, BadRecord, pretrain_texts, to_conversation
+from ascendfactory.data.readers import TooLarge
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import TokenizerInfo
 
@@ -38,6 +41,8 @@ class Job:
     token_bytes: tuple | None = None  # instruction data with a byte-level BPE: tokenizer.byte_level_token_lengths
     keys: dict = field(default_factory=dict)  # instruction column/role names
     renderer: Renderer | None = None
+    max_record_bytes: int | None = None  # None: no limit (preprocess_command always sets one)
+    max_record_key: str = ""  # how the limit's message names it: the flag, or the YAML key under `train`
 
 
 @dataclass
@@ -58,15 +63,37 @@ class InstructionChunk:
     bad: list[tuple[str, str]]
 
 
-def _record(raw) -> dict:
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MB"
+
+
+def _too_large(nbytes: int, job: Job) -> BadRecord:
+    return BadRecord(f"record of {_mb(nbytes)}, over the limit of {_mb(job.max_record_bytes)} "
+                     f"({job.max_record_key})")
+
+
+def _check_size(texts: list[str], job: Job) -> None:
+    """Texts about to be tokenized; UTF-8 sizes are only computed when the character count could exceed it."""
+    limit = job.max_record_bytes
+    if limit is not None and sum(map(len, texts)) * 4 > limit:
+        nbytes = sum(len(t.encode("utf-8", "surrogatepass")) for t in texts)
+        if nbytes > limit:
+            raise _too_large(nbytes, job)
+
+
+def _record(raw, job: Job) -> dict:
     if isinstance(raw, dict):
         return raw
     if isinstance(raw, str):
         return {"text": raw}
+    if isinstance(raw, TooLarge):
+        raise _too_large(raw.nbytes, job)
     try:
         rec = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BadRecord(f"not valid JSON ({getattr(e, 'msg', e)})") from None
+    except RecursionError:
+        raise BadRecord("JSON nested too deeply") from None
     if not isinstance(rec, dict):
         raise BadRecord(f"a JSON {type(rec).__name__}, not an object")
     return rec
@@ -81,7 +108,8 @@ def _encode_pretrain(job: Job, chunk: list) -> PretrainChunk:
     bad = []
     for loc, raw in chunk:
         try:
-            texts = pretrain_texts(_record(raw), job.json_keys)
+            texts = pretrain_texts(_record(raw, job), job.json_keys)
+            _check_size(texts, job)
         except BadRecord as e:
             bad.append((loc, str(e)))
             continue
@@ -125,7 +153,8 @@ def _encode_instruction(job: Job, chunk: list) -> InstructionChunk:
     texts, spans, bad = [], [], []
     for loc, raw in chunk:
         try:
-            text, sp = job.renderer.render(to_conversation(job.handler, _record(raw), job.keys))
+            text, sp = job.renderer.render(to_conversation(job.handler, _record(raw, job), job.keys))
+            _check_size([text], job)
         except BadRecord as e:
             bad.append((loc, str(e)))
             continue

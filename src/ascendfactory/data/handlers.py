@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from ascendfactory.data.names import FLAGS
 from ascendfactory.errors import UserError
 
 PRETRAIN = "GeneralPretrainHandler"
@@ -54,27 +55,28 @@ class Conversation:
     turns: list[tuple[str, str]]  # (role in PROMPT_ROLES + RESPONSE_ROLES, content), alternating prompt/response
 
 
-def parse_map_keys(handler: str, map_keys) -> dict:
-    """The handler's column/role names with the user's --map-keys applied."""
+def parse_map_keys(handler: str, map_keys, names: dict = FLAGS) -> dict:
+    """The handler's column/role names with the user's --map-keys applied (names: data.names)."""
+    key = names["map_keys"]
     if handler not in HANDLERS:
-        raise UserError(f"--handler-name {handler}: unknown; use one of {', '.join(HANDLERS)}")
+        raise UserError(f"{names['handler_name']} {handler}: unknown; use one of {', '.join(HANDLERS)}")
     if isinstance(map_keys, str):
         try:
             map_keys = json.loads(map_keys)
         except json.JSONDecodeError as e:
-            raise UserError(f"--map-keys: not valid JSON ({e.msg}); e.g. '{{\"prompt\": \"question\"}}'") from None
+            raise UserError(f"{key}: not valid JSON ({e.msg}); e.g. '{{\"prompt\": \"question\"}}'") from None
     map_keys = map_keys or {}
     if not isinstance(map_keys, dict) or not all(isinstance(v, str) for v in map_keys.values()):
-        raise UserError("--map-keys: must be a JSON object of strings, e.g. '{\"prompt\": \"question\"}'")
+        raise UserError(f"{key}: must be a JSON object of strings, e.g. '{{\"prompt\": \"question\"}}'")
     if handler == PRETRAIN:
         if map_keys:
-            raise UserError("--map-keys is for instruction handlers; for GeneralPretrainHandler name the text "
-                            "columns with --json-keys")
+            raise UserError(f"{key} is for instruction handlers; for GeneralPretrainHandler name the text "
+                            f"columns with {names['json_keys']}")
         return {}
     keys = dict(_DEFAULT_KEYS[handler])
     unknown = sorted(set(map_keys) - set(keys))
     if unknown:
-        raise UserError(f"--map-keys: unknown key(s) {', '.join(unknown)} for {handler}; known: {', '.join(keys)}")
+        raise UserError(f"{key}: unknown key(s) {', '.join(unknown)} for {handler}; known: {', '.join(keys)}")
     keys.update(map_keys)
     return keys
 

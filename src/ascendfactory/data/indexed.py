@@ -68,7 +68,10 @@ class IndexedWriter:
                 f.write(np.arange(start, min(n + 1, start + (1 << 20)), dtype=np.int64).tobytes(order="C"))
 
     def abort(self) -> None:
-        self._bin.close()
+        try:
+            self._bin.close()
+        except OSError:  # flushing what a full disk refused fails again; the file is removed anyway
+            pass
 
 
 class OutputSet:
@@ -86,6 +89,7 @@ class OutputSet:
             pass
         # host and pid: nodes sharing an output_dir (container pids repeat across nodes) never collide
         tag = f".tmp-{socket.gethostname()}-{os.getpid()}"
+        self.done: list[Path] = []  # final files renamed into place by commit()
         self.writers = [
             IndexedWriter(Path(f"{p}.bin{tag}"), Path(f"{p}.idx{tag}"), dtype) for p in self.final
         ]
@@ -93,7 +97,7 @@ class OutputSet:
     def commit(self) -> list[Path]:
         for w in self.writers:
             w.close()
-        done = []
+        self.done = done = []
         # .bin before .idx: a reader that finds an .idx can trust its .bin
         for w, p in zip(self.writers, self.final):
             os.replace(w.bin_path, f"{p}.bin")
@@ -104,10 +108,13 @@ class OutputSet:
         return done
 
     def abort(self) -> None:
+        """Removes the temporary files, and what commit() renamed into place when the caller failed after it."""
         for w in self.writers:
             w.abort()
             for path in (w.bin_path, w.idx_path):
                 path.unlink(missing_ok=True)
+        for path in self.done:
+            path.unlink(missing_ok=True)
         if self._created_dir is not None:
             try:
                 self._created_dir.rmdir()

@@ -35,7 +35,14 @@ def data_prefix(output_prefix: str, handler: str, json_keys: list[str]) -> str:
     return output_prefixes(output_prefix, handler, json_keys)[0] if handler == PRETRAIN else str(output_prefix)
 
 
-def options(handler, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records) -> dict:
+def existing_outputs(output_prefix: str | Path, handler: str, json_keys: list[str]) -> list[Path]:
+    """The files a preprocessing into output_prefix would write (or replace) that exist already."""
+    files = [Path(f"{p}.{ext}") for p in output_prefixes(output_prefix, handler, json_keys) for ext in ("bin", "idx")]
+    return [f for f in files + [summary_path(output_prefix)] if f.exists()]
+
+
+def options(handler, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records,
+            max_record_mb) -> dict:
     """The options that change the output (workers do not)."""
     if isinstance(map_keys, str):
         try:
@@ -43,7 +50,8 @@ def options(handler, prompt_type, seq_length, pack, append_eod, json_keys, map_k
         except json.JSONDecodeError:
             pass  # parse_map_keys reports it
     return dict(handler=handler, prompt_type=prompt_type, seq_length=seq_length, pack=pack, append_eod=append_eod,
-                json_keys=list(json_keys), map_keys=map_keys or None, skip_bad_records=skip_bad_records)
+                json_keys=list(json_keys), map_keys=map_keys or None, skip_bad_records=skip_bad_records,
+                max_record_mb=max_record_mb)
 
 
 def _stat(path: Path) -> list:

@@ -18,8 +18,12 @@ Outputs (megatron-core IndexedDataset format, SPEC.md section 5, one sequence pe
     on the tokens of the k-th sample of the bin (1, 2, 3, ...), so training can reset position ids and
     attention at sample boundaries.
 
-Files are written under temporary names and renamed when all are complete; on any error they are removed
-and nothing existing is touched. A `<prefix>_preprocess_summary.json` (fingerprint + counts) is written last.
+Files are written under temporary names and renamed when all are complete; on any error (a full disk
+included) they are removed and nothing existing is touched. A `<prefix>_preprocess_summary.json` (fingerprint +
+counts) is written last. Existing outputs of the prefix are never replaced unless they carry the summary of
+this very preprocessing (same inputs and options) or --overwrite is given (`train` gives it for its own folder).
+
+Records over max_record_mb (default 16 MB) are bad records, read no further than the limit (encode.py).
 
 Speed and memory: input is streamed in chunks (about 1 MB or 2048 records); each chunk is encoded in one
 batch call (fast_encode: HF tokenizers, or gigatoken when installed and verified); with --workers N > 1
@@ -39,64 +43,96 @@ from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, enco
 from ascendfactory.data.fast_encode import TextEncoder
 from ascendfactory.data.handlers import PRETRAIN, parse_map_keys
 from ascendfactory.data.indexed import OutputSet, optimal_dtype
+from ascendfactory.data.names import FLAGS
 from ascendfactory.data.packing import PACK_WINDOW, build_bin, pack_window
 from ascendfactory.data.readers import discover, iter_chunks, total_bytes
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import byte_level_token_lengths, load_tokenizer
-from ascendfactory.errors import UserError
+from ascendfactory.errors import UserError, disk_full_as_error, is_disk_full
 
 PROGRESS_EVERY_S = 5.0
 SHOWN_SKIPS = 5
 
 
 def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_name, prompt_type, seq_length, pack,
-                       append_eod, json_keys, map_keys, workers, skip_bad_records) -> dict:
-    """The `preprocess` command; returns the summary (also printed)."""
+                       append_eod, json_keys, map_keys, workers, skip_bad_records,
+                       max_record_mb: float, overwrite: bool = False, names: dict = FLAGS) -> dict:
+    """The `preprocess` command; returns the summary (also printed). names: how messages name the options
+    (data.names: the flags, or the YAML keys under `train`)."""
     if seq_length < 1:
-        raise UserError(f"--seq-length {seq_length}: must be at least 1")
+        raise UserError(f"{names['seq_length']} {seq_length}: must be at least 1")
     if workers < 1:
-        raise UserError(f"--workers {workers}: must be at least 1")
+        raise UserError(f"{names['workers']} {workers}: must be at least 1")
+    if not 0 < max_record_mb < float("inf"):
+        raise UserError(f"{names['max_record_mb']} {max_record_mb}: must be a number above 0")
     if not json_keys:
-        raise UserError("--json-keys: give at least one column name")
-    keys = parse_map_keys(handler_name, map_keys)
-    opts = out.options(handler_name, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records)
-    files, kind = discover(input)
+        raise UserError(f"{names['json_keys']}: give at least one column name")
+    keys = parse_map_keys(handler_name, map_keys, names)
+    opts = out.options(handler_name, prompt_type, seq_length, pack, append_eod, json_keys, map_keys, skip_bad_records,
+                       max_record_mb)
+    files, kind = discover(input, names["input"])
     stamp = out.fingerprint(files, tokenizer_name_or_path, opts)
-    tok = load_tokenizer(tokenizer_name_or_path)
+    if not overwrite:
+        _refuse_foreign_outputs(output_prefix, handler_name, json_keys, stamp)
+    tok = load_tokenizer(tokenizer_name_or_path, names["tokenizer"])
 
-    job = make_job(handler_name, tokenizer_name_or_path, tok, prompt_type, seq_length, json_keys, append_eod, keys)
+    job = make_job(handler_name, tokenizer_name_or_path, tok, prompt_type, seq_length, json_keys, append_eod, keys,
+                   names)
+    job.max_record_bytes, job.max_record_key = int(max_record_mb * 2**20), names["max_record_mb"]
     dtype = optimal_dtype(tok.vocab_size) if handler_name == PRETRAIN else np.int32
     pad_id = tok.pad_id if tok.pad_id is not None else tok.eos_id
     if pack and handler_name != PRETRAIN and pad_id is None:
-        raise UserError(f"{tokenizer_name_or_path}: --pack needs a pad_token or eos_token; the tokenizer has neither")
+        raise UserError(f"{tokenizer_name_or_path}: {names['pack']} needs a pad_token or eos_token; the tokenizer "
+                        "has neither")
 
-    outputs = OutputSet(out.output_prefixes(output_prefix, handler_name, json_keys), dtype)
-    try:
-        summary = _run(job, files, kind, outputs, pack, pad_id, workers, skip_bad_records)
-        out.summary_path(output_prefix).unlink(missing_ok=True)  # never describe outputs it did not write
-        written = outputs.commit()
-    except BaseException:
-        outputs.abort()
-        raise
-    summary["output_bytes"] = sum(p.stat().st_size for p in written)
-    if job.encoder is not None:
-        summary["encoder"] = job.encoder.engine
-    prefix = out.data_prefix(output_prefix, handler_name, json_keys)
-    out.write_summary(output_prefix, {"fingerprint": stamp, "data_prefix": prefix, "outputs": [str(p) for p in written],
-                                     "summary": summary})
+    with disk_full_as_error(f"{output_prefix}_*"):
+        outputs = _output_set(output_prefix, handler_name, json_keys, dtype)
+        try:
+            summary = _run(job, files, kind, outputs, pack, pad_id, workers, skip_bad_records, names)
+            out.summary_path(output_prefix).unlink(missing_ok=True)  # never describe outputs it did not write
+            written = outputs.commit()
+            summary["output_bytes"] = sum(p.stat().st_size for p in written)
+            if job.encoder is not None:
+                summary["encoder"] = job.encoder.engine
+            prefix = out.data_prefix(output_prefix, handler_name, json_keys)
+            out.write_summary(output_prefix, {"fingerprint": stamp, "data_prefix": prefix,
+                                              "outputs": [str(p) for p in written], "summary": summary})
+        except BaseException:
+            outputs.abort()  # also removes outputs committed just before a failed summary: no summary, no outputs
+            raise
     print("preprocess done: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f"; data prefix {prefix}",
           file=sys.stderr)
     return summary
 
 
-def make_job(handler, tokenizer_path, tok, prompt_type, seq_length, json_keys, append_eod, keys) -> Job:
+def _refuse_foreign_outputs(output_prefix, handler, json_keys, stamp: dict) -> None:
+    """Outputs of the prefix that this preprocessing did not write (other data, options, or tools) are the
+    user's: refused before any work."""
+    found = out.existing_outputs(output_prefix, handler, json_keys)
+    done = out.read_summary(output_prefix)
+    if found and (done is None or done.get("fingerprint") != stamp):
+        raise UserError(f"--output-prefix {output_prefix}: {found[0]} already exists and holds other "
+                        "data; choose another prefix, or pass --overwrite to replace it")
+
+
+def _output_set(output_prefix, handler, json_keys, dtype) -> OutputSet:
+    try:
+        return OutputSet(out.output_prefixes(output_prefix, handler, json_keys), dtype)
+    except OSError as e:  # permissions, a read-only file system, a file where a folder should be
+        if is_disk_full(e):
+            raise
+        raise UserError(f"{output_prefix}: cannot write there ({e.strerror}); choose a writable folder") from None
+
+
+def make_job(handler, tokenizer_path, tok, prompt_type, seq_length, json_keys, append_eod, keys,
+             names: dict = FLAGS) -> Job:
     job = Job(handler=handler, tok=tok, seq_length=seq_length, json_keys=list(json_keys), keys=keys)
     if handler == PRETRAIN:
         if append_eod and tok.eos_id is None:
-            raise UserError(f"{tokenizer_path}: --append-eod needs an eos_token; the tokenizer has none")
+            raise UserError(f"{tokenizer_path}: {names['append_eod']} needs an eos_token; the tokenizer has none")
         job.encoder = TextEncoder(tok.backend, tokenizer_path, eod=tok.eos_id if append_eod else None)
     else:
-        job.renderer = Renderer(handler, prompt_type, tok, tokenizer_path)
+        job.renderer = Renderer(handler, prompt_type, tok, tokenizer_path, names)
         job.token_bytes = byte_level_token_lengths(tok.backend)
         if job.token_bytes is not None:
             job.encoder = TextEncoder(tok.backend, tokenizer_path, special_tokens=False)
@@ -156,15 +192,16 @@ def _encode_in_worker(chunk):
     return encode_chunk(_WORKER_JOB, chunk)
 
 
-def _run(job: Job, files, kind, outputs: OutputSet, pack: bool, pad_id, workers: int, skip_bad: bool) -> dict:
+def _run(job: Job, files, kind, outputs: OutputSet, pack: bool, pad_id, workers: int, skip_bad: bool,
+         names: dict) -> dict:
     progress = _Progress(total_bytes(files) if kind in ("jsonl", "txt") else 0)
     skipped = truncated = 0
     window: list[tuple[np.ndarray, np.ndarray]] = []
     writers = outputs.writers
-    for res, nbytes in _results(job, iter_chunks(files, kind), workers):
+    for res, nbytes in _results(job, iter_chunks(files, kind, job.max_record_bytes), workers):
         for loc, msg in res.bad:
             if not skip_bad:
-                raise UserError(f"{loc}: {msg} (fix the record or pass --skip-bad-records)")
+                raise UserError(f"{loc}: {msg} (fix the record or {names['skip_bad_records']})")
             skipped += 1
             if skipped <= SHOWN_SKIPS:
                 print(f"preprocess: skipped {loc}: {msg}", file=sys.stderr)

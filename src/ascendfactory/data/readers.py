@@ -3,10 +3,15 @@
 jsonl and txt are read line by line here (they carry `file:line` locations and are the multi-GB case);
 the other formats stream through HF `datasets` (streaming=True), one file at a time, located by record
 number. Nothing reads a whole file into memory except a JSON array, which cannot be streamed.
+
+A line longer than the record limit is never read whole: it is passed on as TooLarge (a bad record) after
+reading at most the limit and skipping the rest, so memory stays bounded whatever the input holds.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -18,43 +23,67 @@ _KINDS = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "cs
 _ARROW_METADATA = {"dataset_info.json", "state.json"}
 
 
-def discover(path: str) -> tuple[list[Path], str]:
-    """The input files (sorted) and their kind; UserError when missing, empty or mixed."""
+SKIP_BYTES = 1 << 20  # read size while skipping the rest of an over-long line
+
+
+@dataclass(frozen=True)
+class TooLarge:
+    """Stands for a line over the record limit (its text is not kept); encode reports it as a bad record."""
+
+    nbytes: int
+
+
+def discover(path: str, key: str = "--input") -> tuple[list[Path], str]:
+    """The input files (sorted) and their kind; UserError when missing, empty, mixed, or not a regular file or
+    folder (a FIFO or device would block or read nothing). key: how messages name the input."""
     p = Path(path)
     if not p.exists():
-        raise UserError(f"--input {path}: no such file or folder")
+        raise UserError(f"{key} {path}: no such file or folder")
+    if not p.is_file() and not p.is_dir():
+        raise UserError(f"{key} {path}: not a regular file or folder (a pipe or device); give a data file or folder")
     if p.is_file():
         kind = _KINDS.get(p.suffix.lower())
         if kind is None:
             raise UserError(f"{path}: unsupported file type '{p.suffix}'; use one of {', '.join(_KINDS)}")
         return [p], _json_kind(p) if kind == "json" else kind
-    files = sorted(f for f in p.iterdir() if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _KINDS)
+    with _reading(p):
+        files = sorted(f for f in p.iterdir()
+                       if f.is_file() and not f.name.startswith(".") and f.suffix.lower() in _KINDS)
     if any(f.suffix.lower() == ".arrow" for f in files):
         files = [f for f in files if f.name not in _ARROW_METADATA]
     kinds = {_json_kind(f) if _KINDS[f.suffix.lower()] == "json" else _KINDS[f.suffix.lower()] for f in files}
     if not files:
-        raise UserError(f"--input {path}: no data files in the folder (looked for {', '.join(_KINDS)})")
+        raise UserError(f"{key} {path}: no data files in the folder (looked for {', '.join(_KINDS)})")
     if len(kinds) > 1:
-        raise UserError(f"--input {path}: the folder mixes {', '.join(sorted(kinds))} files; keep one kind per folder")
+        raise UserError(f"{key} {path}: the folder mixes {', '.join(sorted(kinds))} files; keep one kind per folder")
     return files, kinds.pop()
 
 
 def _json_kind(path: Path) -> str:
     """.json holds either one JSON array or one object per line."""
-    with path.open("rb") as f:
+    with _reading(path), path.open("rb") as f:
         head = f.read(4096).lstrip()
     return "json" if head.startswith(b"[") else "jsonl"
+
+
+@contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """An unreadable input (permissions, I/O error) as one line naming it."""
+    try:
+        yield
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror or e}); check the file and its permissions") from None
 
 
 def total_bytes(files: list[Path]) -> int:
     return sum(f.stat().st_size for f in files)
 
 
-def iter_chunks(files: list[Path], kind: str, chunk_bytes: int = 1 << 20, chunk_records: int = 2048) -> Iterator[
-        tuple[list, int]]:
+def iter_chunks(files: list[Path], kind: str, max_record_bytes: int, chunk_bytes: int = 1 << 20,
+                chunk_records: int = 2048) -> Iterator[tuple[list, int]]:
     """Chunks of (location, raw) items and the input bytes they cover (0 where unknown)."""
     for f in files:
-        source = _lines(f, kind) if kind in ("jsonl", "txt") else _records(f, kind)
+        source = _lines(f, kind, max_record_bytes) if kind in ("jsonl", "txt") else _records(f, kind)
         chunk, size = [], 0
         for loc, raw, nbytes in source:
             chunk.append((loc, raw))
@@ -66,9 +95,17 @@ def iter_chunks(files: list[Path], kind: str, chunk_bytes: int = 1 << 20, chunk_
             yield chunk, size
 
 
-def _lines(path: Path, kind: str):
-    with path.open("rb") as f:
-        for lineno, line in enumerate(f, start=1):
+def _lines(path: Path, kind: str, limit: int):
+    with _reading(path), path.open("rb") as f:
+        lineno = 0
+        while line := f.readline(limit + 1):
+            lineno += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                nbytes = len(line)
+                while not line.endswith(b"\n") and (line := f.readline(SKIP_BYTES)):
+                    nbytes += len(line)
+                yield f"{path}:{lineno}", TooLarge(nbytes), nbytes
+                continue
             if not line.strip():
                 # blank lines separate records; they hold no data
                 continue

@@ -11,6 +11,7 @@ from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data import outputs as out
 from ascendfactory.data.handlers import PRETRAIN
+from ascendfactory.data.names import YAML_KEYS
 from ascendfactory.data.readers import discover
 from ascendfactory.errors import UserError
 
@@ -27,7 +28,7 @@ def _prefix(cfg: ExpConfig, paths: RunPaths) -> Path:
 
 def _options(cfg: ExpConfig) -> dict:
     return out.options(cfg.handler_name, cfg.prompt_type, cfg.seq_len, cfg.pack, cfg.append_eod, cfg.json_keys,
-                   cfg.map_keys, cfg.skip_bad_records)
+                       cfg.map_keys, cfg.skip_bad_records, cfg.max_record_mb)
 
 
 def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
@@ -43,7 +44,8 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
                         "(json, jsonl, parquet, csv, arrow, txt)")
     prefix = _prefix(cfg, paths)
     try:
-        wanted = out.fingerprint(discover(cfg.dataset)[0], cfg.model_name_or_path, _options(cfg))
+        wanted = out.fingerprint(discover(cfg.dataset, YAML_KEYS["input"])[0], cfg.model_name_or_path,
+                                 _options(cfg))
     except UserError as e:
         return True, f"preprocess {cfg.dataset} ({e})"
     done = out.read_summary(prefix)
@@ -71,7 +73,8 @@ def run(cfg: ExpConfig, paths: RunPaths) -> str:
         input=cfg.dataset, tokenizer_name_or_path=cfg.model_name_or_path, output_prefix=prefix,
         handler_name=cfg.handler_name, prompt_type=cfg.prompt_type, seq_length=cfg.seq_len, pack=cfg.pack,
         append_eod=cfg.append_eod, json_keys=cfg.json_keys, map_keys=cfg.map_keys, workers=cfg.preprocess_workers,
-        skip_bad_records=cfg.skip_bad_records,
+        skip_bad_records=cfg.skip_bad_records, max_record_mb=cfg.max_record_mb,
+        overwrite=True, names=YAML_KEYS,  # preprocessed_data/ is the run's own folder; decide() said it must be redone
     )
     return out.data_prefix(prefix, cfg.handler_name, cfg.json_keys)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 
 from ascendfactory.data.handlers import BadRecord, Conversation
+from ascendfactory.data.names import FLAGS
 from ascendfactory.data.tokenizer import TokenizerInfo
 from ascendfactory.errors import UserError
 
@@ -152,12 +153,14 @@ class Renderer:
     """Renders conversations with one prompt type; picklable (worker processes get a copy).
     GeneralInstructionHandler always uses the legacy Alpaca prompt, whatever the prompt type."""
 
-    def __init__(self, handler: str, prompt_type: str, tok: TokenizerInfo, tokenizer_path: str):
+    def __init__(self, handler: str, prompt_type: str, tok: TokenizerInfo, tokenizer_path: str,
+                 names: dict = FLAGS):
+        key = names["prompt_type"]
         if prompt_type not in PROMPT_TYPES:
-            raise UserError(f"--prompt-type {prompt_type}: unknown; use one of {', '.join(PROMPT_TYPES)}")
+            raise UserError(f"{key} {prompt_type}: unknown; use one of {', '.join(PROMPT_TYPES)}")
         if prompt_type == "auto" and not tok.chat_template and handler != "GeneralInstructionHandler":
-            raise UserError(f"{tokenizer_path}: the tokenizer has no chat_template, so --prompt-type auto cannot be "
-                            f"used; pass one of {', '.join(PROMPT_TYPES[1:])}")
+            raise UserError(f"{tokenizer_path}: the tokenizer has no chat_template, so {key} auto cannot be "
+                            f"used; {'pass' if key.startswith('--') else 'set'} one of {', '.join(PROMPT_TYPES[1:])}")
         self.prompt_type = "alpaca" if handler == "GeneralInstructionHandler" else prompt_type
         self.tok = tok
 

@@ -37,9 +37,10 @@ class TokenizerInfo:
     chat_template: str | None
 
 
-def load_tokenizer(path: str) -> TokenizerInfo:
+def load_tokenizer(path: str, key: str = "--tokenizer-name-or-path") -> TokenizerInfo:
+    """key: how messages name the path (the flag, or model_name_or_path under `train`)."""
     if not Path(path).is_dir():
-        raise UserError(f"--tokenizer-name-or-path {path}: not a folder; give the model folder holding tokenizer files")
+        raise UserError(f"{key} {path}: not a folder; give the model folder holding tokenizer files")
     if not tokenizer_files(path):
         # transformers may still build an empty tokenizer from config.json alone: every sample would be 0 tokens.
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges, "
