@@ -136,12 +136,13 @@ def test_links_out_of_output_dir_are_refused(assets, tmp_path):
     (out / "logs" / "metrics.jsonl").symlink_to(outside)
     (out / "saved_checkpoints").symlink_to(assets / "user")
     (out / "logs" / "inside.log").symlink_to(out / "other.log")  # within output_dir: fine
+    (out / "logs" / "loop").symlink_to("loop")
     cfg = write_cfg(assets, out)
     lines = (f"{out / 'logs' / 'metrics.jsonl'}: a symbolic link to {outside}, outside output_dir {out}",
-             f"{out / 'saved_checkpoints'}: a symbolic link to {assets / 'user'}")
+             f"{out / 'saved_checkpoints'}: a symbolic link to {assets / 'user'}", f"{out / 'logs' / 'loop'}: ")
     refused(cli("plan", cfg, "--overwrite"), *lines)
     errors = refused(cli("train", cfg, "--overwrite"), *lines)
-    assert len(errors) == 2 and all(e.endswith("remove the link or choose another output_dir") for e in errors)
+    assert len(errors) == 3 and all(e.endswith("remove the link or choose another output_dir") for e in errors)
     assert outside.read_text() == "precious\n" and not (out / "exp-config.yaml").exists()
 
 

@@ -143,8 +143,11 @@ def _links_out_of_output_dir(paths: RunPaths) -> list[str]:
                 links += [p for n in dirs + files if (p := Path(parent) / n).is_symlink()]
     problems = []
     for link in links:
-        target = link.resolve()
-        if target != root and root not in target.parents:
+        try:
+            target = link.resolve()
+        except RuntimeError:  # a loop of links: refused like one leading out
+            target = None
+        if target is None or (target != root and root not in target.parents):
             problems.append(f"{link}: a symbolic link to {os.readlink(link)}, outside output_dir {paths.output_dir}, "
                             "and the run writes there; remove the link or choose another output_dir")
     return problems
