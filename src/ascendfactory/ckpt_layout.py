@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -16,6 +17,7 @@ from ascendfactory.errors import UserError
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
+MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -118,3 +120,12 @@ def checkpoint_args(tp: int, pp: int, num_layer_list: list[int] | None, source_m
         "padded_vocab_size": padded_vocab_size,
         **extra,
     }
+
+
+def manifest_run_id(iter_path: str | Path) -> str | None:
+    """The run that saved this checkpoint (its manifest's run_id); None when unknown (converted weights, a
+    checkpoint of another tool or of a version before run ids, a damaged manifest)."""
+    try:
+        return json.loads((Path(iter_path) / MANIFEST).read_text()).get("run_id")
+    except (OSError, ValueError, AttributeError):
+        return None

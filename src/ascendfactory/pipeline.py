@@ -12,10 +12,10 @@ from pathlib import Path
 
 from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved, dump_config, resolve
-from ascendfactory.config.paths import RunPaths, run_paths
+from ascendfactory.config.paths import STATE_DIR, RunPaths, read_run_state, run_id, run_identity, run_paths
 from ascendfactory.config.rules import Report, check
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.errors import UserError
+from ascendfactory.errors import UserError, UserErrors
 from ascendfactory.launch.layout import Layout, cluster_layout
 
 STAGES = ("preprocess", "convert", "train", "export")
@@ -51,10 +51,14 @@ def make_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     return Plan(res, layout, report, run_paths(res.cfg))
 
 
+def _train_complete(cfg: ExpConfig, done: int | None) -> bool:
+    # With `epochs` the iteration count is derived by the trainer from the data, so it is not known here.
+    return done is not None and cfg.epochs is None and bool(cfg.train_iters) and done >= cfg.train_iters
+
+
 def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     done = _tracker_iteration(paths.save_dir)
-    # With `epochs` the iteration count is derived by the trainer from the data, so it is not known here.
-    if done is not None and cfg.epochs is None and cfg.train_iters and done >= cfg.train_iters:
+    if _train_complete(cfg, done):
         return False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}"
     iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
     if cfg.finetuning_type == "lora":
@@ -102,8 +106,113 @@ def decide_stages(plan: Plan, strict: bool = True) -> list[Decision]:
     return [decide_stage(plan, name, strict) for name in STAGES]
 
 
+def check_outputs(plan: Plan) -> None:
+    """Nothing of the user's is replaced, deleted or written through, and runs do not mix: every problem
+    together, before any stage (train and plan)."""
+    cfg, paths = plan.cfg, plan.paths
+    problems = [*_foreign_output_dir(cfg, paths), *_links_out_of_output_dir(paths), *_target_problems(cfg, paths)]
+    if problem := _earlier_run(cfg, paths):
+        problems.append(problem)
+    if problems:
+        raise UserErrors(problems)
+
+
+def _foreign_output_dir(cfg: ExpConfig, paths: RunPaths) -> list[str]:
+    """An output_dir with files in it but no run.json is the user's folder (exp-config.yaml, logs/ ... would be
+    overwritten or appended to)."""
+    if cfg.overwrite_output or not paths.output_dir.is_dir():
+        return []
+    # The state folder and the run lock files (`.ascendfactory*`) are ours.
+    theirs = sorted(p.name for p in paths.output_dir.iterdir() if not p.name.startswith(STATE_DIR))
+    # Read after listing: a run writes run.json before anything else, so another node's files come with it.
+    if not theirs or read_run_state(paths) is not None:
+        return []
+    shown = ", ".join(theirs[:3]) + (f" and {len(theirs) - 3} more" if len(theirs) > 3 else "")
+    return [f"output_dir {paths.output_dir}: holds files that no ascendfactory run wrote ({shown}); choose a new or "
+            "empty output_dir, or set overwrite_output: true (--overwrite) to write into it"]
+
+
+def _links_out_of_output_dir(paths: RunPaths) -> list[str]:
+    """Files the run writes or deletes must not be symbolic links leading out of output_dir."""
+    root = paths.output_dir.resolve()
+    links = [p for p in (paths.exp_config, paths.loss_plot, paths.state_dir, paths.logs_dir, paths.save_dir)
+             if p.is_symlink()]
+    for d in (paths.state_dir, paths.logs_dir, paths.save_dir):
+        if d.is_dir() and not d.is_symlink():
+            for parent, dirs, files in os.walk(d):  # not into linked folders: they are listed, and checked
+                links += [p for n in dirs + files if (p := Path(parent) / n).is_symlink()]
+    problems = []
+    for link in links:
+        try:
+            target = link.resolve()
+        except RuntimeError:  # a loop of links: refused like one leading out
+            target = None
+        if target is None or (target != root and root not in target.parents):
+            problems.append(f"{link}: a symbolic link to {os.readlink(link)}, outside output_dir {paths.output_dir}, "
+                            "and the run writes there; remove the link or choose another output_dir")
+    return problems
+
+
+def _replaced_targets(cfg: ExpConfig, paths: RunPaths) -> list[tuple[str, Path, str]]:
+    """The folders the pipeline replaces as a whole: (how errors name it, path, the key that moves it)."""
+    out = []
+    if cfg.ckpt_load_type != 0 and not cfg.user_converted_ckpt_path:
+        out.append(("converted checkpoint dir", paths.converted_ckpt_dir, "output_dir"))
+    if cfg.convert_mg2hf_at_last:
+        out.append(("hf_save_dir", paths.hf_save_dir, "hf_save_dir"))
+        if cfg.finetuning_type == "lora":
+            out.append(("lora adapter dir", paths.lora_adapter_dir, "output_dir"))
+    return out
+
+
+def _target_problems(cfg: ExpConfig, paths: RunPaths) -> list[str]:
+    """A replaced folder is never an input, output_dir or one of its folders, nor anything above them; one that
+    holds something is replaced only when a run of this output_dir made it (run.json) or with overwrite_output."""
+    from ascendfactory.convert.target import ours
+
+    kept = {"model_name_or_path": cfg.model_name_or_path, "user_converted_ckpt_path": cfg.user_converted_ckpt_path,
+            "dataset": cfg.dataset, "processed_data_dir": paths.processed_data_dir, "output_dir": paths.output_dir,
+            "saved_checkpoints": paths.save_dir, "logs": paths.logs_dir}
+    made = set((read_run_state(paths) or {}).get("made", []))
+    problems = []
+    for name, target, key in _replaced_targets(cfg, paths):
+        t = target.resolve()
+        hit = next((k for k, p in kept.items() if p and (t == Path(p).resolve() or t in Path(p).resolve().parents)),
+                   None)
+        if hit:
+            problems.append(f"{name} {target}: replacing it would replace {hit} {kept[hit]}; choose another {key}")
+            continue
+        try:
+            marker = ours(target, name)  # content that is no conversion of ours is refused whatever the settings
+        except UserError as e:
+            problems.append(str(e))
+            continue
+        if marker is not None and str(t) not in made and not cfg.overwrite_output:
+            problems.append(f"{name} {target}: holds a conversion (of {marker.get('source')}) that no run in "
+                            f"output_dir {paths.output_dir} made; choose another {key}, or set overwrite_output: true "
+                            "to replace it")
+    return problems
+
+
+def _earlier_run(cfg: ExpConfig, paths: RunPaths) -> str | None:
+    """A fresh run (no auto-resume) among an earlier run's checkpoints would start over beside them (and a torchrun
+    restart or save_total_limit would see both); only that very run, finished, is at home there (train skipped)."""
+    its = ckpt_layout.iterations_on_disk(paths.save_dir)
+    if cfg.train_auto_resume or not its:
+        return None
+    done = _tracker_iteration(paths.save_dir)
+    if _train_complete(cfg, done) and ckpt_layout.manifest_run_id(
+            paths.save_dir / ckpt_layout.iter_dir_name(done)) == run_id(cfg):
+        return None
+    names = ", ".join(map(ckpt_layout.iter_dir_name, its[:3])) + (f" and {len(its) - 3} more" if len(its) > 3 else "")
+    return (f"{paths.save_dir}: holds checkpoints of an earlier run ({names}) and train_auto_resume is false, so "
+            "this run would start over among them; set train_auto_resume: true to continue from them, or choose "
+            "another output_dir")
+
+
 def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict, as_json: bool) -> None:
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
+    check_outputs(plan)
     stages = decide_stages(plan, strict=False)
     if as_json:
         print(json.dumps({
@@ -138,12 +247,21 @@ def _log(msg: str) -> None:
 
 def _prepare_output_dir(paths: RunPaths) -> None:
     try:
-        paths.output_dir.mkdir(parents=True, exist_ok=True)
-        probe = paths.output_dir / f".write-test-{os.getpid()}"
+        paths.state_dir.mkdir(parents=True, exist_ok=True)
+        probe = paths.state_dir / f".write-test-{os.getpid()}"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
         raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable folder")
+
+
+def _record_run(cfg: ExpConfig, paths: RunPaths) -> None:
+    """run.json, written before anything else in output_dir: the run's identity, and the folders it may replace
+    from now on (check_outputs accepted each: absent, empty, made here before, or overwrite_output)."""
+    made = set((read_run_state(paths) or {}).get("made", []))
+    made |= {str(target.resolve()) for _, target, _ in _replaced_targets(cfg, paths)}
+    state = {"run_id": run_id(cfg), "identity": run_identity(cfg), "made": sorted(made)}
+    ckpt_layout.write_text_atomic(paths.run_file, json.dumps(state, indent=1, sort_keys=True))
 
 
 def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> None:
@@ -163,9 +281,11 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     for w in plan.report.warnings:
         _log(f"warning: {w}")
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout
+    check_outputs(plan)
     decide_stages(plan)  # every stage's inputs and targets are checked before any work starts
     _prepare_output_dir(paths)
     with RunLock(paths.output_dir, layout.node_rank):
+        _record_run(cfg, paths)
         resolved = cfg.model_copy(update={"device": layout.device})
         ckpt_layout.write_text_atomic(paths.exp_config, dump_config(resolved))
         _log(f"resolved config written to {paths.exp_config}")

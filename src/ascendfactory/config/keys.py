@@ -21,6 +21,7 @@ ALIASES = {
     "num_train_epochs": "epochs",
     "lora_rank": "lora_r",  # LLaMA-Factory's names
     "lora_target": "lora_target_modules",
+    "overwrite": "overwrite_output",  # `train ... --overwrite`
 }
 
 # Keys whose value is a mapping that belongs to the key (not an experiment block or a group).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +24,56 @@ class RunPaths:
         return self.output_dir / "exp-config.yaml"
 
     @property
+    def loss_plot(self) -> Path:
+        return self.output_dir / "training_loss.png"
+
+    @property
     def lora_adapter_dir(self) -> Path:
         """A LoRA run's adapters in PEFT's format (its merged model goes to hf_save_dir)."""
         return self.output_dir / "lora_adapter"
 
+    @property
+    def state_dir(self) -> Path:
+        """What the pipeline records about the output_dir (the run lock files sit beside it, also `.ascendfactory*`)."""
+        return self.output_dir / STATE_DIR
+
+    @property
+    def run_file(self) -> Path:
+        """The identity of the run in this output_dir and the folders it may replace (pipeline.py writes it)."""
+        return self.state_dir / "run.json"
+
     def as_json(self) -> dict:
         return {k: str(v) for k, v in self.__dict__.items()}
+
+
+STATE_DIR = ".ascendfactory"
+
+# Keys that do not change what is trained: where things go, logging and save knobs, the cluster.
+NOT_IDENTITY = frozenset({
+    "output_dir", "hf_save_dir", "scripts_dir", "mount_type", "train_auto_resume", "convert_mg2hf_at_last",
+    "overwrite_output", "preprocess_workers", "save_interval", "save_total_limit", "log_interval",
+    "save_grace_period", "max_restarts", "device", "nproc_per_node", "master_port",
+})
+
+
+def run_identity(cfg: ExpConfig) -> dict:
+    """The resolved keys that define the training (model, data, layout, hyper-parameters, seed)."""
+    return {k: v for k, v in cfg.model_dump(mode="json").items() if k not in NOT_IDENTITY}
+
+
+def run_id(cfg: ExpConfig) -> str:
+    """Recorded in run.json and in every checkpoint manifest: runs of another config do not mix with it."""
+    return hashlib.sha256(json.dumps(run_identity(cfg), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_run_state(paths: RunPaths) -> dict | None:
+    """run.json of the output_dir, None when absent (not an output_dir a run of ours has written)."""
+    try:
+        return json.loads(paths.run_file.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}  # present but unreadable: still ours, with nothing recorded
 
 
 def run_paths(cfg: ExpConfig) -> RunPaths:

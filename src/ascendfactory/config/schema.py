@@ -32,6 +32,7 @@ class ExpConfig(BaseModel):
     hf_save_dir: str | None = None  # default ${output_dir}/converted_mg2hf_weight
     scripts_dir: str | None = None  # default: the shipped scripts_modellink/
     mount_type: str = "OBS"
+    overwrite_output: bool = False  # write into an output_dir / hf_save_dir that no run of this output_dir made
 
     # what to train
     stage: str = "sft"  # pt | sft (checked by the rules, so every problem is reported together)

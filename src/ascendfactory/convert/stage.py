@@ -47,7 +47,8 @@ def decide_convert(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 def run_convert(cfg: ExpConfig, paths: RunPaths) -> None:
     from ascendfactory.convert.hf2mg import hf_to_megatron
 
-    # Our own folder under output_dir: a conversion of another source / layout there is stale, replace it.
+    # Our own folder under output_dir (pipeline.check_outputs refused one that no run there made): a conversion
+    # of another source / layout there is stale, replace it.
     hf_to_megatron(cfg.model_name_or_path, paths.converted_ckpt_dir, cfg.tp, cfg.pp, cfg.num_layer_list,
                    None, cfg.make_vocab_size_divisible_by, replace_ours=True, flag="converted checkpoint dir")
 
@@ -86,6 +87,7 @@ def run_export(cfg: ExpConfig, paths: RunPaths) -> None:
     from ascendfactory.convert.mg2hf import megatron_to_hf
     from ascendfactory.convert.peft_adapter import export_peft_adapter
 
+    # Replaced only when a run of this output_dir made it, or with overwrite_output (pipeline.check_outputs).
     megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, None, export_dtype(cfg),
                    EXPORT_SHARD_SIZE, replace_ours=True, flag="hf_save_dir")
     if cfg.finetuning_type == "lora":

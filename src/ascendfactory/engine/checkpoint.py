@@ -26,7 +26,7 @@ from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError
 
-MANIFEST = "manifest.json"
+MANIFEST = L.MANIFEST
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 TMP_PREFIX = ".tmp_"
 
@@ -75,9 +75,12 @@ def problem_of(iter_path: Path, require_manifest: bool) -> str | None:
     return None
 
 
-def newest_valid(save_dir: Path) -> int | None:
-    """The newest complete iteration in our own save dir; damaged newer ones are skipped with a warning."""
+def newest_valid(save_dir: Path, run_id: str | None = None) -> int | None:
+    """The newest complete iteration in our own save dir (with run_id: of that run only); damaged newer ones are
+    skipped with a warning."""
     for it in L.iterations_on_disk(save_dir):
+        if run_id is not None and L.manifest_run_id(save_dir / L.iter_dir_name(it)) != run_id:
+            continue
         problem = problem_of(save_dir / L.iter_dir_name(it), require_manifest=True)
         if problem is None:
             return it
@@ -175,7 +178,7 @@ def _save_error(save_dir: Path, iteration: int, e: OSError, previous: int | None
 
 def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimizer, scheduler,
          args: dict, consumed: int, source_model: str, distributed_optimizer: bool,
-         keep: int) -> None:
+         keep: int, run_id: str | None = None) -> None:
     """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
     rank = dist.get_rank()
     iter_name = L.iter_dir_name(iteration)
@@ -234,11 +237,11 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
     err = None
     if rank == 0:
         try:
-            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model)
+            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model, run_id)
             kill_point("save_tracker", iteration, rank)
             L.write_tracker(save_dir, iteration)
             if keep > 0:
-                _keep_newest(save_dir, keep)
+                _keep_newest(save_dir, keep, run_id)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             err = _save_error(save_dir, iteration, e, previous)
@@ -247,7 +250,7 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
 
 
 def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout, consumed: int,
-             source_model: str) -> None:
+             source_model: str, run_id: str | None) -> None:
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
         "iteration": iteration,
@@ -256,6 +259,7 @@ def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout
         "pp": lay.pp,
         "dp": lay.dp,
         "source_model": source_model,
+        "run_id": run_id,
         "files": files,
     }
     with open(tmp / MANIFEST, "w") as f:
@@ -273,10 +277,12 @@ def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout
     L.fsync_dir(save_dir)
 
 
-def _keep_newest(save_dir: Path, keep: int) -> None:
-    """Delete complete checkpoints beyond the newest `keep`; damaged folders are left for a person."""
+def _keep_newest(save_dir: Path, keep: int, run_id: str | None) -> None:
+    """Delete this run's complete checkpoints beyond its newest `keep`; damaged folders are left for a person,
+    and another run's checkpoints (in save_dir before this run) are never counted nor deleted."""
     complete = [it for it in L.iterations_on_disk(save_dir)
-                if problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
+                if L.manifest_run_id(save_dir / L.iter_dir_name(it)) == run_id
+                and problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
     for it in complete[keep:]:
         shutil.rmtree(save_dir / L.iter_dir_name(it))
         print(f"save_total_limit={keep}: removed {save_dir / L.iter_dir_name(it)}", file=sys.stderr, flush=True)

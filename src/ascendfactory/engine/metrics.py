@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -87,9 +88,9 @@ def read_losses(metrics_path: Path) -> dict[int, float]:
         for line in metrics_path.read_text().splitlines():
             try:
                 row = json.loads(line)
-            except ValueError:  # blank, or cut short by a kill
+                out[row["iteration"]] = row["loss"]
+            except (ValueError, KeyError, TypeError):  # blank, cut short by a kill, or not a row of ours
                 continue
-            out[row["iteration"]] = row["loss"]
     return out
 
 
@@ -110,6 +111,9 @@ def plot_loss(metrics_path: Path, png: Path) -> bool:
     ax.set_title("training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    # A new file renamed over the old: never written through whatever the old path was (e.g. a link).
+    tmp = png.with_name(f".{png.name}.tmp{os.getpid()}")
+    fig.savefig(tmp, format="png")
     plt.close(fig)
+    os.replace(tmp, png)
     return True

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
 from ascendfactory.config.loader import load_resolved
-from ascendfactory.config.paths import RunPaths, run_paths
+from ascendfactory.config.paths import RunPaths, run_id, run_paths
 from ascendfactory.config.rules import (
     parse_layer_list,
     seq_len_problem,
@@ -48,12 +48,13 @@ class Source:
 
 def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
     """train_auto_resume (or a torchrun restart after a worker died): the newest valid checkpoint in save_dir
-    first; otherwise ckpt_load_type decides."""
+    first; otherwise ckpt_load_type decides. A restart without auto-resume takes only this run's own checkpoints
+    (another run's may be in save_dir: the restart must not continue that one)."""
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart:
         log.info(f"torchrun restart {restart}: resuming from the newest valid checkpoint in {paths.save_dir}")
     if cfg.train_auto_resume or restart:
-        it = checkpoint.newest_valid(paths.save_dir)
+        it = checkpoint.newest_valid(paths.save_dir, None if cfg.train_auto_resume else run_id(cfg))
         if it is not None:
             return Source("resume", paths.save_dir, it, require_manifest=True)
         log.info(f"train_auto_resume: no complete checkpoint in {paths.save_dir}; using ckpt_load_type "
@@ -345,9 +346,8 @@ class Trainer:
         finally:
             if metrics:
                 metrics.close()
-        if self.rank == 0 and plot_loss(self.paths.logs_dir / "metrics.jsonl", self.paths.output_dir /
-                                        "training_loss.png"):
-            self.log.info(f"loss curve: {self.paths.output_dir / 'training_loss.png'}")
+        if self.rank == 0 and plot_loss(self.paths.logs_dir / "metrics.jsonl", self.paths.loss_plot):
+            self.log.info(f"loss curve: {self.paths.loss_plot}")
         self.log.info(f"training done: iteration {self.iteration}, checkpoint in {self.paths.save_dir}")
         return EXIT_OK
 
@@ -374,7 +374,7 @@ class Trainer:
         )
         checkpoint.save(self.paths.save_dir, self.iteration, self.layout, _core(self.model).state_dict(),
                         self.optimizer, self.scheduler, args, self.consumed, cfg.model_name_or_path,
-                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit)
+                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit, run_id(cfg))
         self.log.info(f"saved checkpoint iteration {self.iteration} to "
                       f"{self.paths.save_dir / L.iter_dir_name(self.iteration)} in {time.perf_counter() - t0:.2f}s")
 
