@@ -116,7 +116,7 @@ class RunLock:
     def held(self) -> bool:
         return self.fd is not None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         for _ in range(3):  # another launch may create or remove the file between our steps
             try:
