@@ -43,7 +43,8 @@ def write_cfg(assets: Path, out: Path, **exp) -> Path:
 
 
 def train_cmd(cfg: Path) -> list[str]:
-    return [sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp"]
+    # A free port of its own: the default one may be taken by a concurrent run between check and bind.
+    return [sys.executable, "-m", "ascendfactory", "train", str(cfg), "tiny", "exp", f"--master_port={E.free_port()}"]
 
 
 def train(cfg: Path) -> subprocess.CompletedProcess:
