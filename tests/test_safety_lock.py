@@ -151,7 +151,7 @@ def test_killed_cli_keeps_the_output_dir_locked_until_its_torchrun_and_workers_a
         assert lock.held
 
 
-def test_workers_die_with_their_torchrun(tmp_path):
+def test_workers_save_and_exit_when_their_torchrun_is_killed(tmp_path):
     model = E.make_model(tmp_path)
     data = tmp_path / "sft"
     E.write_sft(data, model)
@@ -166,9 +166,12 @@ def test_workers_die_with_their_torchrun(tmp_path):
         assert torchrun.poll() is None and len(workers) == 2
         torchrun.kill()
         torchrun.wait()
-        wait_for(lambda: not any(running(p) for p in workers), 15, f"workers {workers} to die")
+        wait_for(lambda: not any(running(p) for p in workers), 120, f"workers {workers} to exit")
     finally:
         kill_all([torchrun.pid, *workers])
+    log0 = (out / "logs" / "train_rank_000.log").read_text()
+    assert "stop requested (SIGTERM)" in log0 and "exiting with code 3" in log0
+    assert (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").is_file()
 
 
 def test_worker_bad_input_is_not_restarted_and_reported_once(assets, tmp_path):

@@ -8,7 +8,7 @@ Exit codes of each worker:
   3  stopped by SIGTERM / SIGINT after saving a checkpoint; relaunch with train_auto_resume to continue
 Codes 1 and 2 come with the one-line reason (or the traceback) in the rank's torchelastic error file
 (TORCHELASTIC_ERROR_FILE). torchrun exits 1 when any worker exits non-zero; under ascendfactory.launch.agent
-(train.sh) a worker's exit 2 is not restarted. A worker dies when its torchrun dies.
+(train.sh) a worker's exit 2 is not restarted. A worker gets SIGTERM when its torchrun dies.
 """
 
 from ascendfactory.errors import EXIT_USER_ERROR  # noqa: F401  (re-exported: launch/ reads every code here)

@@ -27,7 +27,9 @@ def _record_reason(message: str) -> None:
 
 @record  # any other exception: its traceback goes to the error file too (and to the rank's stderr)
 def run() -> int:
-    die_with_parent(signal.SIGKILL)  # torchrun gone (killed): nobody would stop or restart this worker
+    # torchrun gone (killed, or stopped by a second SIGTERM while this worker saves): nobody would stop or restart
+    # this worker, so it stops on its own through the SIGTERM path (every rank gets it: save, exit 3).
+    die_with_parent(signal.SIGTERM)
     parser = argparse.ArgumentParser(prog="python -m ascendfactory.engine")
     parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
     parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
