@@ -110,10 +110,15 @@ def _cause(failure: dict | None, rc: int) -> str:
     return f"{who} {what}" + (f" ({reason})" if reason else "")
 
 
-def _last_attempt(logs_dir: Path) -> Path | None:
-    """torchrun's newest attempt folder (<log_dir>/<run id>/attempt_<restarts>)."""
-    attempts = sorted((logs_dir / "torchrun").glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
-    return attempts[-1] if attempts else None
+def _run_dirs(logs_dir: Path) -> set[Path]:
+    """torchrun's log folders, one per launch (<log_dir>/<run id>_<random>/attempt_<restarts>/<local rank>/)."""
+    return {p.parent for p in (logs_dir / "torchrun").glob("*/attempt_*")}
+
+
+def _last_attempt(logs_dir: Path, earlier: set[Path]) -> Path | None:
+    """This launch's newest attempt folder (none when torchrun stopped before starting workers)."""
+    attempts = [a for d in _run_dirs(logs_dir) - earlier for a in d.glob("attempt_*")]
+    return max(attempts, key=lambda a: int(a.name.removeprefix("attempt_")), default=None)
 
 
 def _worker_log(attempt: Path | None, local_rank: int | None, logs_dir: Path) -> Path:
@@ -132,6 +137,7 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
     node_log = paths.logs_dir / f"train-node{layout.node_rank}.log"
     errors = error_file(paths, layout)
     errors.unlink(missing_ok=True)  # an earlier run's
+    earlier = _run_dirs(paths.logs_dir)
     # preexec_fn: only prctl / getppid / kill run in the child, nothing that a thread of this process could hold.
     dies_with_us = functools.partial(die_with_parent, signal.SIGTERM, os.getpid())
     proc = subprocess.Popen(["bash", str(script)], env=training_env(cfg, paths, layout), stdout=subprocess.PIPE,
@@ -161,7 +167,7 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
         raise TrainingFailed(f"training stopped by {signal.Signals(stopped[0]).name}; the last checkpoint is in "
                              f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_PREEMPTED)
     failure = _root_cause(errors)
-    attempt = _last_attempt(paths.logs_dir)
+    attempt = _last_attempt(paths.logs_dir, earlier)
     restarts = int(attempt.name.removeprefix("attempt_")) if attempt else 0
     local_rank = failure.get("extraInfo", {}).get("local_rank") if failure else None
     user_error = failure is not None and failure["errorCode"] == EXIT_USER_ERROR
