@@ -72,6 +72,16 @@ def share_run_lock() -> None:
         raise UserError(f"{path}: another launch holds this run's lock; run `train` again once it is refused")
 
 
+def _open(path: Path, flags: int) -> int:
+    try:
+        return os.open(path, flags, 0o644)
+    except (FileExistsError, FileNotFoundError):
+        raise
+    except OSError as e:
+        raise UserError(f"{path}: cannot open the lock file ({e.strerror}); fix its permissions, or use another "
+                        "output_dir") from None
+
+
 def _try_lock(fd: int, op: int, path: Path | str) -> bool:
     try:
         fcntl.flock(fd, op | fcntl.LOCK_NB)
@@ -120,7 +130,7 @@ class RunLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
         for _ in range(3):  # another launch may create or remove the file between our steps
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+                fd = _open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR)
             except FileExistsError:
                 self._take_over(me)
                 continue
@@ -139,7 +149,7 @@ class RunLock:
     def _take_over(self, me: dict) -> None:
         """Remove an existing lock file that no process holds and that a run of this host left; refuse otherwise."""
         try:
-            fd = os.open(self.path, os.O_RDWR)
+            fd = _open(self.path, os.O_RDWR)
         except FileNotFoundError:
             return
         try:
