@@ -15,7 +15,9 @@ if [ "$AF_DEVICE" = "cpu" ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 mkdir -p "$AF_LOG_DIR/torchrun"
-exec "${AF_PYTHON:-python3}" -m torch.distributed.run \
+# exec: torchrun replaces this shell, so it is `train`'s child and stops when `train` dies. The agent is torchrun
+# (same arguments) that does not restart a worker's bad input and records the root cause of a failure.
+exec "${AF_PYTHON:-python3}" -m ascendfactory.launch.agent \
   --nnodes "$AF_NNODES" --node_rank "$AF_NODE_RANK" --nproc_per_node "$AF_NPROC_PER_NODE" \
   --master_addr "$AF_MASTER_ADDR" --master_port "$AF_MASTER_PORT" \
   --max_restarts "$AF_MAX_RESTARTS" \

@@ -3,8 +3,10 @@ converted checkpoint at its own TP/PP (torchrun, gloo, one process per TP x PP r
 
 from __future__ import annotations
 
+import functools
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import tempfile
 from pathlib import Path
 
 from ascendfactory.errors import UserError
+from ascendfactory.launch.lock import die_with_parent
 
 TOLERANCE = 1e-4
 
@@ -72,7 +75,9 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
                "-m", "ascendfactory.convert.verify_worker", str(jobs_file)]
         threads = str(max(1, (os.cpu_count() or 1) // nproc))  # the ranks share the CPU
         env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", threads)}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        # torchrun stops its workers on SIGTERM: it gets one when this process dies, however it dies.
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                              preexec_fn=functools.partial(die_with_parent, signal.SIGTERM, os.getpid()))
         if proc.returncode != 0:
             raise RuntimeError(f"verify worker failed (exit {proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         return [json.loads(Path(w["result"]).read_text()) for w in work]

@@ -6,7 +6,9 @@ Exit codes of each worker:
   1  failure (traceback on the rank's stderr), or training diverged (`error:` line: loss / grad norm not finite)
   2  bad input (UserError: one line naming the file / key and the fix)
   3  stopped by SIGTERM / SIGINT after saving a checkpoint; relaunch with train_auto_resume to continue
-(torchrun itself exits 1 when any worker exits non-zero; it prints each worker's exitcode.)
+Codes 1 and 2 come with the one-line reason (or the traceback) in the rank's torchelastic error file
+(TORCHELASTIC_ERROR_FILE). torchrun exits 1 when any worker exits non-zero; under ascendfactory.launch.agent
+(train.sh) a worker's exit 2 is not restarted. A worker gets SIGTERM when its torchrun dies.
 """
 
 from ascendfactory.errors import EXIT_USER_ERROR  # noqa: F401  (re-exported: launch/ reads every code here)

@@ -1,16 +1,35 @@
 """`python -m ascendfactory.engine --config <output_dir>/exp-config.yaml` (one process per device, torchrun)."""
 
 import argparse
+import json
+import os
+import signal
 import sys
+import time
 import traceback
 import warnings
+
+from torch.distributed.elastic.multiprocessing.errors import record
 
 from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
 from ascendfactory.engine.faults import Diverged
 from ascendfactory.errors import UserError
+from ascendfactory.launch.lock import die_with_parent, share_run_lock
 
 
+def _record_reason(message: str) -> None:
+    """This worker's one-line reason in its torchelastic error file (torchelastic's format, without a traceback):
+    torchrun's failure summary and `train`'s FAILED line show it."""
+    if path := os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        with open(path, "w") as f:
+            json.dump({"message": {"message": message, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+
+
+@record  # any other exception: its traceback goes to the error file too (and to the rank's stderr)
 def run() -> int:
+    # torchrun gone (killed, or stopped by a second SIGTERM while this worker saves): nobody would stop or restart
+    # this worker, so it stops on its own through the SIGTERM path (every rank gets it: save, exit 3).
+    die_with_parent(signal.SIGTERM)
     parser = argparse.ArgumentParser(prog="python -m ascendfactory.engine")
     parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
     parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
@@ -23,17 +42,17 @@ def run() -> int:
     from ascendfactory.engine.trainer import main
 
     try:
+        share_run_lock()
         return main(ns.config)
     except UserError as e:
         if ns.debug:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr, flush=True)
+        _record_reason(str(e))
         return EXIT_USER_ERROR
     except Diverged as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
-    except Exception:
-        traceback.print_exc()
+        _record_reason(str(e))
         return EXIT_FAILURE
 
 

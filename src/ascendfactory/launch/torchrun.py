@@ -1,13 +1,16 @@
-"""Launch training through `<scripts_dir>/train.sh`, which execs torchrun (one process per device).
+"""Launch training through `<scripts_dir>/train.sh`, which execs torchrun (ascendfactory.launch.agent: torch's
+launcher with the run's rules; one process per device).
 
 Restarts are torchrun's own (--max-restarts): when a worker dies, every worker of the node is restarted
-and the engine auto-resumes from the newest valid checkpoint. Logs go under <output_dir>/logs/.
+and the engine auto-resumes from the newest valid checkpoint; a worker's bad input (exit 2) is not restarted.
+A failure's cause is read from torchelastic's error files. Logs go under <output_dir>/logs/.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -19,7 +22,7 @@ from ascendfactory.config.schema import ExpConfig
 from ascendfactory.engine import EXIT_PREEMPTED, EXIT_USER_ERROR
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
-
+from ascendfactory.launch.lock import LOCK_ENV, die_with_parent, lock_path
 
 
 def default_scripts_dir() -> Path:
@@ -68,8 +71,15 @@ def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
         AF_MAX_RESTARTS=str(cfg.max_restarts),
         # torchrun SIGKILLs workers this long after forwarding SIGTERM: leave them the grace period to save.
         AF_SHUTDOWN_TIMEOUT=str(int(cfg.save_grace_period) + 30),
+        # torchrun's own error file: the root cause of a failure, written by launch/agent.py
+        TORCHELASTIC_ERROR_FILE=str(error_file(paths, layout)),
     )
+    env[LOCK_ENV] = str(lock_path(paths.output_dir, layout.node_rank))  # torchrun and the workers join the lock
     return env
+
+
+def error_file(paths: RunPaths, layout: Layout) -> Path:
+    return paths.logs_dir / "torchrun" / f"error-node{layout.node_rank}.json"
 
 
 class TrainingFailed(Exception):
@@ -78,40 +88,61 @@ class TrainingFailed(Exception):
         self.exit_code = exit_code
 
 
-_FAILED = re.compile(r"failed \(exitcode: (-?\d+)\) local_rank: (\d+)")
-# A worker's one-line reason (bad input, divergence), as torchrun's --tee prints it.
-_ERROR = re.compile(r"^(?:\[\w+\]:)?error: (.*)$")
+def _root_cause(path: Path) -> dict | None:
+    """The failure torchrun recorded in its torchelastic error file: message (the worker's reason), errorCode (its
+    exit code, negative for a signal) and, from ascendfactory.launch.agent, extraInfo.local_rank."""
+    try:
+        message = json.loads(path.read_text())["message"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return message if isinstance(message, dict) and isinstance(message.get("errorCode"), int) else None
 
 
-def _cause(line: str | None, error: str | None) -> str:
-    m = _FAILED.search(line or "")
-    if not m:
-        return "a worker failed"
-    code, rank = int(m.group(1)), m.group(2)
+def _cause(failure: dict | None, rc: int) -> str:
+    if failure is None:
+        return f"torchrun exited with code {rc}"
+    code, rank = failure["errorCode"], failure.get("extraInfo", {}).get("local_rank")
+    who = "a worker" if rank is None else f"local rank {rank}"
     if code < 0:
-        return f"local rank {rank} was killed by {signal.Signals(-code).name}"
+        return f"{who} was killed by {signal.Signals(-code).name}"
     what = "stopped on bad input" if code == EXIT_USER_ERROR else f"exited with code {code}"
-    return f"local rank {rank} {what}" + (f" ({error})" if error else "")
+    reason = "; ".join(line for line in str(failure.get("message") or "").splitlines() if line.strip())
+    return f"{who} {what}" + (f" ({reason})" if reason else "")
 
 
-def _worker_log(logs_dir: Path, local_rank: str | None) -> Path:
-    """The newest torchrun attempt's stderr of the failed rank (or the attempt folder)."""
-    attempts = sorted((logs_dir / "torchrun").glob("*/attempt_*"), key=lambda p: p.stat().st_mtime)
-    if not attempts:
+def _run_dirs(logs_dir: Path) -> set[Path]:
+    """torchrun's log folders, one per launch (<log_dir>/<run id>_<random>/attempt_<restarts>/<local rank>/)."""
+    return {p.parent for p in (logs_dir / "torchrun").glob("*/attempt_*")}
+
+
+def _last_attempt(logs_dir: Path, earlier: set[Path]) -> Path | None:
+    """This launch's newest attempt folder (none when torchrun stopped before starting workers)."""
+    attempts = [a for d in _run_dirs(logs_dir) - earlier for a in d.glob("attempt_*")]
+    return max(attempts, key=lambda a: int(a.name.removeprefix("attempt_")), default=None)
+
+
+def _worker_log(attempt: Path | None, local_rank: int | None, logs_dir: Path) -> Path:
+    """The failed rank's stderr in the newest attempt (or the attempt folder)."""
+    if attempt is None:
         return logs_dir
-    log = attempts[-1] / (local_rank or "0") / "stderr.log"
-    return log if log.exists() else attempts[-1]
+    log = attempt / str(local_rank or 0) / "stderr.log"
+    return log if log.exists() else attempt
 
 
 def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
     """Run train.sh in the foreground; its output goes to the console and to logs/train-node{r}.log.
-    SIGTERM/SIGINT are forwarded so that workers save and stop."""
+    SIGTERM/SIGINT are forwarded so that workers save and stop; if this process dies, torchrun gets SIGTERM."""
     script = scripts_dir(cfg) / "train.sh"
     paths.logs_dir.mkdir(parents=True, exist_ok=True)
     node_log = paths.logs_dir / f"train-node{layout.node_rank}.log"
+    errors = error_file(paths, layout)
+    errors.unlink(missing_ok=True)  # an earlier run's
+    earlier = _run_dirs(paths.logs_dir)
+    # preexec_fn: only prctl / getppid / kill run in the child, nothing that a thread of this process could hold.
+    dies_with_us = functools.partial(die_with_parent, signal.SIGTERM, os.getpid())
     proc = subprocess.Popen(["bash", str(script)], env=training_env(cfg, paths, layout), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, bufsize=1)
-    stopped, last_failure, last_error = [], None, None
+                            stderr=subprocess.STDOUT, text=True, bufsize=1, preexec_fn=dies_with_us)  # noqa: PLW1509
+    stopped = []
 
     def forward(signum, _frame):
         stopped.append(signum)
@@ -126,10 +157,6 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
             for line in proc.stdout:
                 sys.stdout.write(line)
                 log.write(line)
-                if _FAILED.search(line):
-                    last_failure = line
-                elif m := _ERROR.match(line.rstrip("\n")):
-                    last_error = m.group(1)
         rc = proc.wait()
     finally:
         for s, h in old.items():
@@ -139,8 +166,11 @@ def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
     if stopped:
         raise TrainingFailed(f"training stopped by {signal.Signals(stopped[0]).name}; the last checkpoint is in "
                              f"{paths.save_dir}; run again with train_auto_resume to continue", EXIT_PREEMPTED)
-    m = _FAILED.search(last_failure or "")
-    user_error = bool(m) and int(m.group(1)) == EXIT_USER_ERROR
-    raise TrainingFailed(f"{_cause(last_failure, last_error)} after {cfg.max_restarts} restart(s); see "
-                         f"{_worker_log(paths.logs_dir, m.group(2) if m else None)} and {node_log}",
+    failure = _root_cause(errors)
+    attempt = _last_attempt(paths.logs_dir, earlier)
+    restarts = int(attempt.name.removeprefix("attempt_")) if attempt else 0
+    local_rank = failure.get("extraInfo", {}).get("local_rank") if failure else None
+    user_error = failure is not None and failure["errorCode"] == EXIT_USER_ERROR
+    raise TrainingFailed(f"{_cause(failure, rc)}" + (f" after {restarts} restart(s)" if restarts else "") +
+                         f"; see {_worker_log(attempt, local_rank, paths.logs_dir)} and {node_log}",
                          EXIT_USER_ERROR if user_error else (rc if rc > 0 else 1))
