@@ -20,6 +20,9 @@ LLAMA3_SPECIALS = [
     "<|end_header_id|>",
     "<|eot_id|>",
 ]
+# GLM-4's (glm-4-9b-chat) special tokens, in their order.
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>"]
 
 # Qwen2 / Qwen2.5 Instruct template (without tool calling).
 QWEN_CHAT_TEMPLATE = (
@@ -42,6 +45,13 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ content }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+# glm-4-9b-chat's template without its tool-calling system prompt.
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}"
+    "<|{{ item['role'] }}|>\n{{ item['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 _WORDS = (
@@ -69,13 +79,15 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
 
     flavor "qwen": Qwen2-style specials and chat template, eos <|im_end|>, pad <|endoftext|>, no bos.
     flavor "llama3": Llama-3 specials and chat template, bos <|begin_of_text|>, eos <|eot_id|>.
+    flavor "glm4": GLM-4 specials first (<|endoftext|> = id 0: eos and pad) and chat template; encodings start with
+    [gMASK]<sop>, as glm-4-9b-chat-hf's tokenizer.json does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = QWEN_SPECIALS + LLAMA3_SPECIALS
+    specials = GLM4_SPECIALS if flavor == "glm4" else QWEN_SPECIALS + LLAMA3_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -102,6 +114,11 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
             pad_token="<|end_of_text|>",
             chat_template=LLAMA3_CHAT_TEMPLATE,
         )
+    elif flavor == "glm4":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+            special_tokens=[(t, tok.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
+        kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=GLM4_CHAT_TEMPLATE)
     else:
         raise ValueError(f"unknown tokenizer flavor {flavor!r}")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **kwargs)
