@@ -72,6 +72,13 @@ def load_config_json(model_dir: str | Path) -> dict:
 
 
 def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
+    from ascendfactory.convert import chatglm  # the original GLM layout: its config read as GLM's
+
+    if chatglm.is_chatglm(cfg):
+        try:
+            cfg = chatglm.glm_config(cfg, source)
+        except KeyError as e:
+            raise UserError(f"{source}: missing key {e.args[0]!r}; is this a ChatGLM / GLM-4 config.json?") from None
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
