@@ -164,6 +164,21 @@ def chatglm_plan(plan: list[tuple[str, tuple[int, ...]]], config_dir) -> list[tu
     return list(out.items())
 
 
+def adapter_pairs(pairs: dict[str, tuple]) -> dict[str, tuple]:
+    """PEFT adapters under GLM's linear names -> under the chatglm ones: q / k / v share A (one fused linear), so
+    query_key_value's adapter is that A with their B rows stacked in q, k, v order."""
+    import torch
+
+    out = {}
+    for name, (a, b) in pairs.items():
+        part = _qkv_part(name)
+        if part is None:
+            out[to_chatglm(name)] = (a, b)
+        elif part == QKV[0]:
+            out[to_chatglm(name)] = (a, torch.cat([pairs[name.replace(part, p)][1] for p in QKV]))
+    return out
+
+
 class ChatGLMWriter:
     """Takes GLM-named tensors in plan order and writes them to a ShardedWriter under chatglm names, q / k / v
     concatenated into query_key_value."""
