@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -303,15 +304,15 @@ def test_logits_glm_glm4_tp1_and_tp2pp2(models, tmp_path):
         for tp, pp in ((1, 1), (2, 2)):
             hf_to_megatron(models[family], tmp_path / f"{family}{tp}{pp}", tp, pp)
             jobs.append({"hf_dir": str(models[family]), "mg_dir": str(tmp_path / f"{family}{tp}{pp}")})
-    hf_to_megatron(models["chatglm"], tmp_path / "chatglm", 2, 2, dtype="fp32")
-    jobs.append({"hf_dir": str(models["glm_bf16"]), "mg_dir": str(tmp_path / "chatglm")})
-    f = rank_file(tmp_path / "glm422", 1, 1, 1, 2)
+    hf_to_megatron(models["chatglm"], tmp_path / "chatglm", 2, 2)
+    jobs.append({"hf_dir": str(models["chatglm"]), "mg_dir": str(tmp_path / "chatglm")})
+    bad = tmp_path / "glm4-bad"
+    shutil.copytree(tmp_path / "glm422", bad)
+    f = rank_file(bad, 1, 1, 1, 2)
     ckpt = torch.load(f, weights_only=False)
     ckpt["model"]["decoder.layers.1.post_mlp_layernorm.weight"] *= 1.5
     torch.save(ckpt, f)
-    jobs.append(jobs[3])
-    jobs[3] = {"hf_dir": str(models["glm4"]), "mg_dir": str(tmp_path / "glm4-good")}
-    hf_to_megatron(models["glm4"], tmp_path / "glm4-good", 2, 2)
+    jobs.append({"hf_dir": str(models["glm4"]), "mg_dir": str(bad)})
     results = compare(jobs, nproc=4)
     diffs = [r["max_abs_diff"] for r in results]
     assert all(d <= TOLERANCE for d in diffs[:-1]), diffs
@@ -360,3 +361,22 @@ def test_lora_run_exports_a_peft_adapter_that_reproduces_the_merged_model(models
         merged = AutoModelForCausalLM.from_pretrained(out / "converted_mg2hf_weight",
                                                       dtype=torch.float32)(tokens).logits
     assert (with_adapter - merged).abs().max() < 1e-5
+
+
+@pytest.mark.slow
+def test_chatglm_layout_lora_peft_adapter_targets_its_own_linears(models, tmp_path):
+    """A LoRA run on a chatglm-layout model: the PEFT adapter names the original model's linears (q / k / v share
+    query_key_value's A, their B rows stacked), and B A x scale is what the merged export added to each weight."""
+    src = models["chatglm"]
+    out = _train(tmp_path, src, "glm4", finetuning_type="lora", lora_r=4, lora_alpha=8, lr=1e-2)
+    config = json.loads((out / "lora_adapter" / "adapter_config.json").read_text())
+    assert config["target_modules"] == ["dense", "dense_4h_to_h", "dense_h_to_4h", "query_key_value"]
+    adapter = load_file(out / "lora_adapter" / "adapter_model.safetensors")
+    base, merged = _tensors(src), _tensors(out / "converted_mg2hf_weight")
+    modules = {k.removeprefix("base_model.model.").rsplit(".lora_", 1)[0] for k in adapter}
+    assert len(modules) == 4 * 4 and all(f"{m}.weight" in base for m in modules)
+    for m in modules:
+        a, b = (adapter[f"base_model.model.{m}.lora_{x}.weight"] for x in "AB")
+        delta = (merged[f"{m}.weight"].float() - base[f"{m}.weight"].float())
+        want = 2.0 * b @ a
+        assert want.abs().max() > 1e-3 and (delta - want).abs().max() < 0.02 * want.abs().max() + 4e-3, m

@@ -140,6 +140,20 @@ class ChatGLMReader:
         return t if cols is None else t[:, cols[0]:cols[1]]
 
 
+def glm_model(model_dir: str | Path):
+    """transformers' GlmForCausalLM holding a chatglm-layout folder's weights (fp32): what --verify compares to."""
+    import transformers
+
+    from ascendfactory.modelinfo import read_model_facts
+
+    cfg = glm_config(json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")))
+    model = transformers.GlmForCausalLM(transformers.GlmConfig(
+        pad_token_id=None, **{k: v for k, v in cfg.items() if k not in ("architectures", "torch_dtype")}))
+    read = ChatGLMReader(model_dir, read_model_facts(model_dir))
+    model.load_state_dict({name: read(name) for name in read.source}, strict=True)
+    return model.float()
+
+
 def open_reader(model_dir: str | Path, facts: ModelFacts):
     return ChatGLMReader(model_dir, facts) if is_chatglm_dir(model_dir) else SafetensorsReader(model_dir)
 

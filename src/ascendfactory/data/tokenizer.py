@@ -134,7 +134,7 @@ def glm_fast_tokenizer(path: str | Path):
         tok = SpmConverter.build_tokenizer_from_spm_proto(
             proto, {p.piece: i for i, p in enumerate(proto.pieces)}, legacy=True)
         ranks = proto.pieces
-        specials = _specials(tcfg, CHATGLM3_SPECIALS, len(proto.pieces))
+        specials = list(CHATGLM3_SPECIALS)  # fixed by its remote code (SPTokenizer), whatever its config lists
         prefix = ("[gMASK]", "sop")
         eos, pad = proto.pieces[proto.trainer_spec.eos_id].piece, proto.pieces[proto.trainer_spec.unk_id].piece
         post = []
