@@ -117,13 +117,13 @@ class ChatGLMReader:
         self.raw = SafetensorsReader(model_dir)
         self.rows = _rows(facts)
         self.source: dict[str, tuple[str, int | None, int | None]] = {}  # GLM name -> (chatglm name, first, rows)
-        for layer in range(facts.num_layers):
-            for h in NAMES:
-                name = h.format(i=layer)
-                c = to_chatglm(name)
-                if c in self.raw.where:
-                    part = _qkv_part(name)
-                    self.source[name] = (c, *self.rows[part]) if part else (c, None, None)
+        names = [h for h in NAMES if "{i}" not in h]
+        names += [h.format(i=i) for i in range(facts.num_layers) for h in NAMES if "{i}" in h]
+        for name in names:
+            c = to_chatglm(name)
+            if c in self.raw.where:  # a missing tensor: hf2mg's check names it under GLM's name
+                part = _qkv_part(name)
+                self.source[name] = (c, *self.rows[part]) if part else (c, None, None)
         self.where = {h: self.raw.where[c] for h, (c, _, _) in self.source.items()}
 
     def shape(self, name: str) -> tuple[int, ...]:

@@ -111,7 +111,8 @@ def glm_fast_tokenizer(path: str | Path):
         from transformers.convert_slow_tokenizer import TikTokenConverter
 
         ranks = _tiktoken_ranks(model_file)
-        specials = _specials(tcfg, GLM4_SPECIALS, len(ranks))
+        n = len(ranks)  # entries of tokenizer.model: the special tokens' ids follow
+        specials = _specials(tcfg, GLM4_SPECIALS, n)
 
         class _Ranks(TikTokenConverter):  # the ranks above: no tiktoken package needed to read the file
             @staticmethod
@@ -133,7 +134,7 @@ def glm_fast_tokenizer(path: str | Path):
         # tokenizer encodes each piece on its own
         tok = SpmConverter.build_tokenizer_from_spm_proto(
             proto, {p.piece: i for i, p in enumerate(proto.pieces)}, legacy=True)
-        ranks = proto.pieces
+        n = len(proto.pieces)
         specials = list(CHATGLM3_SPECIALS)  # fixed by its remote code (SPTokenizer), whatever its config lists
         prefix = ("[gMASK]", "sop")
         eos, pad = proto.pieces[proto.trainer_spec.eos_id].piece, proto.pieces[proto.trainer_spec.unk_id].piece
@@ -141,15 +142,15 @@ def glm_fast_tokenizer(path: str | Path):
     # "sop" / "eop" are plain words too: matched only as a whole word ("[gMASK]sop<|user|>" still is one)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False, single_word=t.isalpha())
                             for t in specials])
-    wrong = [t for k, t in enumerate(specials) if tok.token_to_id(t) != len(ranks) + k]
+    wrong = [t for k, t in enumerate(specials) if tok.token_to_id(t) != n + k]
     if wrong:
         raise UserError(f"{d / 'tokenizer_config.json'}: special token {wrong[0]} does not follow the "
-                        f"{len(ranks)} tokenizer.model entries; restore the model's tokenizer files")
+                        f"{n} tokenizer.model entries; restore the model's tokenizer files")
     tok.post_processor = processors.Sequence(post + [processors.TemplateProcessing(
         single=" ".join(prefix) + " $A", pair=" ".join(prefix) + " $A $B",
         special_tokens=[(t, tok.token_to_id(t)) for t in prefix])])
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
-                                   chat_template=tcfg.get("chat_template"), model_max_length=int(1e30))
+                                   chat_template=tcfg.get("chat_template"))
 
 
 def hf_tokenizer(path: str | Path):
