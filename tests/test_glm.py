@@ -212,6 +212,12 @@ def test_missing_tokenizer_file_is_one_line_naming_it(models, tmp_path):
     with pytest.raises(UserError) as e:
         load_tokenizer(str(d))
     assert str(e.value).startswith(f"{d / 'tokenizer.model'}: not found;") and "\n" not in str(e.value)
+    data = write_instruction_data(tmp_path / "data.jsonl", n=4)
+    r = subprocess.run([sys.executable, "-m", "ascendfactory", "preprocess", "--input", str(data),
+                        "--tokenizer-name-or-path", str(d), "--output-prefix", str(tmp_path / "out" / "x")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == f"error: {e.value}", r.stderr
+    assert not (tmp_path / "out").exists()
 
 
 CONVERSATIONS = [
