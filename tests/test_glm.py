@@ -20,9 +20,10 @@ from safetensors.torch import load_file, save_file
 
 from ascendfactory.ckpt_layout import rank_file
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf
+from ascendfactory.data.tokenizer import hf_tokenizer
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import facts_from_config, read_model_facts
-from ascendfactory.tiny import make_remote_glm_tokenizer, make_tiny_model, write_instruction_data
+from ascendfactory.tiny import corpus_text, make_remote_glm_tokenizer, make_tiny_model, write_instruction_data
 
 # The remote-code files of an original checkpoint: copied on export as data, never imported (importing fails).
 REMOTE_CODE = {name: "raise RuntimeError('remote code must never run')\n"
@@ -77,7 +78,7 @@ def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("glm")
     out = {f: make_tiny_model(root / f, f, seed=3) for f in ("glm", "glm4")}
     tok = make_remote_glm_tokenizer(root / "chatglm", "glm4")
-    vocab = len(__import__("ascendfactory.data.tokenizer", fromlist=["x"]).hf_tokenizer(tok))
+    vocab = len(hf_tokenizer(tok))
     glm_bf16 = make_tiny_model(root / "glm_bf16", "glm", seed=4, with_tokenizer=False, vocab_size=vocab,
                                dtype="bfloat16")
     out["glm_bf16"] = glm_bf16
@@ -161,7 +162,7 @@ def test_rules_refuse_tp_that_does_not_divide_kv_groups(tmp_path):
 
 
 SAMPLES = ["Hello  world\n\n  indented\tTab 12345 ünïcödé 中文 😺", " leading space", "sopwith and eopia are words (sop alone is a special token)",
-           "def add(a, b):\n    return a + b\n", *__import__("ascendfactory.tiny", fromlist=["x"]).corpus_text(20)]
+           "def add(a, b):\n    return a + b\n", *corpus_text(20)]
 
 
 @pytest.mark.parametrize("kind", ["chatglm3", "glm4"])
@@ -169,7 +170,7 @@ def test_original_tokenizers_rebuilt_token_for_token(tmp_path, kind):
     """The fast tokenizer built from tokenizer.model equals the original remote-code tokenizer: SentencePiece's
     encode (ChatGLM3) / tiktoken's (glm-4-9b) on plain text, special tokens at the ids after the model's entries,
     encodings prefixed as the originals' build_inputs_with_special_tokens does."""
-    from ascendfactory.data.tokenizer import GLM4_PATTERN, hf_tokenizer
+    from ascendfactory.data.tokenizer import GLM4_PATTERN
 
     d = make_remote_glm_tokenizer(tmp_path, kind)
     tok = hf_tokenizer(d)
@@ -259,8 +260,6 @@ def _encode(tok_dir, prompt_type, convs):
 def test_templates_equal_apply_chat_template_and_supervise_the_replies(models, tmp_path, source, prompt_type):
     """chatglm3 / glm4 render what the checkpoints' chat templates render (auto uses the template itself): the
     same ids as apply_chat_template, labels on exactly the assistant replies."""
-    from ascendfactory.data.tokenizer import hf_tokenizer
-
     if source == "chatglm3":
         pytest.importorskip("sentencepiece")
     d = models["glm4"] if source == "hf" else make_remote_glm_tokenizer(tmp_path, source)
