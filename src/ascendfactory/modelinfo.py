@@ -9,6 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ascendfactory.convert import chatglm
+
 # The family records (traits, mapping table, tiny test model), by config.json architecture name.
 from ascendfactory.convert.families import ARCHITECTURES, Family, supported_architectures
 from ascendfactory.errors import UserError
@@ -90,6 +92,13 @@ def positive_int(cfg: dict, key: str, source: str, default: int | None = None) -
 
 
 def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
+    if chatglm.is_chatglm(cfg):  # the original GLM layout: its config.json read as GLM's
+        try:
+            cfg = chatglm.glm_config(cfg, source)
+        except KeyError as e:
+            raise UserError(f"{source}: missing key {e.args[0]!r}; is this a ChatGLM / GLM-4 config.json?") from None
+        except (TypeError, ValueError) as e:
+            raise UserError(f"{source}: bad value ({e})") from None
     archs = cfg.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:

@@ -20,6 +20,9 @@ LLAMA3_SPECIALS = [
     "<|end_header_id|>",
     "<|eot_id|>",
 ]
+# GLM-4's (glm-4-9b-chat) special tokens, in their order.
+GLM4_SPECIALS = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>"]
 
 # Qwen2 / Qwen2.5 Instruct template (without tool calling).
 QWEN_CHAT_TEMPLATE = (
@@ -42,6 +45,20 @@ LLAMA3_CHAT_TEMPLATE = (
     "{{ content }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+# glm-4-9b-chat's template without its tool-calling system prompt.
+GLM4_CHAT_TEMPLATE = (
+    "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}"
+    "<|{{ item['role'] }}|>\n{{ item['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+# ChatGLM3-6B's template (its tokenizer_config.json).
+CHATGLM3_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first %}[gMASK]sop<|{{ message['role'] }}|>\n {{ message['content'] }}"
+    "{% else %}<|{{ message['role'] }}|>\n {{ message['content'] }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
 _WORDS = (
@@ -69,13 +86,15 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
 
     flavor "qwen": Qwen2-style specials and chat template, eos <|im_end|>, pad <|endoftext|>, no bos.
     flavor "llama3": Llama-3 specials and chat template, bos <|begin_of_text|>, eos <|eot_id|>.
+    flavor "glm4": GLM-4 specials first (<|endoftext|> = id 0: eos and pad) and chat template; encodings start with
+    [gMASK]<sop>, as glm-4-9b-chat-hf's tokenizer.json does.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    specials = QWEN_SPECIALS + LLAMA3_SPECIALS
+    specials = GLM4_SPECIALS if flavor == "glm4" else QWEN_SPECIALS + LLAMA3_SPECIALS
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -102,10 +121,66 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
             pad_token="<|end_of_text|>",
             chat_template=LLAMA3_CHAT_TEMPLATE,
         )
+    elif flavor == "glm4":
+        tok.post_processor = processors.TemplateProcessing(
+            single="[gMASK] <sop> $A", pair="[gMASK] <sop> $A $B",
+            special_tokens=[(t, tok.token_to_id(t)) for t in ("[gMASK]", "<sop>")])
+        kwargs = dict(eos_token="<|endoftext|>", pad_token="<|endoftext|>", chat_template=GLM4_CHAT_TEMPLATE)
     else:
         raise ValueError(f"unknown tokenizer flavor {flavor!r}")
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=4096, **kwargs)
     fast.save_pretrained(str(out))
+    return out
+
+
+def make_remote_glm_tokenizer(out_dir: str | Path, kind: str = "glm4", vocab_size: int = 400) -> Path:
+    """The tokenizer files of an original GLM checkpoint, whose tokenizer is remote code: a tokenizer.model trained
+    here plus tokenizer_config.json (tokenizer class, chat template; no tokenizer.json).
+
+    kind "chatglm3": a SentencePiece BPE model with ChatGLM3's settings (byte fallback, dummy prefix, identity
+    normalization); needs the sentencepiece package. kind "glm4": a tiktoken-style file (`<base64 bytes> <rank>`
+    lines) of a byte-level BPE trained with `tokenizers`, GLM-4's special tokens after it."""
+    import base64
+    import io
+
+    from ascendfactory.data.tokenizer import GLM4_SPECIALS
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = {"model_max_length": 4096, "padding_side": "left", "clean_up_tokenization_spaces": False}
+    if kind == "chatglm3":
+        import sentencepiece as spm
+
+        buf = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(corpus_text()), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+            byte_fallback=True, split_digits=True, normalization_rule_name="identity", add_dummy_prefix=True,
+            remove_extra_whitespaces=False, hard_vocab_limit=False, minloglevel=2)
+        (out / "tokenizer.model").write_bytes(buf.getvalue())
+        cfg.update(tokenizer_class="ChatGLMTokenizer", chat_template=CHATGLM3_CHAT_TEMPLATE,
+                   auto_map={"AutoTokenizer": ["tokenization_chatglm.ChatGLMTokenizer", None]})
+    elif kind == "glm4":
+        from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.train_from_iterator(corpus_text(), trainer=trainers.BpeTrainer(
+            vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+        to_byte = {c: b for b, c in bytes_to_unicode().items()}
+        ranks = [bytes([b]) for b in range(256)]  # one rank per byte, then one per merge in training order
+        for a, b in json.loads(tok.to_str())["model"]["merges"]:
+            ranks.append(bytes(to_byte[c] for c in a + b))
+        (out / "tokenizer.model").write_text(
+            "".join(f"{base64.b64encode(t).decode()} {r}\n" for r, t in enumerate(ranks)), encoding="utf-8")
+        cfg.update(tokenizer_class="ChatGLM4Tokenizer", chat_template=GLM4_CHAT_TEMPLATE,
+                   eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                   added_tokens_decoder={str(len(ranks) + k): {"content": t, "special": True}
+                                         for k, t in enumerate(GLM4_SPECIALS)},
+                   auto_map={"AutoTokenizer": ["tokenization_chatglm.ChatGLM4Tokenizer", None]})
+    else:
+        raise ValueError(f"unknown GLM tokenizer kind {kind!r}")
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2), encoding="utf-8")
     return out
 
 

@@ -14,6 +14,7 @@ from ascendfactory import ckpt_layout
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import LORA_TARGETS
+from ascendfactory.convert import chatglm
 from ascendfactory.convert.families import hf_linear_owners
 from ascendfactory.data.handlers import HANDLERS
 from ascendfactory.data.templates import PROMPT_TYPES
@@ -173,6 +174,9 @@ def _check_model(cfg, layer_list, r: Report) -> None:
     source = config_path(cfg.model_name_or_path)
     try:
         mc = load_config_json(cfg.model_name_or_path)
+        kv_key = "num_key_value_heads"
+        if chatglm.is_chatglm(mc):  # the original GLM layout: its kv groups are multi_query_group_num
+            mc, kv_key = chatglm.glm_config(mc), "multi_query_group_num"
         heads = positive_int(mc, "num_attention_heads", str(source))
         kv = positive_int(mc, "num_key_value_heads", str(source), default=heads)
         layers = positive_int(mc, "num_hidden_layers", str(source))
@@ -190,7 +194,7 @@ def _check_model(cfg, layer_list, r: Report) -> None:
         r.problems.append(f"tensor_model_parallel_size ({tp}) x context_parallel_size ({cp}) = {tp * cp} must "
                           f"divide num_attention_heads ({heads}, from {cfg.model_name_or_path}/config.json)")
     if kv % tp:
-        r.problems.append(f"num_key_value_heads ({kv}, from {cfg.model_name_or_path}/config.json) must be "
+        r.problems.append(f"{kv_key} ({kv}, from {cfg.model_name_or_path}/config.json) must be "
                           f"divisible by tensor_model_parallel_size ({tp})")
     if layer_list is not None:
         if sum(layer_list) != layers:

@@ -109,6 +109,7 @@ class Family:
     mlp: str = "swiglu"
     rope_percent: float = 1.0  # fraction of each head dim that rotates (megatron-core rotary_percent)
     rope_interleaved: bool = False  # rotate pairs (x[..., 0::2], x[..., 1::2]) instead of halves
+    post_norms: bool = False  # a norm on each sub-layer's output before the residual add (GLM-4-0414)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -123,6 +124,27 @@ FAMILIES = (
     Family(("Qwen3ForCausalLM",), COMMON + QKV_BIAS + QK_NORM, qkv_bias_key="attention_bias", qk_norm=True,
            tiny=Tiny("qwen3", "Qwen3Config", "qwen", config={"head_dim": 16}, tests={"dtype": "bfloat16"})),
     Family(("MistralForCausalLM",), COMMON, tiny=Tiny("mistral", "MistralConfig", "llama3")),
+)
+
+# GLM (SPEC.md section 9): q/k/v bias, one fused gate_up_proj [2F, H] (gate rows first), half-head interleaved RoPE.
+# The original remote-code layout (model_type chatglm) reads and writes through convert/chatglm.py onto GLM's names.
+_GLM_MLP = "model.layers.{i}.mlp"
+GLM_TABLE = tuple(
+    Rule(r.mg, (f"{_GLM_MLP}.gate_up_proj.weight",), r.kind) if r.kind is FUSED_GATE_UP else r for r in COMMON
+) + QKV_BIAS
+GLM4_POST_NORMS = (
+    Rule("decoder.layers.{j}.post_self_attn_layernorm.weight", ("model.layers.{i}.post_self_attn_layernorm.weight",),
+         REPLICATED),
+    Rule("decoder.layers.{j}.post_mlp_layernorm.weight", ("model.layers.{i}.post_mlp_layernorm.weight",), REPLICATED),
+)
+# The tiny GLM models: a GLM-4 tokenizer (special tokens first, so <|endoftext|> is id 0) and GLM's head dim.
+_GLM_TINY = {"head_dim": 16, "pad_token_id": 0, "eos_token_id": 0}
+_GLM_TRAITS = dict(qkv_bias=True, qkv_bias_key="attention_bias", rope_percent=0.5, rope_interleaved=True)
+
+FAMILIES += (
+    Family(("GlmForCausalLM",), GLM_TABLE, tiny=Tiny("glm", "GlmConfig", "glm4", config=_GLM_TINY), **_GLM_TRAITS),
+    Family(("Glm4ForCausalLM",), GLM_TABLE + GLM4_POST_NORMS, post_norms=True,
+           tiny=Tiny("glm4", "Glm4Config", "glm4", config=_GLM_TINY, tests={"dtype": "bfloat16"}), **_GLM_TRAITS),
 )
 
 ARCHITECTURES: dict[str, Family] = {a: fam for fam in FAMILIES for a in fam.architectures}
@@ -158,11 +180,15 @@ HF_SHAPES: dict[str, tuple] = {
     "model.layers.{i}.mlp.gate_proj.weight": (_F, _H),
     "model.layers.{i}.mlp.up_proj.weight": (_F, _H),
     "model.layers.{i}.mlp.down_proj.weight": (_H, _F),
+    "model.layers.{i}.mlp.gate_up_proj.weight": ("gate_up_dim", _H),
+    "model.layers.{i}.post_self_attn_layernorm.weight": (_H,),
+    "model.layers.{i}.post_mlp_layernorm.weight": (_H,),
 }
 
 
 def hf_shape(template: str, facts: ModelFacts) -> tuple[int, ...]:
-    dims = {"q_dim": facts.num_heads * facts.head_dim, "kv_dim": facts.num_kv_heads * facts.head_dim}
+    dims = {"q_dim": facts.num_heads * facts.head_dim, "kv_dim": facts.num_kv_heads * facts.head_dim,
+            "gate_up_dim": 2 * facts.ffn_hidden_size}
     return tuple(dims[d] if d in dims else getattr(facts, d) for d in HF_SHAPES[template])
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ascendfactory.ckpt_layout import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
+from ascendfactory.convert.chatglm import open_reader
 from ascendfactory.convert.families import Rule, hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
@@ -45,7 +46,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
     if up_to_date(mg_dir, fp, flag, replace_ours, lambda d: conversion_complete(d, layout)):
         log.say(f"{mg_dir} already holds this conversion; nothing to do")
         return False
-    read = SafetensorsReader(hf_dir)
+    read = open_reader(hf_dir, facts)
     rules = rules_for(facts, pp)
     _check_source(read, hf_dir, facts, rules, layout)
     cast = torch_dtype(dtype)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan, is_chatglm_dir
 from ascendfactory.convert.families import hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
@@ -74,8 +75,13 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     rules = [r for r in rules_for(facts, ck.pp) if r.to_hf]
     items = [it for p in range(ck.pp) for it in stage_items(rules, layout, p)]
     plan = [(n, hf_shape(t, facts)) for rule, _, names in items for t, n in zip(rule.hf, names)]
+    chatglm = is_chatglm_dir(hf_config_dir)  # export in the layout the model came in
     with disk_full_as_error(f"{flag} {hf_dir}"), staged(hf_dir, fp) as tmp:
-        writer = ShardedWriter(tmp, plan, out_dtype, size)
+        if chatglm:
+            writer = ChatGLMWriter(ShardedWriter(tmp, chatglm_plan(plan, hf_config_dir), out_dtype, size),
+                                   hf_config_dir)
+        else:
+            writer = ShardedWriter(tmp, plan, out_dtype, size)
         n_done = 0
         for p in range(ck.pp):
             # One group per layer (and per embedding / final norm / output layer): bounded memory.

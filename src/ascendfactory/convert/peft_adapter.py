@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 
+from ascendfactory.convert import chatglm
 from ascendfactory.convert.families import rules_for, stage_items
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
 from ascendfactory.convert.layout import Layout
@@ -41,6 +42,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
         log.say(f"{out_dir} already holds this adapter; nothing to do")
         return False
     layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    chatglm_layout = chatglm.is_chatglm_dir(hf_config_dir)
     tensors, modules = {}, set()
     for p in range(ck.pp):
         states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]
@@ -50,6 +52,8 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
                 continue
             pairs = rule.kind.split_adapter(names, [sd[stem + LORA_A] for sd in states],
                                             [sd[stem + LORA_B] for sd in states], facts)
+            if chatglm_layout:  # the adapter goes on the model as it came, under its own linear names
+                pairs = chatglm.adapter_pairs(pairs)
             for name, (a, b) in pairs.items():
                 module = name.removesuffix(".weight")
                 # clones: the fused A is every split linear's own A, and safetensors stores no shared memory

@@ -33,7 +33,12 @@ def reference_logits(hf_dir, dtype: str | None = None, n_tokens: int = 12, batch
 
     from ascendfactory.convert.layout import torch_dtype
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    from ascendfactory.convert import chatglm
+
+    if chatglm.is_chatglm_dir(hf_dir):  # its own modeling code is remote code: GLM's with the same weights
+        model = chatglm.glm_model(hf_dir)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     if dtype:
         model.to(torch_dtype(dtype)).float()
     model.eval()

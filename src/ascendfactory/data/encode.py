@@ -126,6 +126,10 @@ def _spans_by_offsets(enc, spans) -> list[tuple[int, int]]:
         a = next((t for c in range(start, end) if (t := enc.char_to_token(c)) is not None), None)
         if a is not None:
             b = next(t for c in range(end - 1, start - 1, -1) if (t := enc.char_to_token(c)) is not None)
+            # char_to_token names the first of the tokens sharing a character (SentencePiece's byte fallback
+            # spells one character as several byte tokens): take the rest of them too
+            while b + 1 < len(enc.offsets) and enc.offsets[b + 1][0] < end:
+                b += 1
             out.append((a, b + 1))
     return out
 

@@ -17,7 +17,7 @@ from ascendfactory.data.names import FLAGS
 from ascendfactory.data.tokenizer import TokenizerInfo
 from ascendfactory.errors import UserError
 
-PROMPT_TYPES = ("auto", "qwen", "llama3", "llama2", "mistral", "empty")
+PROMPT_TYPES = ("auto", "qwen", "llama3", "llama2", "mistral", "empty", "chatglm3", "glm4")
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 ALPACA_PROMPT = (
@@ -115,6 +115,25 @@ def _mistral(conv: Conversation, tok: TokenizerInfo):
             yield c + tok.eos_token, True
 
 
+def _glm(prefix: str, sep: str):
+    """ChatGLM3 / GLM-4: a prefix, then `<|role|>` + sep + content per message, as their chat templates render
+    (no end-of-turn token: the next role token ends a turn). The assistant content is what is supervised."""
+
+    def render(conv: Conversation, tok: TokenizerInfo):
+        yield prefix, False
+        system = _system_with_tools(conv)
+        if system:
+            yield f"<|system|>{sep}{system}", False
+        for role, c in conv.turns:
+            if role in ("user", "observation"):
+                yield f"<|{role}|>{sep}{c}", False
+            else:
+                yield f"<|assistant|>{sep}", False
+                yield c, True
+
+    return render
+
+
 def _empty(conv: Conversation, tok: TokenizerInfo):
     if conv.system:
         yield conv.system, False
@@ -136,7 +155,9 @@ def _alpaca_legacy(conv: Conversation, tok: TokenizerInfo):
 
 
 _BUILTIN = {"qwen": _qwen, "llama3": _llama3, "llama2": _llama2, "mistral": _mistral, "empty": _empty,
-            "alpaca": _alpaca_legacy}
+            "alpaca": _alpaca_legacy,
+            # ChatGLM3's SentencePiece dummy prefix shows as the space after "\n" in its template
+            "chatglm3": _glm("[gMASK]sop", "\n "), "glm4": _glm("[gMASK]<sop>", "\n")}
 
 
 def _join(pieces) -> tuple[str, list[tuple[int, int]]]:

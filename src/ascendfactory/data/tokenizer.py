@@ -37,18 +37,144 @@ class TokenizerInfo:
     chat_template: str | None
 
 
+# The original GLM checkpoints' tokenizers are remote code (never run here): their special tokens follow the
+# tokenizer.model pieces, in this order (ChatGLM3's SPTokenizer; glm-4-9b's tokenizer_config.json).
+CHATGLM3_SPECIALS = ("[MASK]", "[gMASK]", "[sMASK]", "sop", "eop", "<|system|>", "<|user|>", "<|assistant|>",
+                     "<|observation|>")
+GLM4_SPECIALS = ("<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                 "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>", "<|begin_of_video|>",
+                 "<|end_of_video|>")
+_REMOTE_TOKENIZERS = ("ChatGLMTokenizer", "ChatGLM4Tokenizer")
+# glm-4-9b's tiktoken split pattern (ChatGLM4Tokenizer.pat_str)
+GLM4_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); restore the model's file") from None
+
+
+def remote_glm_tokenizer(path: str | Path) -> bool:
+    """An original GLM checkpoint whose tokenizer is remote code: no tokenizer.json, a ChatGLM tokenizer class."""
+    d = Path(path)
+    if (d / "tokenizer.json").is_file():
+        return False
+    tcfg = _json(d / "tokenizer_config.json")
+    names = [tcfg.get("tokenizer_class") or ""] + [str(v) for v in (tcfg.get("auto_map") or {}).values()]
+    from ascendfactory.convert.chatglm import is_chatglm
+
+    return any(r in n for n in names for r in _REMOTE_TOKENIZERS) or is_chatglm(_json(d / "config.json"))
+
+
+def _is_tiktoken(model_file: Path) -> bool:
+    """glm-4-9b's tokenizer.model is text lines `<base64 token> <rank>`; ChatGLM3's is a SentencePiece protobuf."""
+    import re
+
+    with model_file.open("rb") as f:
+        return re.fullmatch(rb"[A-Za-z0-9+/=]+ \d+\s*", f.readline()) is not None
+
+
+def _tiktoken_ranks(model_file: Path) -> dict[bytes, int]:
+    import base64
+
+    ranks = {}
+    for line in model_file.read_bytes().splitlines():
+        if line.strip():
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def _specials(tcfg: dict, default: tuple[str, ...], first_id: int) -> list[str]:
+    """The special tokens in id order from first_id: tokenizer_config.json's added_tokens_decoder, else `default`."""
+    added = {int(i): t["content"] for i, t in (tcfg.get("added_tokens_decoder") or {}).items() if int(i) >= first_id}
+    return [added[i] for i in sorted(added)] if added else list(default)
+
+
+def glm_fast_tokenizer(path: str | Path):
+    """A transformers fast tokenizer equal to an original GLM checkpoint's remote-code one, built from its
+    tokenizer.model with transformers' converters: ChatGLM3 (SentencePiece; encodings start with [gMASK]sop) or
+    glm-4-9b (tiktoken ranks; encodings start with [gMASK]<sop>), special tokens at their original ids."""
+    from tokenizers import AddedToken, processors
+    from transformers import PreTrainedTokenizerFast
+
+    d = Path(path)
+    model_file = d / "tokenizer.model"
+    if not model_file.is_file():
+        raise UserError(f"{model_file}: not found; this GLM checkpoint's tokenizer is built from its tokenizer.model "
+                        "(or give a tokenizer.json): copy the model's tokenizer files into this folder")
+    tcfg = _json(d / "tokenizer_config.json")
+    if _is_tiktoken(model_file):
+        from transformers.convert_slow_tokenizer import TikTokenConverter
+
+        ranks = _tiktoken_ranks(model_file)
+        n = len(ranks)  # entries of tokenizer.model: the special tokens' ids follow
+        specials = _specials(tcfg, GLM4_SPECIALS, n)
+
+        class _Ranks(TikTokenConverter):  # the ranks above: no tiktoken package needed to read the file
+            @staticmethod
+            def load_tiktoken_bpe(_):
+                return ranks
+
+        tok = _Ranks(str(model_file), pattern=GLM4_PATTERN).converted()
+        prefix, eos, pad = ("[gMASK]", "<sop>"), "<|endoftext|>", "<|endoftext|>"
+        post = [processors.ByteLevel(trim_offsets=False)]
+    else:
+        from transformers.convert_slow_tokenizer import SpmConverter, import_protobuf
+
+        proto = import_protobuf().ModelProto()
+        try:
+            proto.ParseFromString(model_file.read_bytes())
+        except Exception as e:  # protobuf's DecodeError
+            raise UserError(f"{model_file}: not a SentencePiece or tiktoken model ({e}); restore the file") from None
+        # legacy: every text piece between special tokens gets SentencePiece's dummy prefix, as the original
+        # tokenizer encodes each piece on its own
+        tok = SpmConverter.build_tokenizer_from_spm_proto(
+            proto, {p.piece: i for i, p in enumerate(proto.pieces)}, legacy=True)
+        n = len(proto.pieces)
+        specials = list(CHATGLM3_SPECIALS)  # fixed by its remote code (SPTokenizer), whatever its config lists
+        prefix = ("[gMASK]", "sop")
+        eos, pad = proto.pieces[proto.trainer_spec.eos_id].piece, proto.pieces[proto.trainer_spec.unk_id].piece
+        post = []
+    # "sop" / "eop" are plain words too: matched only as a whole word ("[gMASK]sop<|user|>" still is one)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False, single_word=t.isalpha())
+                            for t in specials])
+    wrong = [t for k, t in enumerate(specials) if tok.token_to_id(t) != n + k]
+    if wrong:
+        raise UserError(f"{d / 'tokenizer_config.json'}: special token {wrong[0]} does not follow the "
+                        f"{n} tokenizer.model entries; restore the model's tokenizer files")
+    tok.post_processor = processors.Sequence(post + [processors.TemplateProcessing(
+        single=" ".join(prefix) + " $A", pair=" ".join(prefix) + " $A $B",
+        special_tokens=[(t, tok.token_to_id(t)) for t in prefix])])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, pad_token=pad,
+                                   chat_template=tcfg.get("chat_template"))
+
+
+def hf_tokenizer(path: str | Path):
+    """The model folder's transformers tokenizer; for an original GLM checkpoint, the equivalent fast tokenizer
+    built from its tokenizer.model (no remote code, no hand edits)."""
+    if remote_glm_tokenizer(path):
+        return glm_fast_tokenizer(path)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path))
+
+
 def load_tokenizer(path: str, key: str = "--tokenizer-name-or-path") -> TokenizerInfo:
     """key: how messages name the path (the flag, or model_name_or_path under `train`)."""
     if not Path(path).is_dir():
         raise UserError(f"{key} {path}: not a folder; give the model folder holding tokenizer files")
-    if not tokenizer_files(path):
+    if not tokenizer_files(path) and not remote_glm_tokenizer(path):  # GLM's names its own missing file
         # transformers may still build an empty tokenizer from config.json alone: every sample would be 0 tokens.
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges, "
                         "tokenizer.model); copy the model's tokenizer files into this folder")
-    from transformers import AutoTokenizer
-
     try:
-        tok = AutoTokenizer.from_pretrained(path)
+        tok = hf_tokenizer(path)
+    except UserError:
+        raise
     except Exception as e:  # transformers raises many kinds for unreadable folders
         raise UserError(f"{path}: cannot load a tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
                         ) from None

@@ -35,9 +35,9 @@ class _EodTokenizer:
 
 
 def eod_id(model_dir: str) -> int:
-    from transformers import AutoTokenizer
+    from ascendfactory.data.tokenizer import hf_tokenizer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok = hf_tokenizer(model_dir)
     eod = tok.eos_token_id if tok.eos_token_id is not None else tok.pad_token_id
     if eod is None:
         raise UserError(f"{model_dir}: tokenizer has neither eos_token nor pad_token; set eos_token")

@@ -104,9 +104,38 @@ class RMSNorm(torch.nn.RMSNorm):
         self.weight.sequence_parallel = config.sequence_parallel
 
 
-def local_block_spec(config, qk_norm: bool):
+def _post_normed(bda, norm):
+    """A bias-dropout-add getter that normalizes the sub-layer's output first: x + dropout(norm(out)).
+    The local spec's linears have no bias (add_bias_linear=False), so the norm sees the whole output."""
+
+    def get(training: bool, fused: bool):
+        add = bda(training, fused)
+        return lambda out_bias, residual, prob: add((norm(out_bias[0]), out_bias[1]), residual, prob)
+
+    return get
+
+
+def post_norm_layer():
+    """megatron-core's TransformerLayer plus GLM-4-0414's post_self_attn_layernorm / post_mlp_layernorm (a norm on
+    each sub-layer's output before its residual add), applied inside the layer's own bias-dropout-add steps."""
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    class PostNormTransformerLayer(TransformerLayer):
+        def __init__(self, config, submodules, *args, **kwargs):
+            super().__init__(config, submodules, *args, **kwargs)
+            norm = {"RMSNorm": RMSNorm}[config.normalization]
+            self.post_self_attn_layernorm = norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+            self.post_mlp_layernorm = norm(config, config.hidden_size, eps=config.layernorm_epsilon)
+            self.self_attn_bda = _post_normed(self.self_attn_bda, self.post_self_attn_layernorm)
+            self.mlp_bda = _post_normed(self.mlp_bda, self.post_mlp_layernorm)
+
+    return PostNormTransformerLayer
+
+
+def local_block_spec(config, qk_norm: bool, post_norms: bool = False):
     """megatron-core's local layer spec with the config's norm (RMSNorm above) for every norm, SDPA core attention
-    and the SwiGLU MLP (same parameter names; other MLP configs take megatron-core's path)."""
+    and the SwiGLU MLP (same parameter names; other MLP configs take megatron-core's path); post_norms: the
+    layer adds GLM-4-0414's two post-sub-layer norms."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -129,6 +158,8 @@ def local_block_spec(config, qk_norm: bool):
     layer = replace(layer, submodules=replace(layer.submodules, input_layernorm=norm, pre_mlp_layernorm=norm,
                                               self_attention=replace(attn, submodules=attn_sub),
                                               mlp=replace(layer.submodules.mlp, module=SwiGLUMLP)))
+    if post_norms:
+        layer = replace(layer, module=post_norm_layer())
     n = get_num_layers_to_build(config)  # this process's pipeline stage
     return ModuleSpec(module=TransformerBlock,
                       submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm))
@@ -159,7 +190,7 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
     check_trainable(facts)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=local_block_spec(config, facts.qk_norm),
+        transformer_layer_spec=local_block_spec(config, facts.qk_norm, facts.family.post_norms),
         vocab_size=vocab_size or facts.vocab_size,
         max_sequence_length=max_sequence_length or facts.max_position_embeddings,
         pre_process=pre_process,
