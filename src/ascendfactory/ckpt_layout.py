@@ -65,6 +65,13 @@ def layout_of(iter_path: str | Path, expert_parallel: bool = False) -> tuple[int
     return max(tps) + 1, max(pps) + 1, max(eps) + 1
 
 
+def lone_suffix(iter_path: str | Path) -> bool:
+    """mp_rank_00_000 without mp_rank_00_000_000: the suffix is a PP rank or an EP rank (layout_of), which only
+    the checkpoint's args tell (mgckpt.expert_parallel)."""
+    p = Path(iter_path)
+    return (p / "mp_rank_00_000").is_dir() and not (p / "mp_rank_00_000_000").is_dir()
+
+
 def read_tracker(ckpt_dir: str | Path) -> int:
     """The iteration named by the tracker file; UserError naming the file when absent or bad."""
     path = Path(ckpt_dir) / TRACKER

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt_layout import MODEL_FILE, iter_dir_name, layout_of, rank_file, read_tracker
+from ascendfactory.ckpt_layout import MODEL_FILE, iter_dir_name, layout_of, lone_suffix, rank_file, read_tracker
 from ascendfactory.convert.lora import without_adapters
 from ascendfactory.errors import UserError
 
@@ -95,7 +95,7 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
     it_dir = mg_dir / iter_dir_name(it)
     if not it_dir.is_dir():
         raise UserError(f"{it_dir}: iteration folder missing; pick an iteration that exists in {mg_dir}")
-    tp, pp, ep = layout_of(it_dir, expert_parallel=_expert_parallel(it_dir))
+    tp, pp, ep = layout_of(it_dir, expert_parallel=expert_parallel(it_dir))
     for p in range(pp):
         for t in range(tp):
             for e in range(ep):
@@ -126,10 +126,10 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
     )
 
 
-def _expert_parallel(it_dir: Path) -> bool:
+def expert_parallel(it_dir: str | Path) -> bool:
     """Whether a lone folder suffix (mp_rank_00_001) is an EP rank: the args of mp_rank_00_000 say (their
     expert_model_parallel_size), read only when the folder names leave it open."""
-    first = it_dir / "mp_rank_00_000" / MODEL_FILE
-    if not first.is_file() or (it_dir / "mp_rank_00_000_000").is_dir():
+    first = Path(it_dir) / "mp_rank_00_000" / MODEL_FILE
+    if not lone_suffix(it_dir) or not first.is_file():
         return False
     return int(rank_args(first).get("expert_model_parallel_size") or 1) > 1
