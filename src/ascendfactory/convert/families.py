@@ -245,7 +245,7 @@ def rules_for(facts: ModelFacts, pp: int) -> list[Rule]:
     return [r for r in facts.family.table if r.when is None or WHEN[r.when](facts, pp)]
 
 
-def _is_expert(rule: Rule) -> bool:
+def is_expert(rule: Rule) -> bool:
     return "{e}" in rule.mg
 
 
@@ -265,7 +265,7 @@ def stage_items(rules: list[Rule], layout, pp_rank: int, *, experts: int = 0, ep
         i = first + j
         kind = MOE if i in moe_layers else DENSE
         here = (r for r in rules if r.scope == LAYER and r.layers in (None, kind))
-        for expert, run in groupby(here, key=_is_expert):
+        for expert, run in groupby(here, key=is_expert):
             run = list(run)
             for k in range(per_rank) if expert else (None,):
                 e = None if k is None else ep_rank * per_rank + k
@@ -289,7 +289,7 @@ def merged_items(facts: ModelFacts, rules: list[Rule], layout, pp_rank: int):
     k = 0
     while k < len(ranks[0]):  # every EP rank's list has the same rows at the same positions
         end = k
-        while end < len(ranks[0]) and _is_expert(ranks[0][end][0]):
+        while end < len(ranks[0]) and is_expert(ranks[0][end][0]):
             end += 1
         if end == k:
             yield (0, *ranks[0][k])

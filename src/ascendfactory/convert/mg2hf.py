@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.convert.families import hf_shape, merged_items, rules_for
+from ascendfactory.convert.families import hf_shape, is_expert, merged_items, rules_for
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
 from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
@@ -78,12 +78,13 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
         writer = ShardedWriter(tmp, plan, out_dtype, size)
         n_done = 0
         for p in range(ck.pp):
-            # One group per layer (and per embedding / final norm / output layer): bounded memory, whatever the
-            # number of layers or experts (rank files are memory-mapped; one merged tensor at a time).
-            for _, group in groupby(merged_items(facts, rules, layout, p), key=lambda it: it[2].split(".")[:3]):
-                states = [[model_state(ck.file(t, p, e)) for t in range(ck.tp)] for e in range(ck.ep)]
-                for e, rule, mg_name, names in group:
-                    for name, tensor in _merged(rule, mg_name, names, states[e], ck, p, e, facts,
+            # One group per layer's non-expert tensors, per expert, per embedding / final norm / output layer:
+            # the rank files are memory-mapped and dropped after each group, so memory stays bounded whatever
+            # the number of layers or experts.
+            for (e, _), group in groupby(merged_items(facts, rules, layout, p), key=_group):
+                states = [model_state(ck.file(t, p, e)) for t in range(ck.tp)]
+                for _, rule, mg_name, names in group:
+                    for name, tensor in _merged(rule, mg_name, names, states, ck, p, e, facts,
                                                 hf_config_dir).items():
                         writer.write(name, tensor)
                         n_done += 1
@@ -95,6 +96,12 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     log.say(f"wrote {hf_dir} ({len(files)} safetensors files, {writer.total / 2**30:.2f} GiB, "
             f"from {ck.describe()} iteration {ck.iteration}) in {log.elapsed():.1f} s")
     return True
+
+
+def _group(item) -> tuple[int, list[str]]:
+    """(EP rank, decoder.layers.{j}[.mlp.experts.local_experts.{k}]) of a merged_items entry."""
+    ep_rank, rule, mg_name, _ = item
+    return ep_rank, mg_name.split(".")[:7 if is_expert(rule) else 3]
 
 
 def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
