@@ -201,7 +201,8 @@ def test_plan_shows_ep_and_expert_dp(run_cfg):
 
 
 @pytest.mark.parametrize("exp,nproc,want", [
-    ({"expert_model_parallel_size": 3, "global_batch_size": 3}, 3, "expert_model_parallel_size (3) must divide num_experts (4, from "),
+    ({"expert_model_parallel_size": 3, "global_batch_size": 3}, 3,
+     "expert_model_parallel_size (3) must divide num_experts (4, from "),
     ({"expert_model_parallel_size": 4}, 2, "expert_model_parallel_size (4) must divide data-parallel size x "
                                            "context_parallel_size (2 x 1 = 2)"),
     ({"expert_model_parallel_size": 0}, 2, "expert_model_parallel_size = 0: must be at least 1"),

@@ -76,6 +76,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                         f"in {time.time() - t0:.1f} s")
                 del sd
         write_tracker(tmp, ITERATION)
-    log.say(f"wrote {mg_dir} (TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}, layers {list(layout.layers)}, vocab {facts.vocab_size}"
+    ep_part = f" EP{ep}" if ep > 1 else ""
+    log.say(f"wrote {mg_dir} (TP{tp} PP{pp}{ep_part}, layers {list(layout.layers)}, vocab {facts.vocab_size}"
             f"->{layout.padded_vocab_size}) in {log.elapsed():.1f} s")
     return True

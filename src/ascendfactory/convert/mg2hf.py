@@ -113,5 +113,5 @@ def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: Checkp
     try:
         return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, facts.vocab_size)
     except RuntimeError as e:  # shapes that do not fit the config's heads / sizes
-        raise UserError(f"{ck.file(0, pp_rank, ep_rank)}: tensor {mg_name} does not fit {config_dir}/config.json ({e}); "
-                        f"pass the config of the trained model") from None
+        raise UserError(f"{ck.file(0, pp_rank, ep_rank)}: tensor {mg_name} does not fit {config_dir}/config.json "
+                        f"({e}); pass the config of the trained model") from None
