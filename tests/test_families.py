@@ -194,9 +194,10 @@ def test_registry_records_match_their_tiny_models():
         assert facts.family is fam and ARCHITECTURES[facts.architecture] is fam
         assert (facts.qkv_bias, facts.qk_norm) == (fam.qkv_bias, fam.qk_norm)
         linears = {h.split(".")[-2] for r in fam.table if r.scope == LAYER and r.kind.lora for h in r.hf}
-        # GLM's HF MLP holds gate and up in one gate_up_proj
+        # GLM's HF MLP holds gate and up in one gate_up_proj; Mixtral's experts are w1 / w2 / w3
         gate_up = {"gate_up_proj"} if "gate_up_proj" in linears else {"gate_proj", "up_proj"}
-        assert linears == {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"} | gate_up
+        moe = {"w1", "w2", "w3"} if fam.architectures[0] == "MixtralForCausalLM" else set()
+        assert linears == {"q_proj", "k_proj", "v_proj", "o_proj", "down_proj"} | gate_up | moe
     assert hf_linear_owners()["gate_proj"] == "linear_fc1" and hf_linear_owners()["o_proj"] == "linear_proj"
     llama = dict(tiny_config("llama").to_dict(), architectures=["LlamaForCausalLM"], attention_bias=True)
     assert facts_from_config(llama).qkv_bias  # Llama's attention_bias key

@@ -13,7 +13,7 @@ from ascendfactory.config.loader import list_experiments, resolve
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "configs" / "modellink_performance_cfgs.yaml"
 LAYOUT_KEYS = {"device", "world_size", "nnodes", "nproc_per_node", "node_rank", "master_addr", "master_port", "tp",
-               "pp", "cp", "dp", "micro_batch_size", "global_batch_size", "num_microbatches"}
+               "pp", "cp", "dp", "micro_batch_size", "global_batch_size", "num_microbatches", "ep", "expert_dp"}
 PATH_KEYS = {"output_dir", "processed_data_dir", "converted_ckpt_dir", "save_dir", "hf_save_dir", "logs_dir"}
 CLEAN_ENV = {k: v for k, v in os.environ.items()
              if k not in ("MA_NUM_HOSTS", "VC_WORKER_NUM", "VC_TASK_INDEX", "VC_WORKER_HOSTS", "MA_NUM_GPUS",

@@ -5,7 +5,6 @@ unchanged."""
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys

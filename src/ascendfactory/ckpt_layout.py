@@ -67,6 +67,13 @@ def layout_of(iter_path: str | Path, expert_parallel: bool = False) -> tuple[int
     return max(tps) + 1, max(pps) + 1, max(eps) + 1
 
 
+def lone_suffix(iter_path: str | Path) -> bool:
+    """mp_rank_00_000 without mp_rank_00_000_000: the suffix is a PP rank or an EP rank (layout_of), which only
+    the checkpoint's args tell (mgckpt.expert_parallel)."""
+    p = Path(iter_path)
+    return (p / "mp_rank_00_000").is_dir() and not (p / "mp_rank_00_000_000").is_dir()
+
+
 def read_tracker(ckpt_dir: str | Path) -> int:
     """The iteration named by the tracker file; UserError naming the file when absent or bad."""
     path = Path(ckpt_dir) / TRACKER
@@ -108,11 +115,15 @@ def write_tracker(ckpt_dir: str | Path, iteration: int) -> None:
 
 
 def checkpoint_args(tp: int, pp: int, num_layer_list: list[int] | None, source_model: str,
-                    architecture: str, vocab_size: int, padded_vocab_size: int, **extra) -> dict:
-    """The `args` entry of every checkpoint file we write: the layout and the source, checked on load."""
+                    architecture: str, vocab_size: int, padded_vocab_size: int, ep: int = 1, num_experts: int = 0,
+                    **extra) -> dict:
+    """The `args` entry of every checkpoint file we write: the layout and the source, checked on load. The EP
+    size is recorded because a lone folder suffix (mp_rank_00_001) is a PP rank or an EP rank (layout_of)."""
     return {
         "tensor_model_parallel_size": tp,
         "pipeline_model_parallel_size": pp,
+        "expert_model_parallel_size": ep,
+        "num_experts": num_experts,
         "num_layer_list": num_layer_list,
         "source_model": source_model,
         "architecture": architecture,

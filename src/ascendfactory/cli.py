@@ -118,6 +118,7 @@ def convert_hf2mg(
     mg_dir: str = typer.Option(..., "--mg-dir"),
     tp: int = typer.Option(1, "--tp"),
     pp: int = typer.Option(1, "--pp"),
+    ep: int = typer.Option(1, "--ep", help="expert parallel size (MoE): each EP rank holds num_experts / EP"),
     num_layer_list: Optional[str] = typer.Option(None, "--num-layer-list",
                                                  help="layers per PP stage, e.g. 6,10 (default: even split)"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the HF dtype)"),
@@ -125,11 +126,11 @@ def convert_hf2mg(
         None, "--make-vocab-size-divisible-by", help="pad the vocab with zero rows to a multiple of N x TP"),
     verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
 ):
-    """HF safetensors -> Megatron TP/PP shards."""
+    """HF safetensors -> Megatron TP/PP(/EP) shards."""
     from ascendfactory.convert.api import hf2mg_command
 
     hf2mg_command(hf_dir=hf_dir, mg_dir=mg_dir, tp=tp, pp=pp, num_layer_list=num_layer_list, dtype=dtype,
-                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, verify=verify)
+                  make_vocab_size_divisible_by=make_vocab_size_divisible_by, verify=verify, ep=ep)
 
 
 @convert_app.command("mg2hf")
@@ -144,7 +145,7 @@ def convert_mg2hf(
     peft_dir: Optional[str] = typer.Option(None, "--peft-dir",
                                            help="a LoRA checkpoint's adapters, also as a PEFT adapter folder here"),
 ):
-    """Megatron checkpoint (any TP/PP) -> HF safetensors (LoRA adapters folded in)."""
+    """Megatron checkpoint (any TP/PP/EP) -> HF safetensors (LoRA adapters folded in)."""
     from ascendfactory.convert.api import mg2hf_command
 
     mg2hf_command(mg_dir=mg_dir, hf_dir=hf_dir, hf_config_dir=hf_config_dir, iteration=iteration, dtype=dtype,

@@ -34,6 +34,15 @@ class ModelFacts:
     qk_norm: bool
     rope_scaling: dict | None = field(default=None, hash=False)
     torch_dtype: str | None = None
+    # Mixture-of-Experts (0 / empty for a dense model): experts per MoE layer, routed per token, one expert's MLP
+    # size, renormalised top-k weights, the shared expert's MLP size, the HF indices of the MoE layers.
+    num_experts: int = 0
+    moe_topk: int = 0
+    moe_ffn_hidden_size: int = 0
+    norm_topk_prob: bool = False
+    shared_expert_size: int = 0
+    moe_layers: tuple[int, ...] = ()
+    router_aux_loss_coef: float = 0.0
 
     @property
     def family(self) -> Family:
@@ -48,6 +57,26 @@ class ModelFacts:
 
 # RoPE variants the training model reproduces (conversion itself is independent of RoPE).
 TRAINABLE_ROPE = (None, "default", "llama3")
+
+
+def _moe_facts(cfg: dict, family: Family, layers: int) -> dict:
+    """The MoE entries of ModelFacts from config.json (Qwen's num_experts, Mixtral's num_local_experts). A layer
+    is MoE unless listed in mlp_only_layers or off the decoder_sparse_step grid, as HF's decoder layers decide."""
+    experts = int(cfg.get("num_experts") or cfg.get("num_local_experts") or 0)
+    if not experts:
+        return {}
+    dense, step = set(cfg.get("mlp_only_layers") or ()), int(cfg.get("decoder_sparse_step") or 1)
+    norm = bool(cfg.get(family.norm_topk_prob_key, family.norm_topk_prob)) if family.norm_topk_prob_key \
+        else family.norm_topk_prob
+    return dict(
+        num_experts=experts,
+        moe_topk=int(cfg["num_experts_per_tok"]),
+        moe_ffn_hidden_size=int(cfg.get("moe_intermediate_size") or cfg["intermediate_size"]),
+        norm_topk_prob=norm,
+        shared_expert_size=int(cfg.get("shared_expert_intermediate_size") or 0),
+        moe_layers=tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0),
+        router_aux_loss_coef=float(cfg.get("router_aux_loss_coef") or 0.0),
+    )
 
 
 def check_trainable(facts: ModelFacts, source: str = "config.json") -> None:
@@ -134,6 +163,7 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
             qk_norm=family.qk_norm,
             rope_scaling=scaling,
             torch_dtype=cfg.get("torch_dtype") or cfg.get("dtype"),
+            **_moe_facts(cfg, family, int(cfg["num_hidden_layers"])),
         )
     except KeyError as e:
         raise UserError(f"{source}: missing key {e.args[0]!r}; is this an HF causal-LM config.json?") from None

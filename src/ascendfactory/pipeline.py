@@ -230,7 +230,8 @@ def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     print(f"cluster     {lay.device}: {lay.nnodes} node(s) x {lay.nproc_per_node} device(s) = world {lay.world_size}"
           f"  node_rank {lay.node_rank}  master {lay.master_addr}:{lay.master_port}  ({lay.source})")
     print(f"parallel    TP {lay.tp}  PP {lay.pp}  CP {lay.cp}  DP {lay.dp}  MBS {lay.micro_batch_size}  "
-          f"GBS {lay.global_batch_size}  micro-batches/step {lay.num_microbatches}")
+          f"GBS {lay.global_batch_size}  micro-batches/step {lay.num_microbatches}  EP {lay.ep}  "
+          f"expert-DP {lay.expert_dp}")
     for s in stages:
         print(f"{s.name:<11} {'run ' if s.run else 'skip'}  {s.reason}")
     for k, v in plan.paths.as_json().items():

@@ -15,6 +15,7 @@ ALIASES = {
     "tp": "tensor_model_parallel_size",
     "pp": "pipeline_model_parallel_size",
     "cp": "context_parallel_size",
+    "ep": "expert_model_parallel_size",
     "mbs": "micro_batch_size",
     "gbs": "global_batch_size",
     "nproc": "nproc_per_node",

@@ -83,7 +83,7 @@ def run_paths(cfg: ExpConfig) -> RunPaths:
         processed_data_dir=Path(cfg.processed_data_dir) if cfg.processed_data_dir else out / "preprocessed_data",
         converted_ckpt_dir=Path(cfg.user_converted_ckpt_path)
         if cfg.user_converted_ckpt_path
-        else out / f"converted_hf2mg_weight_TP{cfg.tp}PP{cfg.pp}",
+        else out / f"converted_hf2mg_weight_TP{cfg.tp}PP{cfg.pp}{f'EP{cfg.ep}' if cfg.ep > 1 else ''}",
         save_dir=out / "saved_checkpoints",
         hf_save_dir=Path(cfg.hf_save_dir) if cfg.hf_save_dir else out / "converted_mg2hf_weight",
         logs_dir=out / "logs",

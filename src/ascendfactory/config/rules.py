@@ -21,7 +21,7 @@ from ascendfactory.data.templates import PROMPT_TYPES
 from ascendfactory.errors import UserError
 from ascendfactory.launch.layout import Layout
 from ascendfactory.launch.torchrun import scripts_dir
-from ascendfactory.modelinfo import config_path, load_config_json, positive_int
+from ascendfactory.modelinfo import config_path, facts_from_config, load_config_json, positive_int
 
 
 def _lora_rules(cfg, bad, warnings: list[str]) -> None:
@@ -135,8 +135,34 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"num_layer_list ({cfg.num_layer_list}) has {len(layer_list)} entries; "
             f"pipeline_model_parallel_size is {pp}")
     _check_model(cfg, layer_list, r)
+    _check_experts(cfg, layout, r)
     _check_checkpoint_layout(cfg, r)
     return r
+
+
+def _check_experts(cfg, layout: Layout, r: Report) -> None:
+    """Expert parallel (SPEC.md section 8): EP ranks split the experts, and split the DP x CP ranks of each
+    TP x PP position (expert TP = TP)."""
+    ep = cfg.ep
+    if ep < 1:
+        r.problems.append(f"expert_model_parallel_size = {ep}: must be at least 1")
+        return
+    if ep > 1 and layout.dp and (layout.dp * cfg.cp) % ep:
+        r.problems.append(f"expert_model_parallel_size ({ep}) must divide data-parallel size x "
+                          f"context_parallel_size ({layout.dp} x {cfg.cp} = {layout.dp * cfg.cp})")
+    try:
+        facts = facts_from_config(load_config_json(cfg.model_name_or_path))
+    except UserError:  # reported by _check_model (unchecked rules, or the unsupported architecture at train)
+        if ep > 1:  # at EP 1 there is nothing to check
+            r.unchecked.append("num_experts divisible by EP")
+        return
+    source = f"{cfg.model_name_or_path}/config.json"
+    if ep > 1 and not facts.num_experts:
+        r.problems.append(f"expert_model_parallel_size = {ep}: {facts.architecture} ({source}) has no experts; "
+                          "set expert_model_parallel_size: 1")
+    elif facts.num_experts % ep:
+        r.problems.append(f"expert_model_parallel_size ({ep}) must divide num_experts ({facts.num_experts}, from "
+                          f"{source})")
 
 
 def warmup_iters(cfg, train_iters: int) -> int:
@@ -215,7 +241,12 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         iter_path = ckpt / ckpt_layout.iter_dir_name(it)
         if not iter_path.is_dir():
             raise UserError(f"{ckpt / ckpt_layout.TRACKER} names iteration {it}, but {iter_path} does not exist")
-        tp, pp, _ = ckpt_layout.layout_of(iter_path)
+        expert_parallel = False
+        if ckpt_layout.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
+            from ascendfactory.convert.mgckpt import expert_parallel as is_ep
+
+            expert_parallel = is_ep(iter_path)
+        tp, pp, ep = ckpt_layout.layout_of(iter_path, expert_parallel=expert_parallel)
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return
@@ -223,3 +254,7 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         r.problems.append(f"user_converted_ckpt_path {ckpt} has TP{tp} PP{pp}, but the run uses "
                           f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}; "
                           "convert again with that layout or change the run's layout")
+    if ep != cfg.ep:
+        r.problems.append(f"user_converted_ckpt_path {ckpt} has EP{ep}, but the run uses "
+                          f"expert_model_parallel_size {cfg.ep}; convert again with --ep {cfg.ep} or set "
+                          f"expert_model_parallel_size: {ep}")

@@ -64,6 +64,12 @@ class ExpConfig(BaseModel):
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = True
     num_layer_list: str | None = None
+    expert_model_parallel_size: int = 1  # MoE: experts split over EP ranks (MindSpeed-LLM's --expert-model-...)
+
+    # Mixture-of-Experts (SPEC.md section 8); ignored for dense models
+    moe_aux_loss_coeff: float | None = None  # load-balancing loss weight; None: config.json's router_aux_loss_coef
+    moe_token_dispatcher_type: Literal["auto", "allgather", "alltoall"] = "auto"  # auto: alltoall on hccl / nccl
+    moe_grouped_gemm: bool | Literal["auto"] = "auto"  # auto: where megatron-core offers it on the device
 
     # batch and length
     micro_batch_size: Size = 4
@@ -139,6 +145,10 @@ class ExpConfig(BaseModel):
     @property
     def cp(self) -> int:
         return self.context_parallel_size
+
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
 
 
 CANONICAL_KEYS = tuple(ExpConfig.model_fields)

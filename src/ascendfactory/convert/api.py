@@ -1,8 +1,8 @@
 """Public entry points of the converter: the two CLI commands and the library functions they wrap.
 
-    hf_to_megatron(hf_dir, mg_dir, tp, pp, ...)        HF safetensors -> Megatron TP/PP shards
+    hf_to_megatron(hf_dir, mg_dir, tp, pp, ..., ep=1)  HF safetensors -> Megatron TP/PP(/EP) shards
     megatron_to_hf(mg_dir, hf_dir, hf_config_dir, ...) Megatron checkpoint (converted or trained) -> HF
-    read_checkpoint_layout(mg_dir, iteration=None)     TP/PP/layers/source/padded vocab of a Megatron folder
+    read_checkpoint_layout(mg_dir, iteration=None)     TP/PP/EP/layers/source/padded vocab of a Megatron folder
     verify_conversion(hf_dir, mg_dir, ...)             HF vs megatron-core logits, raises on a mismatch
     export_peft_adapter(mg_dir, out_dir, hf_config_dir) a LoRA checkpoint's adapters as a PEFT adapter folder
 """
@@ -21,8 +21,8 @@ __all__ = ["hf_to_megatron", "megatron_to_hf", "read_checkpoint_layout", "Checkp
 
 
 def hf2mg_command(hf_dir, mg_dir, tp=1, pp=1, num_layer_list=None, dtype=None, make_vocab_size_divisible_by=None,
-                  verify=False) -> None:
-    hf_to_megatron(hf_dir, mg_dir, tp, pp, num_layer_list, dtype, make_vocab_size_divisible_by)
+                  verify=False, ep=1) -> None:
+    hf_to_megatron(hf_dir, mg_dir, tp, pp, num_layer_list, dtype, make_vocab_size_divisible_by, ep=ep)
     if verify:
         verify_conversion(hf_dir, mg_dir, dtype=dtype_name(dtype))
 

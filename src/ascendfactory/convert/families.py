@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 
 # Where the tensor lives: every layer, the first pipeline stage, or the last one.
 LAYER, FIRST, LAST = "layer", "first", "last"
+# Which layers a LAYER row belongs to, when not all: MoE layers, or the dense ones (mlp_only_layers, ...).
+MOE, DENSE = "moe", "dense"
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,8 @@ class Rule:
     when: str | None = None
     # False for a tensor that duplicates another one (the tied output layer copy): mg2hf skips it.
     to_hf: bool = True
+    # LAYER rows only: MOE rows apply to MoE layers, DENSE rows to the others (every layer of a dense model).
+    layers: str | None = None
 
 
 # Conditions a rule may depend on: (facts, pp) -> bool.
@@ -52,6 +56,7 @@ WHEN = {
     "untied": lambda f, pp: not f.tie_word_embeddings,
     # With tied embeddings the last stage still needs the output weight when it does not hold the embedding.
     "tied_split": lambda f, pp: f.tie_word_embeddings and pp > 1,
+    "shared_expert": lambda f, pp: f.shared_expert_size > 0,
 }
 
 _ATTN = "model.layers.{i}.self_attn"
@@ -66,8 +71,10 @@ COMMON = (
     Rule("decoder.layers.{j}.pre_mlp_layernorm.weight", ("model.layers.{i}.post_attention_layernorm.weight",),
          REPLICATED),
     Rule("decoder.layers.{j}.mlp.linear_fc1.weight", ("model.layers.{i}.mlp.gate_proj.weight",
-                                                      "model.layers.{i}.mlp.up_proj.weight"), FUSED_GATE_UP),
-    Rule("decoder.layers.{j}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), ROW_PARALLEL),
+                                                      "model.layers.{i}.mlp.up_proj.weight"), FUSED_GATE_UP,
+         layers=DENSE),
+    Rule("decoder.layers.{j}.mlp.linear_fc2.weight", ("model.layers.{i}.mlp.down_proj.weight",), ROW_PARALLEL,
+         layers=DENSE),
     Rule("decoder.final_layernorm.weight", ("model.norm.weight",), REPLICATED, LAST),
     Rule("output_layer.weight", ("lm_head.weight",), VOCAB_ROWS, LAST, when="untied"),
     Rule("output_layer.weight", ("model.embed_tokens.weight",), VOCAB_ROWS, LAST, when="tied_split", to_hf=False),
@@ -110,6 +117,9 @@ class Family:
     rope_percent: float = 1.0  # fraction of each head dim that rotates (megatron-core rotary_percent)
     rope_interleaved: bool = False  # rotate pairs (x[..., 0::2], x[..., 1::2]) instead of halves
     post_norms: bool = False  # a norm on each sub-layer's output before the residual add (GLM-4-0414)
+    # MoE: HF renormalises the top-k routing weights when norm_topk_prob (config.json's key, else this default)
+    norm_topk_prob: bool = False
+    norm_topk_prob_key: str | None = None
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -147,6 +157,55 @@ FAMILIES += (
            tiny=Tiny("glm4", "Glm4Config", "glm4", config=_GLM_TINY, tests={"dtype": "bfloat16"}), **_GLM_TRAITS),
 )
 
+# Mixture-of-Experts (SPEC.md section 8): the router replicated; expert e's MLP on EP rank e // (E / EP) as local
+# expert e % (E / EP), TP-split like a dense MLP; Qwen2-MoE's shared expert split like a dense MLP, its gate
+# replicated. Dense layers of an MoE model (mlp_only_layers, decoder_sparse_step) keep COMMON's MLP rows.
+_MG_MOE = "decoder.layers.{j}.mlp"
+_EXP = f"{_MG_MOE}.experts.local_experts.{{e}}"
+
+
+def _moe_rows(hf_moe: str, fc1: tuple[str, str], fc2: str) -> tuple[Rule, ...]:
+    """Router and expert rows of an HF MoE block `hf_moe` whose expert linears are named fc1 (gate, up), fc2."""
+    return (
+        Rule(f"{_MG_MOE}.router.weight", (f"{hf_moe}.gate.weight",), REPLICATED, layers=MOE),
+        Rule(f"{_EXP}.linear_fc1.weight", tuple(f"{hf_moe}.experts.{{e}}.{n}.weight" for n in fc1), FUSED_GATE_UP,
+             layers=MOE),
+        Rule(f"{_EXP}.linear_fc2.weight", (f"{hf_moe}.experts.{{e}}.{fc2}.weight",), ROW_PARALLEL, layers=MOE),
+    )
+
+
+QWEN_MOE = _moe_rows("model.layers.{i}.mlp", ("gate_proj", "up_proj"), "down_proj")
+SHARED_EXPERT = (
+    Rule(f"{_MG_MOE}.shared_experts.linear_fc1.weight", ("model.layers.{i}.mlp.shared_expert.gate_proj.weight",
+                                                        "model.layers.{i}.mlp.shared_expert.up_proj.weight"),
+         FUSED_GATE_UP, when="shared_expert", layers=MOE),
+    Rule(f"{_MG_MOE}.shared_experts.linear_fc2.weight", ("model.layers.{i}.mlp.shared_expert.down_proj.weight",),
+         ROW_PARALLEL, when="shared_expert", layers=MOE),
+    Rule(f"{_MG_MOE}.shared_experts.gate_weight", ("model.layers.{i}.mlp.shared_expert_gate.weight",),
+         REPLICATED, when="shared_expert", layers=MOE),
+)
+MIXTRAL_MOE = _moe_rows("model.layers.{i}.block_sparse_moe", ("w1", "w3"), "w2")
+
+# The tiny MoE test models: 4 experts of MLP size 32, top-2.
+_TINY_MOE = {"moe_intermediate_size": 32, "num_experts_per_tok": 2}
+
+FAMILIES += (
+    # Qwen3-MoE's test model has a dense layer (mlp_only_layers) between MoE ones.
+    Family(("Qwen3MoeForCausalLM",), COMMON + QKV_BIAS + QK_NORM + QWEN_MOE, qkv_bias_key="attention_bias",
+           qk_norm=True, norm_topk_prob_key="norm_topk_prob",
+           tiny=Tiny("qwen3_moe", "Qwen3MoeConfig", "qwen",
+                     config={**_TINY_MOE, "num_experts": 4, "head_dim": 16, "norm_topk_prob": True},
+                     tests={"mlp_only_layers": [1]})),
+    Family(("Qwen2MoeForCausalLM",), COMMON + QKV_BIAS + QWEN_MOE + SHARED_EXPERT, qkv_bias=True,
+           norm_topk_prob_key="norm_topk_prob",
+           tiny=Tiny("qwen2_moe", "Qwen2MoeConfig", "qwen",
+                     config={**_TINY_MOE, "num_experts": 4, "shared_expert_intermediate_size": 48})),
+    # Mixtral's experts have intermediate_size rows; every layer is MoE; top-k always renormalised.
+    Family(("MixtralForCausalLM",), COMMON + MIXTRAL_MOE, norm_topk_prob=True,
+           tiny=Tiny("mixtral", "MixtralConfig", "llama3", config={"num_local_experts": 4, "num_experts_per_tok": 2,
+                                                                   "intermediate_size": 32})),
+)
+
 ARCHITECTURES: dict[str, Family] = {a: fam for fam in FAMILIES for a in fam.architectures}
 
 
@@ -162,6 +221,7 @@ def hf_linear_owners() -> dict[str, str]:
 
 # HF tensor shapes, by name template: checked before converting, and the plan of mg2hf's output files.
 _H, _F, _V = "hidden_size", "ffn_hidden_size", "vocab_size"
+_M, _S = "moe_ffn_hidden_size", "shared_expert_size"
 HF_SHAPES: dict[str, tuple] = {
     "model.embed_tokens.weight": (_V, _H),
     "lm_head.weight": (_V, _H),
@@ -183,13 +243,27 @@ HF_SHAPES: dict[str, tuple] = {
     "model.layers.{i}.mlp.gate_up_proj.weight": ("gate_up_dim", _H),
     "model.layers.{i}.post_self_attn_layernorm.weight": (_H,),
     "model.layers.{i}.post_mlp_layernorm.weight": (_H,),
+    # MoE (the mlp.experts names also cover Qwen2-MoE; Mixtral's block_sparse_moe below)
+    "model.layers.{i}.mlp.gate.weight": ("num_experts", _H),
+    "model.layers.{i}.mlp.experts.{e}.gate_proj.weight": (_M, _H),
+    "model.layers.{i}.mlp.experts.{e}.up_proj.weight": (_M, _H),
+    "model.layers.{i}.mlp.experts.{e}.down_proj.weight": (_H, _M),
+    "model.layers.{i}.mlp.shared_expert.gate_proj.weight": (_S, _H),
+    "model.layers.{i}.mlp.shared_expert.up_proj.weight": (_S, _H),
+    "model.layers.{i}.mlp.shared_expert.down_proj.weight": (_H, _S),
+    "model.layers.{i}.mlp.shared_expert_gate.weight": (1, _H),
+    "model.layers.{i}.block_sparse_moe.gate.weight": ("num_experts", _H),
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w1.weight": (_M, _H),
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w3.weight": (_M, _H),
+    "model.layers.{i}.block_sparse_moe.experts.{e}.w2.weight": (_H, _M),
 }
 
 
 def hf_shape(template: str, facts: ModelFacts) -> tuple[int, ...]:
     dims = {"q_dim": facts.num_heads * facts.head_dim, "kv_dim": facts.num_kv_heads * facts.head_dim,
             "gate_up_dim": 2 * facts.ffn_hidden_size}
-    return tuple(dims[d] if d in dims else getattr(facts, d) for d in HF_SHAPES[template])
+    return tuple(d if isinstance(d, int) else dims[d] if d in dims else getattr(facts, d)
+                 for d in HF_SHAPES[template])
 
 
 def rules_for(facts: ModelFacts, pp: int) -> list[Rule]:
@@ -197,23 +271,27 @@ def rules_for(facts: ModelFacts, pp: int) -> list[Rule]:
     return [r for r in facts.family.table if r.when is None or WHEN[r.when](facts, pp)]
 
 
-def _is_expert(rule: Rule) -> bool:
+def is_expert(rule: Rule) -> bool:
     return "{e}" in rule.mg
 
 
-def stage_items(rules: list[Rule], layout, pp_rank: int, *, experts: int = 0, ep: int = 1, ep_rank: int = 0):
+def stage_items(rules: list[Rule], layout, pp_rank: int, *, experts: int = 0, ep: int = 1, ep_rank: int = 0,
+                moe_layers=()):
     """(rule, megatron name, HF names) held by one pipeline stage (and EP rank), in state-dict order.
 
     Expert rows (`{e}`) are expanded over the `experts // ep` experts of EP rank `ep_rank`: local expert k is
     global expert ep_rank * experts // ep + k; a run of expert rows goes expert by expert, as megatron-core's
-    local experts list their parameters."""
+    local experts list their parameters. MOE rows apply to the HF layers in `moe_layers`, DENSE rows to the
+    others."""
     first = layout.first_layer(pp_rank)
     if pp_rank == 0:
         yield from ((r, r.mg, list(r.hf)) for r in rules if r.scope == FIRST)
     per_rank = experts // ep
     for j in range(layout.layers[pp_rank]):
         i = first + j
-        for expert, run in groupby((r for r in rules if r.scope == LAYER), key=_is_expert):
+        kind = MOE if i in moe_layers else DENSE
+        here = (r for r in rules if r.scope == LAYER and r.layers in (None, kind))
+        for expert, run in groupby(here, key=is_expert):
             run = list(run)
             for k in range(per_rank) if expert else (None,):
                 e = None if k is None else ep_rank * per_rank + k
@@ -221,3 +299,28 @@ def stage_items(rules: list[Rule], layout, pp_rank: int, *, experts: int = 0, ep
                     yield r, r.mg.format(j=j, e=k), [h.format(i=i, e=e) for h in r.hf]
     if pp_rank == layout.pp - 1:
         yield from ((r, r.mg, list(r.hf)) for r in rules if r.scope == LAST)
+
+
+def model_items(facts: ModelFacts, rules: list[Rule], layout, pp_rank: int, ep_rank: int = 0):
+    """stage_items for this model: its experts and MoE layers, at the layout's EP size."""
+    return stage_items(rules, layout, pp_rank, experts=facts.num_experts, ep=layout.ep, ep_rank=ep_rank,
+                       moe_layers=facts.moe_layers)
+
+
+def merged_items(facts: ModelFacts, rules: list[Rule], layout, pp_rank: int):
+    """(EP rank, rule, megatron name, HF names) of one pipeline stage over all its EP ranks, each HF tensor once
+    and in HF order: a non-expert row from EP rank 0 (the others hold copies), a layer's expert rows from every
+    EP rank in turn (global expert order)."""
+    ranks = [list(model_items(facts, rules, layout, pp_rank, e)) for e in range(layout.ep)]
+    k = 0
+    while k < len(ranks[0]):  # every EP rank's list has the same rows at the same positions
+        end = k
+        while end < len(ranks[0]) and is_expert(ranks[0][end][0]):
+            end += 1
+        if end == k:
+            yield (0, *ranks[0][k])
+            k += 1
+            continue
+        for e in range(layout.ep):
+            yield from ((e, *it) for it in ranks[e][k:end])
+        k = end

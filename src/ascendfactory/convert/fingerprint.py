@@ -34,8 +34,9 @@ def fingerprint(source_dir: str | Path, **layout) -> dict:
 
 def conversion_fingerprint(hf_dir, layout: Layout, dtype: str | None) -> dict:
     """hf2mg: the HF source and the target layout."""
+    ep = {"ep": layout.ep} if layout.ep > 1 else {}  # EP 1 fingerprints as before: earlier conversions stay valid
     return fingerprint(hf_dir, tp=layout.tp, pp=layout.pp, num_layer_list=list(layout.layers), dtype=dtype,
-                       padded_vocab_size=layout.padded_vocab_size)
+                       padded_vocab_size=layout.padded_vocab_size, **ep)
 
 
 def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None, shard_size: int) -> dict:
@@ -48,7 +49,8 @@ def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None,
 
 def conversion_complete(target: Path, layout: Layout) -> bool:
     return (Path(target) / TRACKER).is_file() and all(
-        rank_file(target, ITERATION, t, p, layout.pp).is_file() for p in range(layout.pp) for t in range(layout.tp))
+        rank_file(target, ITERATION, t, p, layout.pp, e, layout.ep).is_file()
+        for p in range(layout.pp) for t in range(layout.tp) for e in range(layout.ep))
 
 
 def export_complete(target: Path) -> bool:

@@ -74,13 +74,28 @@ def padded_vocab_size(vocab: int, tp: int, divisible_by: int | None) -> int:
 def check_tp(facts: ModelFacts, tp: int, padded_vocab: int) -> None:
     if tp < 1:
         raise UserError(f"--tp: must be >= 1, got {tp}")
-    for what, n in (("num_attention_heads", facts.num_heads), ("num_key_value_heads", facts.num_kv_heads),
-                    ("intermediate_size", facts.ffn_hidden_size)):
+    sizes = [("num_attention_heads", facts.num_heads), ("num_key_value_heads", facts.num_kv_heads),
+             ("intermediate_size", facts.ffn_hidden_size)]
+    if facts.num_experts:  # experts and the shared expert are TP-split like a dense MLP (expert TP = TP)
+        sizes += [("moe_intermediate_size", facts.moe_ffn_hidden_size),
+                  ("shared_expert_intermediate_size", facts.shared_expert_size)]
+    for what, n in sizes:
         if n % tp:
             raise UserError(f"--tp: {tp} does not divide {what}={n} of config.json; choose a divisor of {n}")
     if padded_vocab % tp:
         raise UserError(f"--tp: {tp} does not divide vocab_size={padded_vocab}; pass "
                         f"--make-vocab-size-divisible-by (e.g. 128) to pad the vocabulary")
+
+
+def check_ep(facts: ModelFacts, ep: int) -> None:
+    if ep < 1:
+        raise UserError(f"--ep: must be >= 1, got {ep}")
+    if ep > 1 and not facts.num_experts:
+        raise UserError(f"--ep: {ep} needs a Mixture-of-Experts model; {facts.architecture} has no experts "
+                        "(use --ep 1)")
+    if facts.num_experts % ep:
+        raise UserError(f"--ep: {ep} does not divide the {facts.num_experts} experts of config.json; choose a "
+                        f"divisor of {facts.num_experts}")
 
 
 @dataclass(frozen=True)
@@ -90,21 +105,24 @@ class Layout:
     layers: tuple[int, ...]  # layers per PP stage
     vocab_size: int
     padded_vocab_size: int
+    ep: int = 1  # expert parallel: each EP rank holds num_experts / ep experts
 
     def first_layer(self, pp_rank: int) -> int:
         return sum(self.layers[:pp_rank])
 
 
 def make_layout(facts: ModelFacts, tp: int, pp: int, num_layer_list: list[int] | None = None,
-                make_vocab_size_divisible_by: int | None = None) -> Layout:
+                make_vocab_size_divisible_by: int | None = None, ep: int = 1) -> Layout:
     padded = padded_vocab_size(facts.vocab_size, tp, make_vocab_size_divisible_by)
     check_tp(facts, tp, padded)
+    check_ep(facts, ep)
     layers = stage_layers(facts.num_layers, pp, num_layer_list)
-    return Layout(tp, pp, tuple(layers), facts.vocab_size, padded)
+    return Layout(tp, pp, tuple(layers), facts.vocab_size, padded, ep)
 
 
-def plan_layout(hf_dir, tp: int, pp: int, num_layer_list=None, make_vocab_size_divisible_by=None
+def plan_layout(hf_dir, tp: int, pp: int, num_layer_list=None, make_vocab_size_divisible_by=None, ep: int = 1
                 ) -> tuple[ModelFacts, Layout]:
     """Facts + validated layout (UserError on any bad combination); reads config.json only."""
     facts = read_model_facts(hf_dir)
-    return facts, make_layout(facts, tp, pp, parse_num_layer_list(num_layer_list), make_vocab_size_divisible_by)
+    return facts, make_layout(facts, tp, pp, parse_num_layer_list(num_layer_list), make_vocab_size_divisible_by,
+                              ep)

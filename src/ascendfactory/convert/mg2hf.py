@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan, is_chatglm_dir
-from ascendfactory.convert.families import hf_shape, rules_for, stage_items
+from ascendfactory.convert.families import hf_shape, is_expert, merged_items, rules_for
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
 from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
@@ -71,10 +71,10 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     if up_to_date(hf_dir, fp, flag, replace_ours, export_complete):
         log.say(f"{hf_dir} already holds this export; nothing to do")
         return False
-    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size, ck.ep)
     rules = [r for r in rules_for(facts, ck.pp) if r.to_hf]
-    items = [it for p in range(ck.pp) for it in stage_items(rules, layout, p)]
-    plan = [(n, hf_shape(t, facts)) for rule, _, names in items for t, n in zip(rule.hf, names)]
+    items = [it for p in range(ck.pp) for it in merged_items(facts, rules, layout, p)]
+    plan = [(n, hf_shape(t, facts)) for _, rule, _, names in items for t, n in zip(rule.hf, names)]
     chatglm = is_chatglm_dir(hf_config_dir)  # export in the layout the model came in
     with disk_full_as_error(f"{flag} {hf_dir}"), staged(hf_dir, fp) as tmp:
         if chatglm:
@@ -84,11 +84,14 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
             writer = ShardedWriter(tmp, plan, out_dtype, size)
         n_done = 0
         for p in range(ck.pp):
-            # One group per layer (and per embedding / final norm / output layer): bounded memory.
-            for _, group in groupby(stage_items(rules, layout, p), key=lambda it: it[1].split(".")[:3]):
-                states = [model_state(ck.file(t, p)) for t in range(ck.tp)]
-                for rule, mg_name, names in group:
-                    for name, tensor in _merged(rule, mg_name, names, states, ck, p, facts, hf_config_dir).items():
+            # One group per layer's non-expert tensors, per expert, per embedding / final norm / output layer:
+            # the rank files are memory-mapped and dropped after each group, so memory stays bounded whatever
+            # the number of layers or experts.
+            for (e, _), group in groupby(merged_items(facts, rules, layout, p), key=_group):
+                states = [model_state(ck.file(t, p, e)) for t in range(ck.tp)]
+                for _, rule, mg_name, names in group:
+                    for name, tensor in _merged(rule, mg_name, names, states, ck, p, e, facts,
+                                                hf_config_dir).items():
                         writer.write(name, tensor)
                         n_done += 1
                 del states
@@ -101,14 +104,20 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     return True
 
 
+def _group(item) -> tuple[int, list[str]]:
+    """(EP rank, decoder.layers.{j}[.mlp.experts.local_experts.{k}]) of a merged_items entry."""
+    ep_rank, rule, mg_name, _ = item
+    return ep_rank, mg_name.split(".")[:7 if is_expert(rule) else 3]
+
+
 def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
-            facts: ModelFacts, config_dir) -> dict[str, torch.Tensor]:
-    missing = [ck.file(t, pp_rank) for t, sd in enumerate(states) if mg_name not in sd]
+            ep_rank: int, facts: ModelFacts, config_dir) -> dict[str, torch.Tensor]:
+    missing = [ck.file(t, pp_rank, ep_rank) for t, sd in enumerate(states) if mg_name not in sd]
     if missing:
         raise UserError(f"{missing[0]}: tensor {mg_name} missing; the checkpoint does not match "
                         f"{facts.architecture} from {config_dir}")
     try:
         return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, facts.vocab_size)
     except RuntimeError as e:  # shapes that do not fit the config's heads / sizes
-        raise UserError(f"{ck.file(0, pp_rank)}: tensor {mg_name} does not fit {config_dir}/config.json ({e}); "
-                        f"pass the config of the trained model") from None
+        raise UserError(f"{ck.file(0, pp_rank, ep_rank)}: tensor {mg_name} does not fit {config_dir}/config.json "
+                        f"({e}); pass the config of the trained model") from None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt_layout import iter_dir_name, layout_of, rank_file, read_tracker
+from ascendfactory.ckpt_layout import MODEL_FILE, iter_dir_name, layout_of, lone_suffix, rank_file, read_tracker
 from ascendfactory.convert.lora import without_adapters
 from ascendfactory.errors import UserError
 
@@ -30,12 +30,14 @@ class CheckpointLayout:
     vocab_size: int | None
     padded_vocab_size: int
     dtype: torch.dtype
+    ep: int = 1
 
-    def file(self, tp_rank: int, pp_rank: int) -> Path:
-        return rank_file(self.path, self.iteration, tp_rank, pp_rank, self.pp)
+    def file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        return rank_file(self.path, self.iteration, tp_rank, pp_rank, self.pp, ep_rank, self.ep)
 
     def describe(self) -> str:
-        return f"TP{self.tp} PP{self.pp} layers {list(self.layers)}"
+        ep = f" EP{self.ep}" if self.ep > 1 else ""
+        return f"TP{self.tp} PP{self.pp}{ep} layers {list(self.layers)}"
 
 
 def load_rank(path: Path) -> dict:
@@ -93,15 +95,17 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
     it_dir = mg_dir / iter_dir_name(it)
     if not it_dir.is_dir():
         raise UserError(f"{it_dir}: iteration folder missing; pick an iteration that exists in {mg_dir}")
-    tp, pp, _ = layout_of(it_dir)
+    tp, pp, ep = layout_of(it_dir, expert_parallel=expert_parallel(it_dir))
     for p in range(pp):
         for t in range(tp):
-            f = rank_file(mg_dir, it, t, p, pp)
-            if not f.is_file():
-                raise UserError(f"{f}: rank file missing; the checkpoint is incomplete (TP{tp} PP{pp} expected)")
+            for e in range(ep):
+                f = rank_file(mg_dir, it, t, p, pp, e, ep)
+                if not f.is_file():
+                    raise UserError(f"{f}: rank file missing; the checkpoint is incomplete (TP{tp} PP{pp}"
+                                    f"{f' EP{ep}' if ep > 1 else ''} expected)")
     layers, args, emb = [], {}, None
     for p in range(pp):
-        ckpt = load_rank(rank_file(mg_dir, it, 0, p, pp))
+        ckpt = load_rank(rank_file(mg_dir, it, 0, p, pp, 0, ep))
         if p == 0:
             args = _args_dict(ckpt.get("args"))
         sd = ckpt.get("model") or {}
@@ -111,11 +115,21 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
         raise UserError(f"{it_dir}: no embedding.word_embeddings.weight in the first stage; not a GPT checkpoint")
     recorded_tp = args.get("tensor_model_parallel_size", tp)
     recorded_pp = args.get("pipeline_model_parallel_size", pp)
-    if (recorded_tp, recorded_pp) != (tp, pp):
-        raise UserError(f"{it_dir}: folders say TP{tp} PP{pp} but the checkpoint args say "
-                        f"TP{recorded_tp} PP{recorded_pp}; the checkpoint is damaged")
+    recorded_ep = args.get("expert_model_parallel_size") or 1
+    if (recorded_tp, recorded_pp, recorded_ep) != (tp, pp, ep):
+        raise UserError(f"{it_dir}: folders say TP{tp} PP{pp} EP{ep} but the checkpoint args say "
+                        f"TP{recorded_tp} PP{recorded_pp} EP{recorded_ep}; the checkpoint is damaged")
     return CheckpointLayout(
         path=mg_dir, iteration=it, tp=tp, pp=pp, layers=tuple(layers), source_model=args.get("source_model"),
         architecture=args.get("architecture"), vocab_size=args.get("vocab_size"),
-        padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype,
+        padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype, ep=ep,
     )
+
+
+def expert_parallel(it_dir: str | Path) -> bool:
+    """Whether a lone folder suffix (mp_rank_00_001) is an EP rank: the args of mp_rank_00_000 say (their
+    expert_model_parallel_size), read only when the folder names leave it open."""
+    first = Path(it_dir) / "mp_rank_00_000" / MODEL_FILE
+    if not lone_suffix(it_dir) or not first.is_file():
+        return False
+    return int(rank_args(first).get("expert_model_parallel_size") or 1) > 1

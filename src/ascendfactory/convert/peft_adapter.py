@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from ascendfactory.convert import chatglm
-from ascendfactory.convert.families import rules_for, stage_items
+from ascendfactory.convert.families import model_items, rules_for
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
 from ascendfactory.convert.layout import Layout
 from ascendfactory.convert.lora import LORA_A, LORA_B
@@ -46,7 +46,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
     tensors, modules = {}, set()
     for p in range(ck.pp):
         states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]
-        for rule, mg_name, names in stage_items(rules_for(facts, ck.pp), layout, p):
+        for rule, mg_name, names in model_items(facts, rules_for(facts, ck.pp), layout, p):
             stem = mg_name.removesuffix("weight")
             if stem + LORA_A not in states[0]:
                 continue

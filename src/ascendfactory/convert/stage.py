@@ -26,7 +26,7 @@ EXPORT_SHARD_SIZE = 5 * 10**9
 
 def _convert_plan(cfg: ExpConfig):
     _, layout = plan_layout(cfg.model_name_or_path, cfg.tp, cfg.pp, cfg.num_layer_list,
-                            cfg.make_vocab_size_divisible_by)
+                            cfg.make_vocab_size_divisible_by, cfg.ep)
     return layout, conversion_fingerprint(cfg.model_name_or_path, layout, None)
 
 
@@ -40,7 +40,8 @@ def decide_convert(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     # Foreign content in the target is refused now, not after the other stages ran.
     if ours(target, "converted checkpoint dir") == fp and conversion_complete(target, layout):
         return False, f"{target} already holds this conversion of {cfg.model_name_or_path}"
-    return True, (f"{cfg.model_name_or_path} -> {target} (TP{layout.tp} PP{layout.pp}, "
+    ep = f" EP{layout.ep}" if layout.ep > 1 else ""
+    return True, (f"{cfg.model_name_or_path} -> {target} (TP{layout.tp} PP{layout.pp}{ep}, "
                   f"layers per stage {list(layout.layers)})")
 
 
@@ -50,7 +51,8 @@ def run_convert(cfg: ExpConfig, paths: RunPaths) -> None:
     # Our own folder under output_dir (pipeline.check_outputs refused one that no run there made): a conversion
     # of another source / layout there is stale, replace it.
     hf_to_megatron(cfg.model_name_or_path, paths.converted_ckpt_dir, cfg.tp, cfg.pp, cfg.num_layer_list,
-                   None, cfg.make_vocab_size_divisible_by, replace_ours=True, flag="converted checkpoint dir")
+                   None, cfg.make_vocab_size_divisible_by, ep=cfg.ep, replace_ours=True,
+                   flag="converted checkpoint dir")
 
 
 def export_dtype(cfg: ExpConfig) -> str | None:

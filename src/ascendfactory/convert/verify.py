@@ -64,7 +64,7 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
     from ascendfactory.convert.mgckpt import read_checkpoint_layout
 
     layouts = [read_checkpoint_layout(j["mg_dir"], j.get("iteration")) for j in jobs]
-    nproc = nproc or max(ck.tp * ck.pp for ck in layouts)
+    nproc = nproc or max(ck.tp * ck.pp * ck.ep for ck in layouts)
     with tempfile.TemporaryDirectory(prefix="af-verify-") as tmp:
         work = []
         for k, job in enumerate(jobs):

@@ -6,7 +6,8 @@ and compare their logits with the HF reference logits computed by verify.py.
 Each job: {"mg_dir", "hf_dir", "iteration", "dtype" (weights rounded to it, as in the reference),
 "reference" (a torch file: tokens, logits), "result" (json out)}.
 Several jobs share one launch (process start and imports dominate on small models); the world size
-must be a multiple of each job's TP*PP (the rest is data parallel, computing the same thing).
+must be a multiple of each job's TP*PP*EP (the rest is data parallel, computing the same thing; EP ranks are
+data-parallel ranks that hold different experts).
 """
 
 from __future__ import annotations
@@ -39,16 +40,16 @@ def run_job(job: dict) -> None:
 
     ck = read_checkpoint_layout(job["mg_dir"], job.get("iteration"))
     facts = read_model_facts(job["hf_dir"])
-    ps.initialize_model_parallel(ck.tp, ck.pp)
+    ps.initialize_model_parallel(ck.tp, ck.pp, expert_model_parallel_size=ck.ep)
     try:
         tensor_parallel.model_parallel_cuda_manual_seed(1234)
         tp_rank, pp_rank = ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank()
         first, last = pp_rank == 0, pp_rank == ck.pp - 1
-        cfg = transformer_config(facts, Parallel(tp=ck.tp, pp=ck.pp, num_layer_list=ck.layers), "fp32")
+        cfg = transformer_config(facts, Parallel(tp=ck.tp, pp=ck.pp, num_layer_list=ck.layers, ep=ck.ep), "fp32")
         model = build_gpt_model(facts, cfg, pre_process=first, post_process=last,
                                 vocab_size=ck.padded_vocab_size)
         dtype = torch_dtype(job.get("dtype"), torch.float32)
-        f = ck.file(tp_rank, pp_rank)
+        f = ck.file(tp_rank, pp_rank, ps.get_expert_model_parallel_rank())
         state = model_state(f, fold_adapters=False)
         if has_adapters(state):
             # The trained model as it ran (adapters beside frozen weights): checks the HF side's merged weights.

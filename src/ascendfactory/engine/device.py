@@ -107,8 +107,19 @@ def setup(requested: str = "auto") -> Device:
         dev = Device("cpu", "gloo")
     else:
         raise ValueError(f"unknown device {kind!r}: use auto, npu, cuda or cpu")
+    _patch_moe_router_without_te()
     _ACTIVE = dev
     return dev
+
+
+def _patch_moe_router_without_te() -> None:
+    """megatron-core 0.16.1's MoE router (moe_utils.router_gating_linear) tests `te_general_gemm is not None`, a
+    name bound only when Transformer Engine imports: without TE every MoE forward raises NameError. None is what
+    the check expects for "no TE" (it then uses torch's matmul)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
 
 
 def active() -> Device:

@@ -33,6 +33,7 @@ class Parallel:
     cp: int = 1
     sequence_parallel: bool = False
     num_layer_list: tuple[int, ...] | None = None  # layers per PP stage; None: megatron-core's even split
+    ep: int = 1  # expert parallel (MoE); expert TP = TP
 
 
 def pipeline_layout(num_layer_list) -> str | None:
@@ -89,9 +90,33 @@ def transformer_config(facts: ModelFacts, par: Parallel = Parallel(), precision:
         fp16=precision == "fp16",
         use_cpu_initialization=use_cpu_initialization,
         pipeline_model_parallel_layout=pipeline_layout(par.num_layer_list),
+        **moe_config(facts, par),
     )
     kw.update(overrides)
     return TransformerConfig(**kw)
+
+
+def moe_config(facts: ModelFacts, par: Parallel) -> dict:
+    """TransformerConfig entries of an MoE model (none for a dense one), routing as HF routes (SPEC.md section 8):
+    softmax over all experts then top-k, renormalised when norm_topk_prob, which is megatron-core's top-k of the
+    logits then softmax over the k (moe_router_pre_softmax false); without renormalising, pre_softmax true.
+    Dropless (no capacity factor); the allgather dispatcher works on every backend (the trainer may override)."""
+    if not facts.num_experts:
+        return {}
+    return dict(
+        num_moe_experts=facts.num_experts,
+        moe_router_topk=facts.moe_topk,
+        moe_ffn_hidden_size=facts.moe_ffn_hidden_size,
+        moe_router_pre_softmax=not facts.norm_topk_prob,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=facts.router_aux_loss_coef,
+        moe_token_dispatcher_type="allgather",
+        moe_shared_expert_intermediate_size=facts.shared_expert_size or None,
+        moe_shared_expert_gate=facts.shared_expert_size > 0,  # Qwen2-MoE: sigmoid(x @ shared_expert_gate.T)
+        # megatron-core's own record of which layers are MoE (the layer specs below follow facts.moe_layers)
+        moe_layer_freq=[int(i in facts.moe_layers) for i in range(facts.num_layers)],
+        expert_model_parallel_size=par.ep,
+    )
 
 
 class RMSNorm(torch.nn.RMSNorm):
@@ -132,10 +157,11 @@ def post_norm_layer():
     return PostNormTransformerLayer
 
 
-def local_block_spec(config, qk_norm: bool, post_norms: bool = False):
+def local_block_spec(config, qk_norm: bool, post_norms: bool = False, moe_layers=()):
     """megatron-core's local layer spec with the config's norm (RMSNorm above) for every norm, SDPA core attention
     and the SwiGLU MLP (same parameter names; other MLP configs take megatron-core's path); post_norms: the
-    layer adds GLM-4-0414's two post-sub-layer norms."""
+    layer adds GLM-4-0414's two post-sub-layer norms; the HF layers in `moe_layers` get megatron-core's MoE layer
+    instead (moe_layer_specs)."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -161,8 +187,27 @@ def local_block_spec(config, qk_norm: bool, post_norms: bool = False):
     if post_norms:
         layer = replace(layer, module=post_norm_layer())
     n = get_num_layers_to_build(config)  # this process's pipeline stage
+    specs = [layer] * n
+    if moe_layers:
+        specs = moe_layer_specs(layer, config, moe_layers, n)
     return ModuleSpec(module=TransformerBlock,
-                      submodules=TransformerBlockSubmodules(layer_specs=[layer] * n, layer_norm=norm))
+                      submodules=TransformerBlockSubmodules(layer_specs=specs, layer_norm=norm))
+
+
+def moe_layer_specs(dense_layer, config, moe_layers, n: int) -> list:
+    """This stage's n layer specs: the dense spec, or for the global layers in moe_layers the same layer with
+    megatron-core's MoE layer (router, SequentialMLP experts named local_experts.{i}, shared experts with their
+    gate) as its MLP."""
+    from dataclasses import replace
+
+    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+    from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+    moe = replace(dense_layer, submodules=replace(
+        dense_layer.submodules, mlp=get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts,
+                                                        moe_grouped_gemm=False)))
+    offset = get_transformer_layer_offset(config)
+    return [moe if offset + j in moe_layers else dense_layer for j in range(n)]
 
 
 def llama3_inv_freq(dim: int, base: float, scaling: dict) -> torch.Tensor:
@@ -190,7 +235,7 @@ def build_gpt_model(facts: ModelFacts, config, pre_process: bool = True, post_pr
     check_trainable(facts)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=local_block_spec(config, facts.qk_norm, facts.family.post_norms),
+        transformer_layer_spec=local_block_spec(config, facts.qk_norm, facts.family.post_norms, facts.moe_layers),
         vocab_size=vocab_size or facts.vocab_size,
         max_sequence_length=max_sequence_length or facts.max_position_embeddings,
         pre_process=pre_process,

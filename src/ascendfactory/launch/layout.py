@@ -33,6 +33,8 @@ class Layout:
     micro_batch_size: int
     global_batch_size: int
     num_microbatches: int | None
+    ep: int = 1  # expert parallel (MoE)
+    expert_dp: int | None = None  # expert data parallel: DP x CP / EP (expert TP = TP); None when EP does not divide
     source: str = "single node"
 
     def as_json(self) -> dict:
@@ -145,6 +147,9 @@ def cluster_layout(cfg: ExpConfig, flags: dict | None = None, env: dict | None =
     dp = world // model_par if model_par > 0 and world % model_par == 0 else None
     mbs, gbs = cfg.micro_batch_size, cfg.global_batch_size
     nmb = gbs // (mbs * dp) if dp and mbs > 0 and gbs % (mbs * dp) == 0 else None
+    # megatron-core's expert groups: the DP x CP ranks of a TP x PP position split into EP x expert-DP
+    expert_dp = dp * cfg.cp // cfg.ep if dp and cfg.ep > 0 and dp * cfg.cp % cfg.ep == 0 else None
     return Layout(device=device, world_size=world, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank,
                   master_addr=master, master_port=port, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp,
-                  micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=nmb, source=source)
+                  micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=nmb, ep=cfg.ep,
+                  expert_dp=expert_dp, source=source)
