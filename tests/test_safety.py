@@ -34,6 +34,9 @@ class Payload:
         return open, (str(self.marker), "w")
 
 
+OPENER = f"{open.__module__}.{open.__qualname__}"  # the global the payload's pickle names
+
+
 def craft(f: Path, marker: Path) -> None:
     """Add the payload to a real rank file, keeping the rest intact (so that, trusted, it loads and works)."""
     content = torch.load(f, map_location="cpu", weights_only=False)
@@ -132,7 +135,7 @@ def test_crafted_checkpoint_refused_by_convert_and_train_unless_trusted(env, tmp
     mg = Path(shutil.copytree(env["mg"], tmp_path / "mg"))
     f = L.rank_file(mg, 1, 0, 0, 1)
     craft(f, marker)
-    refused = f"error: {f}: refused to load type builtins.open"
+    refused = f"error: {f}: refused to load type {OPENER}"
 
     line = one_error(cli("convert", "mg2hf", "--mg-dir", mg, "--hf-dir", tmp_path / "hf", "--hf-config-dir",
                          env["model"]))
@@ -159,7 +162,7 @@ def test_crafted_checkpoint_refused_by_auto_resume_unless_trusted(env, tmp_path)
     res = E.run_engine(cfg, 1)
     assert res.returncode != 0
     errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
-    want = f"error: {L.rank_file(out / 'saved_checkpoints', 4, 0, 0, 1)}: refused to load type builtins.open"
+    want = f"error: {L.rank_file(out / 'saved_checkpoints', 4, 0, 0, 1)}: refused to load type {OPENER}"
     assert len(errors) == 1 and errors[0].startswith(want), E.describe(res)
     assert not marker.exists() and not E.losses(out)
 
@@ -225,3 +228,11 @@ def test_bad_tracker_is_never_complete(env, tracker):
     (line,) = [ln for ln in res.stdout.splitlines() if ln.startswith("train ")]
     assert line.startswith("train       run ") and "complete:" not in line, line
     assert f"{out / 'saved_checkpoints' / L.TRACKER}" in line, line
+
+    # train resumes from the newest intact checkpoint (already the last iteration), points the tracker at it and
+    # exports it (the export used to fail on the tracker's missing iteration)
+    res = cli("train", cfg, "tiny", "exp")
+    assert res.returncode == 0, E.describe(res)
+    assert "train: running" in res.stdout and "checkpoint iteration 4; starting at iteration 4" in res.stdout
+    assert L.read_tracker(out / "saved_checkpoints") == 4
+    assert (out / "converted_mg2hf_weight" / "config.json").is_file()

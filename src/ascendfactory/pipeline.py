@@ -60,7 +60,7 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     if cfg.finetuning_type == "lora":
         iters += f" of LoRA (r {cfg.lora_r} on {', '.join(cfg.lora_target_modules)})"
     if distrust:
-        iters += f" (not complete: {distrust})"
+        iters += f" (tracker ignored: {distrust})"
     if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
         return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {

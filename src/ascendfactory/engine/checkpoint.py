@@ -113,6 +113,22 @@ def newest_valid(save_dir: Path, check_content: bool = False) -> int | None:
     return None
 
 
+def resume_point(save_dir: Path) -> int | None:
+    """Collective: the newest intact checkpoint of our save dir, checksums read. When the tracker named another
+    (a damaged or missing iteration, or no number), rank 0 points it at this one: the export and `plan` then
+    see what the run resumed from."""
+    it = newest_valid(save_dir, check_content=True)
+    if it is not None and dist.get_rank() == 0:
+        try:
+            named = L.read_tracker(save_dir)
+        except UserError:
+            named = None
+        if named != it:
+            warn(f"{save_dir / L.TRACKER} named iteration {named}; now {it}, the newest intact checkpoint")
+            L.write_tracker(save_dir, it)
+    return it
+
+
 def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[int],
                    require_manifest: bool) -> CheckpointLayout:
     """The checkpoint (complete, run's TP/PP, run's layers per PP stage: each stage's file numbers its own

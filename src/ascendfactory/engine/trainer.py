@@ -54,7 +54,7 @@ def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
     if restart:
         log.info(f"torchrun restart {restart}: resuming from the newest valid checkpoint in {paths.save_dir}")
     if cfg.train_auto_resume or restart:
-        it = checkpoint.newest_valid(paths.save_dir, check_content=True)
+        it = checkpoint.resume_point(paths.save_dir)
         if it is not None:
             return Source("resume", paths.save_dir, it, require_manifest=True)
         log.info(f"train_auto_resume: no complete checkpoint in {paths.save_dir}; using ckpt_load_type "
