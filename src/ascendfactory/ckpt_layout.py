@@ -67,7 +67,7 @@ def read_tracker(ckpt_dir: str | Path) -> int:
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"{path}: expected an iteration number, found {ascii(text[:40])}; the tracker is damaged: "
+        raise UserError(f"{path}: expected an iteration number, found {text[:40]!a}; the tracker is damaged: "
                         "write the number of a complete iter_* folder into it, or remove it") from None
 
 

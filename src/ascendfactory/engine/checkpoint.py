@@ -1,9 +1,10 @@
 """Atomic Megatron checkpoints with a manifest, and finding / loading the one to start from.
 
 A save writes every file under `<save_dir>/.tmp_iter_XXXXXXX/`, fsyncs them, writes manifest.json
-(files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model), renames the folder to
-`iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore leaves either no
-new folder or a complete one; the previous checkpoint is never touched until a newer one is complete.
+(files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model),
+renames the folder to `iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore
+leaves either no new folder or a complete one; the previous checkpoint is never touched until a newer one is
+complete.
 """
 
 from __future__ import annotations
