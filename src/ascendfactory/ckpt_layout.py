@@ -81,13 +81,14 @@ def read_tracker(ckpt_dir: str | Path) -> int:
         raise UserError(f"{ckpt_dir}: checkpoint directory does not exist")
     if not path.is_file():
         raise UserError(f"{path}: tracker file missing; {ckpt_dir} is not a complete Megatron checkpoint")
-    text = path.read_text().strip()
+    text = path.read_bytes().decode("latin-1").strip()  # any bytes: a binary tracker is damaged, not a crash
     if text == "release":
         raise UserError(f"{path}: 'release' checkpoints are not supported; convert with ascendfactory-cli convert")
     try:
         return int(text)
     except ValueError:
-        raise UserError(f"{path}: expected an iteration number, found {text!r}") from None
+        raise UserError(f"{path}: expected an iteration number, found {text[:40]!a}; the tracker is damaged: "
+                        "write the number of a complete iter_* folder into it, or remove it") from None
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:

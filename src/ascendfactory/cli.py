@@ -144,9 +144,14 @@ def convert_mg2hf(
     verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
     peft_dir: Optional[str] = typer.Option(None, "--peft-dir",
                                            help="a LoRA checkpoint's adapters, also as a PEFT adapter folder here"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="load types beyond tensors and Megatron args: runs code from the files"),
 ):
     """Megatron checkpoint (any TP/PP/EP) -> HF safetensors (LoRA adapters folded in)."""
     from ascendfactory.convert.api import mg2hf_command
+    from ascendfactory.convert.mgckpt import trust_checkpoints
+
+    trust_checkpoints(trust_checkpoint)
 
     mg2hf_command(mg_dir=mg_dir, hf_dir=hf_dir, hf_config_dir=hf_config_dir, iteration=iteration, dtype=dtype,
                   shard_size=shard_size, verify=verify, peft_dir=peft_dir)

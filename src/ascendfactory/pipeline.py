@@ -57,12 +57,14 @@ def _train_complete(cfg: ExpConfig, done: int | None) -> bool:
 
 
 def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
-    done = _tracker_iteration(paths.save_dir)
+    done, distrust = _tracker_iteration(paths.save_dir)
     if _train_complete(cfg, done):
         return False, f"complete: {paths.save_dir} holds iteration {done} of {cfg.train_iters}"
     iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
     if cfg.finetuning_type == "lora":
         iters += f" of LoRA (r {cfg.lora_r} on {', '.join(cfg.lora_target_modules)})"
+    if distrust:
+        iters += f" (tracker ignored: {distrust})"
     if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
         return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {
@@ -73,11 +75,20 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     return True, f"{iters}, {source}"
 
 
-def _tracker_iteration(save_dir: Path) -> int | None:
+def _tracker_iteration(save_dir: Path) -> tuple[int | None, str]:
+    """The iteration the tracker names when that checkpoint is complete; otherwise None and, for a tracker that
+    is there, why it is not believed (training then runs instead of reporting "complete")."""
+    if not (save_dir / ckpt_layout.TRACKER).exists():
+        return None, ""
     try:
-        return ckpt_layout.read_tracker(save_dir)
-    except UserError:
-        return None
+        it = ckpt_layout.read_tracker(save_dir)
+    except UserError as e:
+        return None, str(e)
+    from ascendfactory.engine.checkpoint import problem_of
+
+    if problem := problem_of(save_dir / ckpt_layout.iter_dir_name(it), require_manifest=True):
+        return None, f"{save_dir / ckpt_layout.TRACKER} names iteration {it}, but {problem}"
+    return it, ""
 
 
 def decide_stage(plan: Plan, name: str, strict: bool = True) -> Decision:
@@ -200,7 +211,7 @@ def _earlier_run(cfg: ExpConfig, paths: RunPaths) -> str | None:
     its = ckpt_layout.iterations_on_disk(paths.save_dir)
     if cfg.train_auto_resume or not its:
         return None
-    done = _tracker_iteration(paths.save_dir)
+    done, _ = _tracker_iteration(paths.save_dir)
     if _train_complete(cfg, done) and ckpt_layout.manifest_run_id(
             paths.save_dir / ckpt_layout.iter_dir_name(done)) == run_id(cfg):
         return None
@@ -275,6 +286,9 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     check_trainable(facts, str(config_path(plan.cfg.model_name_or_path)))
+    from ascendfactory.convert.mgckpt import trust_checkpoints
+
+    trust_checkpoints(plan.cfg.trust_checkpoint)  # before the first checkpoint file is read
     _check_given_checkpoint(plan.cfg, facts.num_layers, plan.paths)
     from ascendfactory.engine.device import check_requested
 

@@ -44,6 +44,7 @@ class ExpConfig(BaseModel):
     lora_target_modules: list[str] = Field(default_factory=lambda: list(LORA_TARGETS))
     lora_dropout: Fraction = 0.0
     train_auto_resume: bool = False
+    trust_checkpoint: bool = False  # unpickle checkpoint files in full: runs code from them
     convert_mg2hf_at_last: bool = True
 
     # data

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -40,18 +43,92 @@ class CheckpointLayout:
         return f"TP{self.tp} PP{self.pp}{ep} layers {list(self.layers)}"
 
 
+_trusted = False
+
+
+def trust_checkpoints(on: bool) -> None:
+    """trust_checkpoint: true / --trust-checkpoint: checkpoint files are unpickled in full, which runs any code
+    they carry. Off by default: only tensors, containers and the types of _allowed_globals() are rebuilt."""
+    global _trusted
+    _trusted = on
+
+
+def trusting() -> bool:
+    return _trusted
+
+
+@functools.cache
+def _allowed_globals() -> tuple:
+    """Exactly what checkpoints need beyond torch's own tensors: our training saves' numpy RNG state, and the
+    argparse.Namespace of Megatron / MindSpeed-LLM args with megatron-core's AttnBackend enum in it."""
+    import argparse
+
+    import numpy as np
+    from megatron.core.transformer.enums import AttnBackend
+
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed np.core
+    return (argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct,
+            AttnBackend)
+
+
+@contextlib.contextmanager
+def _only_allowed_globals():
+    """torch's allow-list is process-wide and megatron-core adds to it at import (BytesIO, PosixPath, its
+    configs...): during our load it holds ours alone."""
+    ser = torch.serialization
+    before = ser.get_safe_globals()
+    ser.clear_safe_globals()
+    ser.add_safe_globals(list(_allowed_globals()))
+    try:
+        yield
+    finally:
+        ser.clear_safe_globals()
+        ser.add_safe_globals(before)
+
+
+_REFUSED_RE = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def load_file(path: Path, mmap: bool = False):
+    """A checkpoint file's content, unpickled safely (weights_only + the allow-list) unless trust_checkpoints()
+    is on; UserError naming the file for a refused type or a damaged file."""
+    kw = {"map_location": "cpu", "mmap": mmap}
+    try:
+        if _trusted:
+            return torch.load(str(path), weights_only=False, **kw)  # trust_checkpoint: the user vouched for it
+        if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4: only torch's built-in list
+            return torch.load(str(path), weights_only=True, **kw)
+        with _only_allowed_globals():
+            return torch.load(str(path), weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        if refused := _REFUSED_RE.search(str(e)):
+            old = ("" if hasattr(torch.serialization, "add_safe_globals") else
+                   f" (torch {torch.__version__} cannot allow Megatron args or RNG states; torch >= 2.4 can)")
+            raise UserError(
+                f"{path}: refused to load type {refused.group(1)}: unpickling it could run code from the file"
+                f"{old}; only if you trust whoever wrote it, set trust_checkpoint: true (convert mg2hf: "
+                "--trust-checkpoint)") from None
+        raise _damaged(path, e) from None
+    except RuntimeError as e:
+        if mmap and "mmap" in str(e):
+            raise  # the caller reads it whole
+        raise _damaged(path, e) from None
+    except Exception as e:  # truncated zip, pickle errors: the file is damaged
+        raise _damaged(path, e) from None
+
+
+def _damaged(path: Path, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return UserError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {first})")
+
+
 def load_rank(path: Path) -> dict:
     """A rank file's full content, memory-mapped: tensors are read only when touched (optimizer state never)."""
     try:
-        try:
-            return torch.load(str(path), map_location="cpu", mmap=True, weights_only=False)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped: read them whole
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle errors: the file is damaged
-        raise UserError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
+        return load_file(path, mmap=True)
+    except RuntimeError:
+        # files from torch.save(_use_new_zipfile_serialization=False) cannot be mapped: read them whole
+        return load_file(path)
 
 
 def model_state(path: Path, fold_adapters: bool = True) -> Mapping[str, torch.Tensor]:

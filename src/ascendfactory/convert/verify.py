@@ -61,7 +61,7 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
     max_abs_diff and layout. Raises RuntimeError with the worker's log when the launch fails."""
     import torch
 
-    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+    from ascendfactory.convert.mgckpt import read_checkpoint_layout, trusting
 
     layouts = [read_checkpoint_layout(j["mg_dir"], j.get("iteration")) for j in jobs]
     nproc = nproc or max(ck.tp * ck.pp * ck.ep for ck in layouts)
@@ -72,7 +72,8 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
             ref = Path(tmp) / f"ref{k}.pt"
             torch.save({"tokens": tokens, "logits": logits}, ref)
             work.append({**job, "mg_dir": str(job["mg_dir"]), "hf_dir": str(job["hf_dir"]),
-                         "reference": str(ref), "result": str(Path(tmp) / f"result{k}.json")})
+                         "reference": str(ref), "result": str(Path(tmp) / f"result{k}.json"),
+                         "trust_checkpoint": trusting()})
         jobs_file = Path(tmp) / "jobs.json"
         jobs_file.write_text(json.dumps(work))
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),

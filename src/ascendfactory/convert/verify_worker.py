@@ -33,11 +33,12 @@ def run_job(job: dict) -> None:
 
     from ascendfactory.convert.layout import torch_dtype
     from ascendfactory.convert.lora import has_adapters
-    from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
+    from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout, trust_checkpoints
     from ascendfactory.engine.lora import LoRASpec, apply_lora
     from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
     from ascendfactory.modelinfo import read_model_facts
 
+    trust_checkpoints(job.get("trust_checkpoint", False))
     ck = read_checkpoint_layout(job["mg_dir"], job.get("iteration"))
     facts = read_model_facts(job["hf_dir"])
     ps.initialize_model_parallel(ck.tp, ck.pp, expert_model_parallel_size=ck.ep)
@@ -56,7 +57,7 @@ def run_job(job: dict) -> None:
             apply_lora(model, LoRASpec.from_args(rank_args(f)), 0, ck.tp, tp_rank)
         _load_strict(model, state, f, dtype)
         model.eval()
-        ref = torch.load(job["reference"])
+        ref = torch.load(job["reference"], weights_only=True)  # verify.py's tokens and logits: tensors only
         tokens = ref["tokens"]
         b, s = tokens.shape
         position_ids = torch.arange(s).unsqueeze(0).expand(b, s)

@@ -1,9 +1,10 @@
 """Atomic Megatron checkpoints with a manifest, and finding / loading the one to start from.
 
 A save writes every file under `<save_dir>/.tmp_iter_XXXXXXX/`, fsyncs them, writes manifest.json
-(files and sizes, layout, iteration, consumed samples, source model), renames the folder to
-`iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore leaves either no
-new folder or a complete one; the previous checkpoint is never touched until a newer one is complete.
+(files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model),
+renames the folder to `iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore
+leaves either no new folder or a complete one; the previous checkpoint is never touched until a newer one is
+complete.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +23,7 @@ import torch.distributed as dist
 
 from ascendfactory import ckpt_layout as L
 from ascendfactory.convert.lora import LORA_A, is_lora_key, without_adapters
-from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout, resume_problem
+from ascendfactory.convert.mgckpt import CheckpointLayout, load_file, read_checkpoint_layout, resume_problem
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError
@@ -55,16 +57,19 @@ def warn(msg: str) -> None:
 # ---------------------------------------------------------------- validation and discovery
 
 
-def problem_of(iter_path: Path, require_manifest: bool) -> str | None:
-    """Why this iteration folder cannot be loaded, or None when it is complete."""
+def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] | None = None) -> str | None:
+    """Why this iteration folder cannot be loaded, or None when it is complete. With share=(i, n), the files
+    i, i+n, ... (sorted) are also read and compared with their manifest checksums (manifests from before the
+    checksums have none: sizes only)."""
     manifest = iter_path / MANIFEST
     if not manifest.is_file():
         if require_manifest:
             return f"{manifest} missing (incomplete checkpoint)"
         return None if any(iter_path.glob(f"mp_rank_*/{L.MODEL_FILE}")) else f"no mp_rank_*/{L.MODEL_FILE}"
     try:
-        files = json.loads(manifest.read_text())["files"]
-    except (OSError, ValueError, KeyError) as e:
+        content = json.loads(manifest.read_text())
+        files, sums = content["files"], content.get("crc32", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{manifest} unreadable ({e})"
     for rel, size in files.items():
         p = iter_path / rel
@@ -72,20 +77,60 @@ def problem_of(iter_path: Path, require_manifest: bool) -> str | None:
             return f"{p} missing"
         if p.stat().st_size != size:
             return f"{p} has {p.stat().st_size} bytes, manifest says {size}"
+    for rel in sorted(sums)[share[0]::share[1]] if share else ():
+        if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
+            return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
     return None
 
 
-def newest_valid(save_dir: Path, run_id: str | None = None) -> int | None:
+def _crc32_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc
+
+
+def _first_problem(problem: str | None) -> str | None:
+    """Collective: the first rank's problem, the same on every rank."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem)
+    return next((p for p in problems if p), None)
+
+
+def newest_valid(save_dir: Path, run_id: str | None = None, check_content: bool = False) -> int | None:
     """The newest complete iteration in our own save dir (with run_id: of that run only); damaged newer ones are
-    skipped with a warning."""
+    skipped with a warning. check_content (collective where distributed, each rank reading its share of the
+    files): the checksums too."""
+    spread = dist.is_initialized()
+    share = (dist.get_rank(), dist.get_world_size()) if spread else (0, 1)
     for it in L.iterations_on_disk(save_dir):
         if run_id is not None and L.manifest_run_id(save_dir / L.iter_dir_name(it)) != run_id:
             continue
-        problem = problem_of(save_dir / L.iter_dir_name(it), require_manifest=True)
+        problem = problem_of(save_dir / L.iter_dir_name(it), require_manifest=True,
+                             share=share if check_content else None)
+        if check_content and spread:
+            problem = _first_problem(problem)
         if problem is None:
             return it
         warn(f"auto-resume skips {save_dir / L.iter_dir_name(it)}: {problem}")
     return None
+
+
+def resume_point(save_dir: Path, run_id: str | None = None) -> int | None:
+    """Collective: the newest intact checkpoint of our save dir (with run_id: of that run only), checksums read.
+    When the tracker named another (a damaged or missing iteration, or no number), rank 0 points it at this one:
+    the export and `plan` then see what the run resumed from."""
+    it = newest_valid(save_dir, run_id, check_content=True)
+    if it is not None and dist.get_rank() == 0:
+        try:
+            named = L.read_tracker(save_dir)
+        except UserError:
+            named = None
+        if named != it:
+            warn(f"{save_dir / L.TRACKER} named iteration {named}; now {it}, the newest intact checkpoint")
+            L.write_tracker(save_dir, it)
+    return it
 
 
 def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[int],
@@ -141,24 +186,29 @@ class _Sink:
 
     def __init__(self, f):
         self.f = f
+        self.crc = 0  # of everything written, for the manifest: no second read of the file
 
     def write(self, b) -> int:
+        self.crc = zlib.crc32(b, self.crc)
         return self.f.write(b)
 
     def flush(self) -> None:
         self.f.flush()
 
 
-def _write_torch(obj, path: Path) -> None:
+def _write_torch(obj, path: Path) -> int:
+    """Returns the crc32 of the file written."""
     with open(path, "wb") as f:
+        sink = _Sink(f)
         try:
-            torch.save(obj, _Sink(f))
+            torch.save(obj, sink)
         except RuntimeError as e:
             if isinstance(e.__context__, OSError):
                 raise e.__context__ from None
             raise
         f.flush()
         os.fsync(f.fileno())
+    return sink.crc
 
 
 def _distributed_optimizer_state(optimizer):
@@ -204,15 +254,16 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
     from megatron.core import parallel_state as ps
 
     dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
-    err = None
+    err, sums = None, {}
     rank_dir = lay.rank_dir(tmp)
+    rel = str(rank_dir.relative_to(tmp))
     try:
         if lay.dp_rank == 0:
             rank_dir.mkdir(parents=True, exist_ok=True)
         if distributed_optimizer:
             shards = _distributed_optimizer_state(optimizer)
             if lay.dp_rank == 0:
-                _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
+                sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
         if lay.dp_rank == 0:
             state = {
                 "args": {**args, "consumed_train_samples": consumed, "iteration": iteration},
@@ -223,7 +274,7 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
                 "opt_param_scheduler": scheduler.state_dict(),
                 "rng_state": rng,
             }
-            _write_torch(state, rank_dir / L.MODEL_FILE)
+            sums[f"{rel}/{L.MODEL_FILE}"] = _write_torch(state, rank_dir / L.MODEL_FILE)
     except OSError as e:
         err = _save_error(save_dir, iteration, e, previous, rank_dir)
     try:
@@ -233,11 +284,14 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     kill_point("save_files", iteration, rank)
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sums)
+    sums = {k: v for part in every for k, v in part.items()}
 
     err = None
     if rank == 0:
         try:
-            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model, run_id)
+            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model, run_id, sums)
             kill_point("save_tracker", iteration, rank)
             L.write_tracker(save_dir, iteration)
             if keep > 0:
@@ -250,7 +304,7 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
 
 
 def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout, consumed: int,
-             source_model: str, run_id: str | None) -> None:
+             source_model: str, run_id: str | None, sums: dict[str, int]) -> None:
     files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
     manifest = {
         "iteration": iteration,
@@ -261,6 +315,7 @@ def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout
         "source_model": source_model,
         "run_id": run_id,
         "files": files,
+        "crc32": sums,
     }
     with open(tmp / MANIFEST, "w") as f:
         json.dump(manifest, f, indent=1)
@@ -296,7 +351,12 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
     """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
     returns the consumed_train_samples its args record, if any."""
     f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
-    state = torch.load(f, map_location="cpu", weights_only=False)
+    state, err = None, None
+    try:
+        state = load_file(f)
+    except UserError as e:
+        err = str(e)
+    _agree(err)  # a rank that stopped alone would leave the others waiting in a collective
     args = state.get("args") or {}
     args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
     weights = _fit_adapters(state["model"], model, full, args, f)
@@ -349,12 +409,25 @@ def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
     the dp_zero loader copies every state key but the file carries no `step` (load_state_dict restored it),
     so it is set aside around the load; and load_state_dict gave all params ONE shared step tensor, which
     torch's Adam would then increment once per param each step, so each param gets its own copy."""
-    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
+    opts = getattr(optimizer, "chained_optimizers", [optimizer])
+    # megatron-core's load_parameter_state(path) would torch.load the file unsafely: DP rank 0 reads it here
+    # (the layout _distributed_optimizer_state saved) and hands megatron-core the content.
+    sharded = [o for o in opts if hasattr(o, "load_parameter_state_from_dp_zero") and not o.is_stub_optimizer]
+    content, err = None, None
+    if sharded and sharded[0].data_parallel_group.rank() == 0:
+        try:
+            content = load_file(path)
+        except UserError as e:
+            err = str(e)
+    _agree(err)
+    states = [content] if len(opts) == 1 else content
+    inner = [o.optimizer for o in opts]
     steps = [{p: st.pop("step") for p, st in o.state.items() if "step" in st} for o in inner]
     try:
         # In fp32 the optimizer's shards are views of the model's own (grad-requiring) parameters.
         with torch.no_grad():
-            optimizer.load_parameter_state(str(path))
+            for i, o in enumerate(sharded):
+                o.load_parameter_state_from_dp_zero(states[i] if content is not None else None)
     finally:
         for o, saved in zip(inner, steps, strict=True):
             for p, step in saved.items():

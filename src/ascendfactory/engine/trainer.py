@@ -25,6 +25,7 @@ from ascendfactory.config.rules import (
 )
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.layout import padded_vocab_size, stage_layers
+from ascendfactory.convert.mgckpt import trust_checkpoints
 from ascendfactory.data.stage import find_data_prefix
 from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
@@ -54,7 +55,7 @@ def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
     if restart:
         log.info(f"torchrun restart {restart}: resuming from the newest valid checkpoint in {paths.save_dir}")
     if cfg.train_auto_resume or restart:
-        it = checkpoint.newest_valid(paths.save_dir, None if cfg.train_auto_resume else run_id(cfg))
+        it = checkpoint.resume_point(paths.save_dir, None if cfg.train_auto_resume else run_id(cfg))
         if it is not None:
             return Source("resume", paths.save_dir, it, require_manifest=True)
         log.info(f"train_auto_resume: no complete checkpoint in {paths.save_dir}; using ckpt_load_type "
@@ -407,6 +408,7 @@ def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
 
 def main(config_path: str) -> int:
     cfg = load_resolved(config_path)
+    trust_checkpoints(cfg.trust_checkpoint)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg)
     try:
