@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 # The family records (traits, mapping table, tiny test model), by config.json architecture name.
-from ascendfactory.convert.families import ARCHITECTURES, Family, supported_architectures
+from ascendfactory.families import ARCHITECTURES, Family, supported_architectures
 from ascendfactory.errors import UserError
 
 

@@ -4,19 +4,22 @@ or not needed, with the reason printed (and shown by `plan`)."""
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ascendfactory import ckpt_layout
+from ascendfactory.ckpt import files as ckpt_files
+from ascendfactory.config import rules
 from ascendfactory.config.loader import Resolved, dump_config, resolve
 from ascendfactory.config.paths import RunPaths, run_paths
-from ascendfactory.config.rules import Report, check
 from ascendfactory.config.schema import ExpConfig
+from ascendfactory.engine.training_math import config_problems as engine_problems
 from ascendfactory.errors import UserError
-from ascendfactory.launch.layout import Layout, cluster_layout
+from ascendfactory.fsutil import probe_writable, write_text_atomic
+from ascendfactory.launch.cluster import cluster_layout
+from ascendfactory.launch.torchrun import config_problems as launch_problems
+from ascendfactory.layout import RunLayout
 
 STAGES = ("preprocess", "convert", "train", "export")
 
@@ -34,13 +37,21 @@ class Decision:
 @dataclass
 class Plan:
     resolved: Resolved
-    layout: Layout
-    report: Report
+    layout: RunLayout
+    report: rules.Report
     paths: RunPaths
 
     @property
     def cfg(self) -> ExpConfig:
         return self.resolved.cfg
+
+
+def check(res: Resolved, layout: RunLayout) -> rules.Report:
+    """Every rule, reported together before any stage runs: the config's own (config.rules) and those only a
+    stage knows (the engine's training math, the launcher's train.sh)."""
+    report = rules.check(res, layout)
+    report.problems += engine_problems(res.cfg) + launch_problems(res.cfg)
+    return report
 
 
 def make_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> Plan:
@@ -59,7 +70,7 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     iters = f"{cfg.train_iters} iterations" if cfg.epochs is None else f"{cfg.epochs} epoch(s)"
     if cfg.finetuning_type == "lora":
         iters += f" of LoRA (r {cfg.lora_r} on {', '.join(cfg.lora_target_modules)})"
-    if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
+    if cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir):
         return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {
         0: "random init (ckpt_load_type 0)",
@@ -71,7 +82,7 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 
 def _tracker_iteration(save_dir: Path) -> int | None:
     try:
-        return ckpt_layout.read_tracker(save_dir)
+        return ckpt_files.read_tracker(save_dir)
     except UserError:
         return None
 
@@ -138,10 +149,7 @@ def _log(msg: str) -> None:
 
 def _prepare_output_dir(paths: RunPaths) -> None:
     try:
-        paths.output_dir.mkdir(parents=True, exist_ok=True)
-        probe = paths.output_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(paths.output_dir)
     except OSError as e:
         raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable folder")
 
@@ -167,7 +175,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     _prepare_output_dir(paths)
     with RunLock(paths.output_dir, layout.node_rank):
         resolved = cfg.model_copy(update={"device": layout.device})
-        ckpt_layout.write_text_atomic(paths.exp_config, dump_config(resolved))
+        write_text_atomic(paths.exp_config, dump_config(resolved))
         _log(f"resolved config written to {paths.exp_config}")
         for name in STAGES:
             # Decided just before running: an earlier stage may have produced what this one needs.
@@ -195,14 +203,13 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
     resume needs a training checkpoint, unless auto-resume will take one of the run's own."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
-    from ascendfactory.config.rules import parse_layer_list
-    from ascendfactory.convert.layout import stage_layers
-    from ascendfactory.convert.mgckpt import load_rank, read_checkpoint_layout, resume_problem
+    from ascendfactory.ckpt.reader import load_rank, read_checkpoint_layout, resume_problem
+    from ascendfactory.layout import parse_layer_list, stage_layers
 
     ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
                         keys=("num_layer_list", "pipeline_model_parallel_size"))
     given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
-    if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir)):
+    if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir)):
         first = given.file(0, 0)
         if problem := resume_problem(load_rank(first), first):
             raise UserError(problem)
@@ -214,7 +221,7 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
                         "or convert again with the run's split")
 
 
-def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
+def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> None:
     from ascendfactory.convert import stage as convert_stage
     from ascendfactory.data import stage as data_stage
     from ascendfactory.launch.torchrun import run_training

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from ascendfactory.convert.layout import Layout
+    from ascendfactory.layout import ShardPlan
     from ascendfactory.modelinfo import ModelFacts
 
 Range = tuple[int, int]
@@ -47,7 +47,7 @@ class Kind:
     name = ""
     lora = False  # a linear LoRA can adapt (rules.py's lora_target_modules hint lists the HF names it fuses)
 
-    def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: Layout, tp_rank: int
+    def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
               ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -10,7 +10,7 @@ import copy
 import json
 from pathlib import Path
 
-from ascendfactory.convert.families import FAMILIES as REGISTRY
+from ascendfactory.families import FAMILIES as REGISTRY
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIALS = [

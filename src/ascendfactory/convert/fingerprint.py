@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ascendfactory.ckpt_layout import TRACKER, iter_dir_name, layout_of, rank_file, write_text_atomic
+from ascendfactory.ckpt.files import TRACKER, iter_dir_name, layout_of, rank_file
 from ascendfactory.convert.hfread import INDEX
-from ascendfactory.convert.layout import ITERATION, Layout
+from ascendfactory.convert.options import ITERATION
+from ascendfactory.fsutil import write_text_atomic
+from ascendfactory.layout import ShardPlan
 
 MARKER = "ascendfactory_convert.json"
 
@@ -32,7 +34,7 @@ def fingerprint(source_dir: str | Path, **layout) -> dict:
     return {"source": str(Path(source_dir).resolve()), "files": source_files(source_dir), **layout}
 
 
-def conversion_fingerprint(hf_dir, layout: Layout, dtype: str | None) -> dict:
+def conversion_fingerprint(hf_dir, layout: ShardPlan, dtype: str | None) -> dict:
     """hf2mg: the HF source and the target layout."""
     return fingerprint(hf_dir, tp=layout.tp, pp=layout.pp, num_layer_list=list(layout.layers), dtype=dtype,
                        padded_vocab_size=layout.padded_vocab_size)
@@ -46,7 +48,7 @@ def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None,
                        config=str(Path(hf_config_dir).resolve()))
 
 
-def conversion_complete(target: Path, layout: Layout) -> bool:
+def conversion_complete(target: Path, layout: ShardPlan) -> bool:
     return (Path(target) / TRACKER).is_file() and all(
         rank_file(target, ITERATION, t, p, layout.pp).is_file() for p in range(layout.pp) for t in range(layout.tp))
 

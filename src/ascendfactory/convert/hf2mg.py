@@ -7,18 +7,19 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt_layout import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
-from ascendfactory.convert.families import Rule, hf_shape, rules_for, stage_items
+from ascendfactory.ckpt.files import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
+from ascendfactory.families import Rule, hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
-from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
+from ascendfactory.convert.options import ITERATION, dtype_name, torch_dtype
+from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
 from ascendfactory.progress import Progress
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts
 
 
-def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: Layout) -> None:
+def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: ShardPlan) -> None:
     """Every HF tensor the tables need exists with the shape config.json implies, before anything is written."""
     for p in range(layout.pp):
         for rule, _, names in stage_items(rules, layout, p):
@@ -49,7 +50,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
     rules = rules_for(facts, pp)
     _check_source(read, hf_dir, facts, rules, layout)
     cast = torch_dtype(dtype)
-    args = checkpoint_args(tp, pp, parse_num_layer_list(num_layer_list), str(Path(hf_dir).resolve()),
+    args = checkpoint_args(tp, pp, parse_layer_list(num_layer_list, "--num-layer-list"), str(Path(hf_dir).resolve()),
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size,
                            tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
     with staged(mg_dir, fp) as tmp:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.convert.families import hf_shape, rules_for, stage_items
+from ascendfactory.ckpt.reader import CheckpointLayout, model_state, read_checkpoint_layout
+from ascendfactory.families import hf_shape, rules_for, stage_items
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
-from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
-from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
+from ascendfactory.convert.options import dtype_name, torch_dtype
+from ascendfactory.layout import ShardPlan
 from ascendfactory.progress import Progress
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date
@@ -70,7 +71,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     if up_to_date(hf_dir, fp, flag, replace_ours, export_complete):
         log.say(f"{hf_dir} already holds this export; nothing to do")
         return False
-    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
     rules = [r for r in rules_for(facts, ck.pp) if r.to_hf]
     items = [it for p in range(ck.pp) for it in stage_items(rules, layout, p)]
     plan = [(n, hf_shape(t, facts)) for rule, _, names in items for t, n in zip(rule.hf, names)]

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 
-from ascendfactory.convert.families import rules_for, stage_items
+from ascendfactory.ckpt.lora import LORA_A, LORA_B
+from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout
+from ascendfactory.families import rules_for, stage_items
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
-from ascendfactory.convert.layout import Layout
-from ascendfactory.convert.lora import LORA_A, LORA_B
-from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
+from ascendfactory.layout import ShardPlan
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import read_model_facts
@@ -40,7 +40,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
     if up_to_date(out_dir, fp, flag, replace_ours, adapter_complete):
         log.say(f"{out_dir} already holds this adapter; nothing to do")
         return False
-    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
     tensors, modules = {}, set()
     for p in range(ck.pp):
         states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]

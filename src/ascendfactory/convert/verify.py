@@ -28,7 +28,7 @@ def reference_logits(hf_dir, dtype: str | None = None, n_tokens: int = 12, batch
     import torch
     import transformers
 
-    from ascendfactory.convert.layout import torch_dtype
+    from ascendfactory.convert.options import torch_dtype
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
     if dtype:
@@ -53,7 +53,7 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
     max_abs_diff and layout. Raises RuntimeError with the worker's log when the launch fails."""
     import torch
 
-    from ascendfactory.convert.mgckpt import read_checkpoint_layout
+    from ascendfactory.ckpt.reader import read_checkpoint_layout
 
     layouts = [read_checkpoint_layout(j["mg_dir"], j.get("iteration")) for j in jobs]
     nproc = nproc or max(ck.tp * ck.pp for ck in layouts)

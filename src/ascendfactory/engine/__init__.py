@@ -7,10 +7,5 @@ Exit codes of each worker:
   2  bad input (UserError: one line naming the file / key and the fix)
   3  stopped by SIGTERM / SIGINT after saving a checkpoint; relaunch with train_auto_resume to continue
 (torchrun itself exits 1 when any worker exits non-zero; it prints each worker's exitcode.)
+The codes are defined in ascendfactory.errors, which the launcher reads them from too.
 """
-
-from ascendfactory.errors import EXIT_USER_ERROR  # noqa: F401  (re-exported: launch/ reads every code here)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_PREEMPTED = 3

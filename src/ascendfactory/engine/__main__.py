@@ -5,9 +5,8 @@ import sys
 import traceback
 import warnings
 
-from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
 from ascendfactory.engine.faults import Diverged
-from ascendfactory.errors import UserError
+from ascendfactory.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 
 
 def run() -> int:

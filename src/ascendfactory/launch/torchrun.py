@@ -16,9 +16,8 @@ from pathlib import Path
 
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.engine import EXIT_PREEMPTED, EXIT_USER_ERROR
-from ascendfactory.errors import UserError
-from ascendfactory.launch.layout import Layout
+from ascendfactory.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from ascendfactory.layout import RunLayout
 
 
 
@@ -33,6 +32,15 @@ def scripts_dir(cfg: ExpConfig) -> Path:
     return d
 
 
+def config_problems(cfg: ExpConfig) -> list[str]:
+    """What the launcher would refuse in the resolved config, for the pipeline's report before any stage."""
+    try:
+        scripts_dir(cfg)
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -42,7 +50,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def master_port(layout: Layout) -> int:
+def master_port(layout: RunLayout) -> int:
     """The rendezvous port; on a single node a busy one is swapped for a free one (nobody else dials it)."""
     if layout.nnodes > 1 or _port_free(layout.master_port):
         return layout.master_port
@@ -53,7 +61,7 @@ def master_port(layout: Layout) -> int:
     return port
 
 
-def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
+def training_env(cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> dict:
     env = dict(os.environ)
     env.update(
         AF_PYTHON=sys.executable,
@@ -103,7 +111,7 @@ def _worker_log(logs_dir: Path, local_rank: str | None) -> Path:
     return log if log.exists() else attempts[-1]
 
 
-def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
+def run_training(cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> None:
     """Run train.sh in the foreground; its output goes to the console and to logs/train-node{r}.log.
     SIGTERM/SIGINT are forwarded so that workers save and stop."""
     script = scripts_dir(cfg) / "train.sh"
