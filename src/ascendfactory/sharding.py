@@ -4,7 +4,8 @@ Each kind owns both directions and the LoRA adapter split of its linear. hf -> m
 rank needs (through `read`), so building one rank never holds more than that rank's tensors; mg -> hf is the exact
 inverse. A kind sees names already expanded (layer, expert), so expert rows need nothing here.
 
-No torch import at module level: the tables (families.py) hold these objects and `plan` reads the tables.
+Core, not convert/: the tables (families.py) hold these objects and `plan` reads the tables; only convert calls
+their methods. No torch import at module level.
 """
 
 from __future__ import annotations

@@ -109,7 +109,7 @@ def make_tokenizer(out_dir: str | Path, flavor: str = "qwen", vocab_size: int = 
     return out
 
 
-# make_tiny_model's family name -> its family record (convert/families.py), whose `tiny` says how to build it.
+# make_tiny_model's family name -> its family record (families.py), whose `tiny` says how to build it.
 FAMILIES = {fam.tiny.name: fam for fam in REGISTRY}
 
 
