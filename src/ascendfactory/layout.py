@@ -1,13 +1,7 @@
-"""The layout vocabulary, each kind defined once (no torch here: `plan` reads it):
-
-  ClusterLayout     where the processes run: device type, nodes x devices per node = world, rendezvous
-  ParallelLayout    how the world is cut: TP, PP, CP, DP, and the global batch over the DP replicas
-  RunLayout         both, as `plan` shows them (launch.cluster.cluster_layout reads them from flags and env)
-  ShardPlan         how one model is cut into checkpoint shards: TP, layers per PP stage, padded vocab
-  CheckpointLayout  what a checkpoint on disk records (ckpt/reader.py: it is read with torch)
-
-and the rules of a shard plan: layer split, vocab padding, TP divisibility.
-"""
+"""The layout vocabulary, each kind defined once (no torch: `plan` reads it). ClusterLayout: nodes, devices per
+node, world. ParallelLayout: TP, PP, CP, DP, micro-batches. RunLayout: both, as launch/cluster.py reads them.
+ShardPlan and the TP/PP layout rules of a conversion: layer split, vocab padding, divisibility. A checkpoint's
+recorded layout is ckpt.reader.CheckpointLayout (read with torch)."""
 
 from __future__ import annotations
 
@@ -26,7 +20,7 @@ class ClusterLayout:
     node_rank: int
     master_addr: str
     master_port: int
-    source: str = "single node"  # where the values came from: flags, ModelArts env, torchrun env
+    source: str = "single node"
 
 
 @dataclass(frozen=True)
@@ -37,7 +31,7 @@ class ParallelLayout:
     dp: int | None  # None when TP*PP*CP does not divide the world size (a rule reports it)
     micro_batch_size: int
     global_batch_size: int
-    num_microbatches: int | None  # per step and DP replica; None when the batch sizes do not divide
+    num_microbatches: int | None
 
 
 def parallel_layout(cfg, world_size: int) -> ParallelLayout:
@@ -55,7 +49,7 @@ class RunLayout:
     parallel: ParallelLayout
 
     def __getattr__(self, name: str):
-        # one record to read (layout.world_size, layout.dp); __dict__, not self.cluster: no recursion in copy()
+        # layout.world_size, layout.dp; __dict__, not self.cluster: no recursion in copy()
         for part in self.__dict__.values():
             if name in part.__dataclass_fields__:
                 return getattr(part, name)
