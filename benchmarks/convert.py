@@ -76,10 +76,10 @@ def baseline_hf2mg(work: Path) -> None:
     import torch
     import transformers
 
-    from ascendfactory.ckpt_layout import rank_file
-    from ascendfactory.convert.families import rules_for, stage_items
-    from ascendfactory.convert.layout import make_layout
-    from ascendfactory.convert.sharding import shard
+    from ascendfactory.ckpt.files import rank_file
+    from ascendfactory.families import rules_for, stage_items
+    from ascendfactory.layout import make_layout
+    from ascendfactory.sharding import shard
     from ascendfactory.modelinfo import read_model_facts
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.bfloat16)
@@ -106,10 +106,10 @@ def baseline_mg2hf(work: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from ascendfactory.ckpt_layout import rank_file
-    from ascendfactory.convert.families import rules_for, stage_items
-    from ascendfactory.convert.layout import make_layout
-    from ascendfactory.convert.sharding import merge
+    from ascendfactory.ckpt.files import rank_file
+    from ascendfactory.families import rules_for, stage_items
+    from ascendfactory.layout import make_layout
+    from ascendfactory.sharding import merge
     from ascendfactory.modelinfo import read_model_facts
 
     facts = read_model_facts(work / "hf")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from ascendfactory.convert.families import FAMILIES as REGISTRY
+from ascendfactory.families import FAMILIES as REGISTRY
 from ascendfactory.tiny import make_tiny_model
 
 # family -> make_tiny_model options, from the registry: each family's model covers another variant (Qwen2: tied

@@ -174,7 +174,7 @@ def final_weights(out: Path, iteration: int | None = None) -> dict:
     """All mp_rank files' model tensors of the given (default: tracker) iteration, keyed by rank dir + name."""
     import torch
 
-    from ascendfactory import ckpt_layout as L
+    from ascendfactory.ckpt import files as L
 
     save = out / "saved_checkpoints"
     it = iteration if iteration is not None else L.read_tracker(save)

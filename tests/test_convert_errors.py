@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from ascendfactory.ckpt_layout import TRACKER, rank_file
+from ascendfactory.ckpt.files import TRACKER, rank_file
 from ascendfactory.cli import main
 from ascendfactory.convert.api import hf_to_megatron
 

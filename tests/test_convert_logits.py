@@ -11,7 +11,7 @@ import pytest
 import torch
 from _convert_models import FAMILIES
 
-from ascendfactory.ckpt_layout import rank_file
+from ascendfactory.ckpt.files import rank_file
 from ascendfactory.convert.api import VerificationFailed, hf_to_megatron, verify_conversion
 from ascendfactory.convert.verify import TOLERANCE, compare
 

@@ -11,7 +11,7 @@ import torch
 from _convert_models import FAMILIES
 from safetensors.torch import load_file
 
-from ascendfactory.ckpt_layout import rank_file, write_tracker
+from ascendfactory.ckpt.files import rank_file, write_tracker
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf, read_checkpoint_layout
 
 

@@ -17,7 +17,7 @@ import time
 import pytest
 
 import _engine as E
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import _engine as E
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow
 

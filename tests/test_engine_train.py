@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import _engine as E
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_uneven_pipeline_split_trains_saves_exports_like_pp1(env, tmp_path):
     from safetensors.torch import load_file
 
     from ascendfactory.convert.mg2hf import megatron_to_hf
-    from ascendfactory.convert.mgckpt import load_rank, read_checkpoint_layout
+    from ascendfactory.ckpt.reader import load_rank, read_checkpoint_layout
 
     ref_out = _packed_run(env, 1, 1)[0]
     out, res = _packed_run(env, 1, 2, "3,1")

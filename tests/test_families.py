@@ -13,11 +13,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from ascendfactory.ckpt_layout import layout_of, rank_dir_name, rank_file
-from ascendfactory.convert.families import ARCHITECTURES, FAMILIES, LAYER, Rule, hf_linear_owners, stage_items
+from ascendfactory.ckpt.files import layout_of, rank_dir_name, rank_file
+from ascendfactory.families import ARCHITECTURES, FAMILIES, LAYER, Rule, hf_linear_owners, stage_items
 from ascendfactory.convert.hfread import SafetensorsReader
-from ascendfactory.convert.layout import Layout
-from ascendfactory.convert.sharding import (
+from ascendfactory.layout import ShardPlan as Layout
+from ascendfactory.sharding import (
     COLUMN_PARALLEL,
     FUSED_GATE_UP,
     FUSED_QKV,
@@ -207,7 +207,7 @@ _TRAITS_SCRIPT = """
 import dataclasses, json, sys
 import torch.distributed as dist
 from megatron.core import parallel_state as ps, tensor_parallel
-from ascendfactory.convert import families
+from ascendfactory import families
 from ascendfactory.engine import device
 from ascendfactory.engine.model import build_gpt_model, transformer_config
 from ascendfactory.modelinfo import read_model_facts

@@ -18,7 +18,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from ascendfactory.ckpt_layout import rank_file
+from ascendfactory.ckpt.files import rank_file
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf
 from ascendfactory.data.tokenizer import hf_tokenizer
 from ascendfactory.errors import UserError
@@ -138,7 +138,7 @@ def test_chatglm_config_translation_and_refusals(models):
 def test_rules_refuse_tp_that_does_not_divide_kv_groups(tmp_path):
     from ascendfactory.config.loader import resolve
     from ascendfactory.config.rules import check
-    from ascendfactory.launch.layout import cluster_layout
+    from ascendfactory.launch.cluster import cluster_layout
 
     model = tmp_path / "chatglm3-6b"
     model.mkdir()

@@ -15,9 +15,9 @@ import torch
 import yaml
 from test_convert_roundtrip import assert_identical, hf_tensors
 
-from ascendfactory.ckpt_layout import rank_file
+from ascendfactory.ckpt.files import rank_file
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf, read_checkpoint_layout
-from ascendfactory.convert.families import FAMILIES
+from ascendfactory.families import FAMILIES
 from ascendfactory.convert.verify import TOLERANCE, compare
 from ascendfactory.modelinfo import facts_from_config, read_model_facts
 from ascendfactory.tiny import make_tiny_model, tiny_config, write_instruction_data

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import _engine as E
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 from ascendfactory.convert.api import hf_to_megatron
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_own_saves_and_mindspeed_namespace_args_load_safely(env, tmp_path):
     and MindSpeed-LLM's argparse.Namespace args with a torch.dtype and megatron-core's AttnBackend enum."""
     from megatron.core.transformer.enums import AttnBackend
 
-    from ascendfactory.convert.mgckpt import load_file, rank_args, read_checkpoint_layout
+    from ascendfactory.ckpt.reader import load_file, rank_args, read_checkpoint_layout
 
     saved = L.rank_file(env["ref"] / "saved_checkpoints", 4, 0, 0, 1)
     state = load_file(saved)

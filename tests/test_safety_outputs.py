@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 import _engine as E
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 from ascendfactory import tiny
 
 ITERS = 6  # the earlier run: checkpoints iter_0000003 and iter_0000006

@@ -149,7 +149,7 @@ def convert_mg2hf(
 ):
     """Megatron checkpoint (any TP/PP/EP) -> HF safetensors (LoRA adapters folded in)."""
     from ascendfactory.convert.api import mg2hf_command
-    from ascendfactory.convert.mgckpt import trust_checkpoints
+    from ascendfactory.ckpt.reader import trust_checkpoints
 
     trust_checkpoints(trust_checkpoint)
 

@@ -1,10 +1,18 @@
-"""User-facing errors: one clear line, exit code 2, no traceback (unless --debug)."""
+"""User-facing errors: one clear line, exit code 2, no traceback (unless --debug).
+
+Exit codes, of the CLI and of each training worker (engine/__init__.py says when a worker uses each):
+  0  done;  1  failure (traceback), or training diverged;  2  bad input (UserError);  3  stopped by SIGTERM /
+  SIGINT after saving a checkpoint.
+"""
 
 import errno
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
+EXIT_OK = 0
+EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
+EXIT_PREEMPTED = 3
 
 
 class UserError(Exception):

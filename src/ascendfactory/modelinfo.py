@@ -9,10 +9,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascendfactory.convert import chatglm
 
 # The family records (traits, mapping table, tiny test model), by config.json architecture name.
-from ascendfactory.convert.families import ARCHITECTURES, Family, supported_architectures
+from ascendfactory.families import ARCHITECTURES, Family, supported_architectures
 from ascendfactory.errors import UserError
 
 
@@ -121,9 +120,9 @@ def positive_int(cfg: dict, key: str, source: str, default: int | None = None) -
 
 
 def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
-    if chatglm.is_chatglm(cfg):  # the original GLM layout: its config.json read as GLM's
+    if is_chatglm(cfg):  # the original GLM layout: its config.json read as GLM's
         try:
-            cfg = chatglm.glm_config(cfg, source)
+            cfg = glm_config(cfg, source)
         except KeyError as e:
             raise UserError(f"{source}: missing key {e.args[0]!r}; is this a ChatGLM / GLM-4 config.json?") from None
         except (TypeError, ValueError) as e:
@@ -173,3 +172,51 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
 
 def read_model_facts(model_dir: str | Path) -> ModelFacts:
     return facts_from_config(load_config_json(model_dir), source=str(config_path(model_dir)))
+
+
+# The original remote-code GLM layout (model_type chatglm): its config.json is read as GlmForCausalLM's, as data
+# (convert/chatglm.py maps its weight names).
+CHATGLM_ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
+
+
+def is_chatglm(cfg: dict) -> bool:
+    return cfg.get("model_type") == "chatglm" or any(a in CHATGLM_ARCHITECTURES for a in cfg.get("architectures") or [])
+
+
+def is_chatglm_dir(model_dir: str | Path) -> bool:
+    path = Path(model_dir) / "config.json"
+    try:
+        return is_chatglm(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return False  # read_model_facts reports a missing / broken config.json with its own message
+
+
+# chatglm config keys whose other values mean another architecture than the one GLM's names describe
+_FIXED = {"rmsnorm": True, "add_bias_linear": False, "apply_residual_connection_post_layernorm": False,
+          "post_layer_norm": True}
+
+
+def glm_config(cfg: dict, source: str = "config.json") -> dict:
+    """The GlmForCausalLM config.json equivalent of a chatglm config.json (KeyError for a missing key)."""
+    for key, want in _FIXED.items():
+        if cfg.get(key, want) != want:
+            raise UserError(f"{source}: {key}={cfg[key]!r} is not supported (the GLM layout needs {want!r}); "
+                            "this checkpoint is not ChatGLM2/3 or GLM-4")
+    heads = int(cfg["num_attention_heads"])
+    return {
+        "architectures": ["GlmForCausalLM"],
+        "hidden_size": cfg["hidden_size"],
+        "num_hidden_layers": cfg["num_layers"],
+        "num_attention_heads": heads,
+        "num_key_value_heads": cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else heads,
+        "head_dim": cfg.get("kv_channels") or int(cfg["hidden_size"]) // heads,
+        "intermediate_size": cfg["ffn_hidden_size"],
+        "vocab_size": cfg["padded_vocab_size"],
+        "max_position_embeddings": cfg.get("seq_length", 8192),
+        "rms_norm_eps": cfg.get("layernorm_epsilon", 1e-5),
+        "rope_theta": 10000.0 * float(cfg.get("rope_ratio") or 1),
+        "partial_rotary_factor": 0.5,
+        "attention_bias": bool(cfg.get("add_qkv_bias", False)),
+        "tie_word_embeddings": False,
+        "torch_dtype": cfg.get("torch_dtype"),
+    }

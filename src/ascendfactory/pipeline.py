@@ -10,13 +10,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from ascendfactory import ckpt_layout
+from ascendfactory.ckpt import files as ckpt_files
+from ascendfactory.config import rules
 from ascendfactory.config.loader import Resolved, dump_config, resolve
 from ascendfactory.config.paths import STATE_DIR, RunPaths, read_run_state, run_id, run_identity, run_paths
-from ascendfactory.config.rules import Report, check
 from ascendfactory.config.schema import ExpConfig
+from ascendfactory.engine.training_math import config_problems as engine_problems
 from ascendfactory.errors import UserError, UserErrors
-from ascendfactory.launch.layout import Layout, cluster_layout
+from ascendfactory.fsutil import probe_writable, write_text_atomic
+from ascendfactory.launch.cluster import cluster_layout
+from ascendfactory.launch.torchrun import config_problems as launch_problems
+from ascendfactory.layout import RunLayout
 
 STAGES = ("preprocess", "convert", "train", "export")
 
@@ -34,13 +38,21 @@ class Decision:
 @dataclass
 class Plan:
     resolved: Resolved
-    layout: Layout
-    report: Report
+    layout: RunLayout
+    report: rules.Report
     paths: RunPaths
 
     @property
     def cfg(self) -> ExpConfig:
         return self.resolved.cfg
+
+
+def check(res: Resolved, layout: RunLayout) -> rules.Report:
+    """Every rule, reported together before any stage runs: the config's own (config.rules) and those only a
+    stage knows (the engine's training math, the launcher's train.sh)."""
+    report = rules.check(res, layout)
+    report.problems += engine_problems(res.cfg) + launch_problems(res.cfg)
+    return report
 
 
 def make_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> Plan:
@@ -65,7 +77,7 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
         iters += f" of LoRA (r {cfg.lora_r} on {', '.join(cfg.lora_target_modules)})"
     if distrust:
         iters += f" (tracker ignored: {distrust})"
-    if cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir):
+    if cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir):
         return True, f"{iters}, auto-resume from the newest valid checkpoint in {paths.save_dir}"
     source = {
         0: "random init (ckpt_load_type 0)",
@@ -78,16 +90,16 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 def _tracker_iteration(save_dir: Path) -> tuple[int | None, str]:
     """The iteration the tracker names when that checkpoint is complete; otherwise None and, for a tracker that
     is there, why it is not believed (training then runs instead of reporting "complete")."""
-    if not (save_dir / ckpt_layout.TRACKER).exists():
+    if not (save_dir / ckpt_files.TRACKER).exists():
         return None, ""
     try:
-        it = ckpt_layout.read_tracker(save_dir)
+        it = ckpt_files.read_tracker(save_dir)
     except UserError as e:
         return None, str(e)
     from ascendfactory.engine.checkpoint import problem_of
 
-    if problem := problem_of(save_dir / ckpt_layout.iter_dir_name(it), require_manifest=True):
-        return None, f"{save_dir / ckpt_layout.TRACKER} names iteration {it}, but {problem}"
+    if problem := problem_of(save_dir / ckpt_files.iter_dir_name(it), require_manifest=True):
+        return None, f"{save_dir / ckpt_files.TRACKER} names iteration {it}, but {problem}"
     return it, ""
 
 
@@ -208,14 +220,14 @@ def _target_problems(cfg: ExpConfig, paths: RunPaths) -> list[str]:
 def _earlier_run(cfg: ExpConfig, paths: RunPaths) -> str | None:
     """A fresh run (no auto-resume) among an earlier run's checkpoints would start over beside them (and a torchrun
     restart or save_total_limit would see both); only that very run, finished, is at home there (train skipped)."""
-    its = ckpt_layout.iterations_on_disk(paths.save_dir)
+    its = ckpt_files.iterations_on_disk(paths.save_dir)
     if cfg.train_auto_resume or not its:
         return None
     done, _ = _tracker_iteration(paths.save_dir)
-    if _train_complete(cfg, done) and ckpt_layout.manifest_run_id(
-            paths.save_dir / ckpt_layout.iter_dir_name(done)) == run_id(cfg):
+    if _train_complete(cfg, done) and ckpt_files.manifest_run_id(
+            paths.save_dir / ckpt_files.iter_dir_name(done)) == run_id(cfg):
         return None
-    names = ", ".join(map(ckpt_layout.iter_dir_name, its[:3])) + (f" and {len(its) - 3} more" if len(its) > 3 else "")
+    names = ", ".join(map(ckpt_files.iter_dir_name, its[:3])) + (f" and {len(its) - 3} more" if len(its) > 3 else "")
     return (f"{paths.save_dir}: holds checkpoints of an earlier run ({names}) and train_auto_resume is false, so "
             "this run would start over among them; set train_auto_resume: true to continue from them, or choose "
             "another output_dir")
@@ -259,10 +271,7 @@ def _log(msg: str) -> None:
 
 def _prepare_output_dir(paths: RunPaths) -> None:
     try:
-        paths.state_dir.mkdir(parents=True, exist_ok=True)
-        probe = paths.state_dir / f".write-test-{os.getpid()}"
-        probe.write_text("")
-        probe.unlink()
+        probe_writable(paths.state_dir)
     except OSError as e:
         raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable folder")
 
@@ -273,7 +282,7 @@ def _record_run(cfg: ExpConfig, paths: RunPaths) -> None:
     made = set((read_run_state(paths) or {}).get("made", []))
     made |= {str(target.resolve()) for _, target, _ in _replaced_targets(cfg, paths)}
     state = {"run_id": run_id(cfg), "identity": run_identity(cfg), "made": sorted(made)}
-    ckpt_layout.write_text_atomic(paths.run_file, json.dumps(state, indent=1, sort_keys=True))
+    ckpt_files.write_text_atomic(paths.run_file, json.dumps(state, indent=1, sort_keys=True))
 
 
 def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict) -> None:
@@ -286,7 +295,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     check_trainable(facts, str(config_path(plan.cfg.model_name_or_path)))
-    from ascendfactory.convert.mgckpt import trust_checkpoints
+    from ascendfactory.ckpt.reader import trust_checkpoints
 
     trust_checkpoints(plan.cfg.trust_checkpoint)  # before the first checkpoint file is read
     _check_given_checkpoint(plan.cfg, facts.num_layers, plan.paths)
@@ -302,7 +311,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     with RunLock(paths.output_dir, layout.node_rank):
         _record_run(cfg, paths)
         resolved = cfg.model_copy(update={"device": layout.device})
-        ckpt_layout.write_text_atomic(paths.exp_config, dump_config(resolved))
+        write_text_atomic(paths.exp_config, dump_config(resolved))
         _log(f"resolved config written to {paths.exp_config}")
         for name in STAGES:
             # Decided just before running: an earlier stage may have produced what this one needs.
@@ -330,14 +339,13 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
     resume needs a training checkpoint, unless auto-resume will take one of the run's own."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
-    from ascendfactory.config.rules import parse_layer_list
-    from ascendfactory.convert.layout import stage_layers
-    from ascendfactory.convert.mgckpt import load_rank, read_checkpoint_layout, resume_problem
+    from ascendfactory.ckpt.reader import load_rank, read_checkpoint_layout, resume_problem
+    from ascendfactory.layout import parse_layer_list, stage_layers
 
     ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
                         keys=("num_layer_list", "pipeline_model_parallel_size"))
     given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
-    if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(paths.save_dir)):
+    if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir)):
         first = given.file(0, 0)
         if problem := resume_problem(load_rank(first), first):
             raise UserError(problem)
@@ -349,7 +357,7 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
                         "or convert again with the run's split")
 
 
-def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
+def _run_stage(name: str, cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> None:
     from ascendfactory.convert import stage as convert_stage
     from ascendfactory.data import stage as data_stage
     from ascendfactory.launch.torchrun import run_training

@@ -10,7 +10,7 @@ import copy
 import json
 from pathlib import Path
 
-from ascendfactory.convert.families import FAMILIES as REGISTRY
+from ascendfactory.families import FAMILIES as REGISTRY
 
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 LLAMA3_SPECIALS = [
@@ -184,7 +184,7 @@ def make_remote_glm_tokenizer(out_dir: str | Path, kind: str = "glm4", vocab_siz
     return out
 
 
-# make_tiny_model's family name -> its family record (convert/families.py), whose `tiny` says how to build it.
+# make_tiny_model's family name -> its family record (families.py), whose `tiny` says how to build it.
 FAMILIES = {fam.tiny.name: fam for fam in REGISTRY}
 
 

@@ -1,4 +1,6 @@
-"""Every rule a resolved config must satisfy before anything heavy runs; all violations reported together.
+"""The rules of a resolved config, checked before anything heavy runs; all violations reported together.
+Rules only a stage knows (the engine's training math, the launcher's train.sh) are the stage's; pipeline.check
+reports them with these.
 
 Each problem names the YAML keys, their values and the rule. Model facts (heads, kv heads, layers) come
 from `<model_name_or_path>/config.json`; when it cannot be read, the rules needing it are listed as unchecked.
@@ -6,22 +8,24 @@ from `<model_name_or_path>/config.json`; when it cannot be read, the rules needi
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascendfactory import ckpt_layout
+from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
-from ascendfactory.config.schema import LORA_TARGETS
-from ascendfactory.convert import chatglm
-from ascendfactory.convert.families import hf_linear_owners
-from ascendfactory.data.handlers import HANDLERS
-from ascendfactory.data.templates import PROMPT_TYPES
+from ascendfactory.config.schema import HANDLERS, LORA_TARGETS, PROMPT_TYPES
 from ascendfactory.errors import UserError
-from ascendfactory.launch.layout import Layout
-from ascendfactory.launch.torchrun import scripts_dir
-from ascendfactory.modelinfo import config_path, facts_from_config, load_config_json, positive_int
+from ascendfactory.families import hf_linear_owners
+from ascendfactory.layout import RunLayout, parse_layer_list
+from ascendfactory.modelinfo import (
+    config_path,
+    facts_from_config,
+    glm_config,
+    is_chatglm,
+    load_config_json,
+    positive_int,
+)
 
 
 def _lora_rules(cfg, bad, warnings: list[str]) -> None:
@@ -58,19 +62,7 @@ class Report:
             raise UserErrors(self.problems)
 
 
-def parse_layer_list(text: str | None) -> list[int] | None:
-    if text in (None, ""):
-        return None
-    try:
-        layers = [int(x) for x in str(text).replace(" ", "").split(",") if x != ""]
-    except ValueError:
-        raise UserError(f"num_layer_list = {text!r}: expected comma-separated integers such as 10,12,10") from None
-    if min(layers, default=0) < 1:
-        raise UserError(f"num_layer_list = {text!r}: every pipeline stage needs at least 1 layer, e.g. 10,12,10")
-    return layers
-
-
-def check(res: Resolved, layout: Layout) -> Report:
+def check(res: Resolved, layout: RunLayout) -> Report:
     cfg, r = res.cfg, Report()
 
     def bad(msg: str) -> None:
@@ -81,9 +73,6 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"train_iters = {cfg.train_iters}: must be positive (or set `epochs`)")
     if cfg.min_lr > cfg.lr:
         bad(f"min_lr = {cfg.min_lr} > lr = {cfg.lr}: the schedule decays from lr down to min_lr")
-    if cfg.epochs is None and cfg.train_iters and cfg.train_iters > 0 and (
-            problem := warmup_problem(cfg, cfg.train_iters)):
-        bad(problem)
 
     world = layout.world_size
     if world % (tp * pp * cp):
@@ -95,8 +84,6 @@ def check(res: Resolved, layout: Layout) -> Report:
             f"({cfg.micro_batch_size}) x data-parallel size ({layout.dp} = world {world} / (TP x PP x CP))")
     if cfg.seq_len > cfg.max_pe:
         bad(f"seq_len ({cfg.seq_len}) must be <= max_pe ({cfg.max_pe})")
-    if problem := seq_len_problem(cfg):
-        bad(problem)
     if cfg.seq_len > 32768 and cp == 1:
         r.warnings.append(f"seq_len ({cfg.seq_len}) > 32768 with context_parallel_size 1: "
                           "context_parallel_size >= 2 is recommended")
@@ -123,13 +110,9 @@ def check(res: Resolved, layout: Layout) -> Report:
         bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
     if cfg.ckpt_load_type == 2 and not cfg.user_converted_ckpt_path:
         save_dir = run_paths(cfg).save_dir
-        if not (cfg.train_auto_resume and ckpt_layout.iterations_on_disk(save_dir)):
+        if not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(save_dir)):
             bad("ckpt_load_type = 2 (resume) needs user_converted_ckpt_path (a training checkpoint), "
                 f"or train_auto_resume with a checkpoint in {save_dir}")
-    try:
-        scripts_dir(cfg)
-    except UserError as e:
-        bad(str(e))
     layer_list = parse_layer_list(cfg.num_layer_list)
     if layer_list is not None and len(layer_list) != pp:
         bad(f"num_layer_list ({cfg.num_layer_list}) has {len(layer_list)} entries; "
@@ -140,7 +123,7 @@ def check(res: Resolved, layout: Layout) -> Report:
     return r
 
 
-def _check_experts(cfg, layout: Layout, r: Report) -> None:
+def _check_experts(cfg, layout: RunLayout, r: Report) -> None:
     """Expert parallel (SPEC.md section 8): EP ranks split the experts, and split the DP x CP ranks of each
     TP x PP position (expert TP = TP)."""
     ep = cfg.ep
@@ -165,44 +148,13 @@ def _check_experts(cfg, layout: Layout, r: Report) -> None:
                           f"{source})")
 
 
-def warmup_iters(cfg, train_iters: int) -> int:
-    return int(cfg.lr_warmup_fraction * train_iters) if cfg.lr_warmup_fraction is not None else cfg.lr_warmup_iters
-
-
-def warmup_problem(cfg, train_iters: int) -> str | None:
-    """The warmup must end before the run does (with `epochs`, train_iters is known only to the trainer)."""
-    warmup = warmup_iters(cfg, train_iters)
-    if warmup >= train_iters:
-        key = "lr_warmup_fraction" if cfg.lr_warmup_fraction is not None else "lr_warmup_iters"
-        return (f"{key}: lr warmup ({warmup} iterations) must be shorter than train_iters ({train_iters}); "
-                f"lower {key}")
-    return None
-
-
-def seq_unit(cfg) -> int:
-    """What every micro-batch length must divide into: 2 x CP chunks (megatron's load-balanced CP split) and,
-    with sequence_parallel, each CP rank's share over the TP ranks."""
-    sp_tp = cfg.tp if cfg.sequence_parallel else 1
-    return math.lcm(2 * cfg.cp if cfg.cp > 1 else 1, sp_tp * cfg.cp)
-
-
-def seq_len_problem(cfg) -> str | None:
-    unit = seq_unit(cfg)
-    if cfg.seq_len % unit == 0:
-        return None
-    parts = [f"2 x context_parallel_size ({2 * cfg.cp})"] if cfg.cp > 1 else []
-    if cfg.sequence_parallel and cfg.tp > 1:
-        parts.append(f"tensor_model_parallel_size x context_parallel_size ({cfg.tp * cfg.cp}) with sequence_parallel")
-    return f"seq_len ({cfg.seq_len}) must be divisible by {' and '.join(parts)}; use a multiple of {unit}"
-
-
 def _check_model(cfg, layer_list, r: Report) -> None:
     source = config_path(cfg.model_name_or_path)
     try:
         mc = load_config_json(cfg.model_name_or_path)
         kv_key = "num_key_value_heads"
-        if chatglm.is_chatglm(mc):  # the original GLM layout: its kv groups are multi_query_group_num
-            mc, kv_key = chatglm.glm_config(mc), "multi_query_group_num"
+        if is_chatglm(mc):  # the original GLM layout: its kv groups are multi_query_group_num
+            mc, kv_key = glm_config(mc), "multi_query_group_num"
         heads = positive_int(mc, "num_attention_heads", str(source))
         kv = positive_int(mc, "num_key_value_heads", str(source), default=heads)
         layers = positive_int(mc, "num_hidden_layers", str(source))
@@ -237,16 +189,16 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         return
     ckpt = Path(cfg.user_converted_ckpt_path)
     try:
-        it = ckpt_layout.read_tracker(ckpt)
-        iter_path = ckpt / ckpt_layout.iter_dir_name(it)
+        it = ckpt_files.read_tracker(ckpt)
+        iter_path = ckpt / ckpt_files.iter_dir_name(it)
         if not iter_path.is_dir():
-            raise UserError(f"{ckpt / ckpt_layout.TRACKER} names iteration {it}, but {iter_path} does not exist")
+            raise UserError(f"{ckpt / ckpt_files.TRACKER} names iteration {it}, but {iter_path} does not exist")
         expert_parallel = False
-        if ckpt_layout.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
-            from ascendfactory.convert.mgckpt import expert_parallel as is_ep
+        if ckpt_files.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
+            from ascendfactory.ckpt.reader import expert_parallel as is_ep
 
             expert_parallel = is_ep(iter_path)
-        tp, pp, ep = ckpt_layout.layout_of(iter_path, expert_parallel=expert_parallel)
+        tp, pp, ep = ckpt_files.layout_of(iter_path, expert_parallel=expert_parallel)
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return

@@ -16,6 +16,18 @@ Fraction = Annotated[float, Field(ge=0, lt=1)]  # [0, 1)
 # The linears LoRA can adapt (megatron-core names); all of them by default, as in MindSpeed-LLM's examples.
 LORA_TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 
+# The dataset handlers and chat templates a config may name (data/handlers.py, data/templates.py implement them).
+PRETRAIN = "GeneralPretrainHandler"
+INSTRUCTION_HANDLERS = (
+    "AlpacaStyleInstructionHandler",
+    "SharegptStyleInstructionHandler",
+    "OpenAIStyleInstructionHandler",
+    "GeneralInstructionHandler",
+    "MOSSInstructionHandler",
+)
+HANDLERS = (PRETRAIN,) + INSTRUCTION_HANDLERS
+PROMPT_TYPES = ("auto", "qwen", "llama3", "llama2", "mistral", "empty", "chatglm3", "glm4")
+
 
 class ExpConfig(BaseModel):
     """Everything a run needs. Unknown keys are refused before this model is built (see config.keys)."""

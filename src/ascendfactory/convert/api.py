@@ -9,10 +9,10 @@
 
 from __future__ import annotations
 
+from ascendfactory.ckpt.reader import CheckpointLayout, read_checkpoint_layout
 from ascendfactory.convert.hf2mg import hf_to_megatron
-from ascendfactory.convert.layout import dtype_name
 from ascendfactory.convert.mg2hf import DEFAULT_SHARD_SIZE, megatron_to_hf
-from ascendfactory.convert.mgckpt import CheckpointLayout, read_checkpoint_layout
+from ascendfactory.convert.options import dtype_name
 from ascendfactory.convert.peft_adapter import export_peft_adapter
 from ascendfactory.convert.verify import VerificationFailed, verify_conversion
 

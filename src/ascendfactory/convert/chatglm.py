@@ -14,14 +14,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ascendfactory.convert.hfread import SafetensorsReader
-from ascendfactory.errors import UserError
+from ascendfactory.modelinfo import glm_config, is_chatglm_dir
 
 if TYPE_CHECKING:
     import torch
 
     from ascendfactory.modelinfo import ModelFacts
 
-ARCHITECTURES = ("ChatGLMModel", "ChatGLMForConditionalGeneration")
 QKV = ("q_proj", "k_proj", "v_proj")  # row blocks of query_key_value, in this order
 # ChatGLM's RotaryEmbedding buffer: derived from the config, not read; written on export as the original holds it.
 INV_FREQ = "transformer.rotary_pos_emb.inv_freq"
@@ -46,49 +45,6 @@ def _pattern(template: str) -> re.Pattern:
 
 
 _TO_CHATGLM = [(_pattern(h), c) for h, c in NAMES.items()]
-
-
-def is_chatglm(cfg: dict) -> bool:
-    return cfg.get("model_type") == "chatglm" or any(a in ARCHITECTURES for a in cfg.get("architectures") or [])
-
-
-def is_chatglm_dir(model_dir: str | Path) -> bool:
-    path = Path(model_dir) / "config.json"
-    try:
-        return is_chatglm(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
-        return False  # read_model_facts reports a missing / broken config.json with its own message
-
-
-# chatglm config keys whose other values mean another architecture than the one GLM's names describe
-_FIXED = {"rmsnorm": True, "add_bias_linear": False, "apply_residual_connection_post_layernorm": False,
-          "post_layer_norm": True}
-
-
-def glm_config(cfg: dict, source: str = "config.json") -> dict:
-    """The GlmForCausalLM config.json equivalent of a chatglm config.json (KeyError for a missing key)."""
-    for key, want in _FIXED.items():
-        if cfg.get(key, want) != want:
-            raise UserError(f"{source}: {key}={cfg[key]!r} is not supported (the GLM layout needs {want!r}); "
-                            "this checkpoint is not ChatGLM2/3 or GLM-4")
-    heads = int(cfg["num_attention_heads"])
-    return {
-        "architectures": ["GlmForCausalLM"],
-        "hidden_size": cfg["hidden_size"],
-        "num_hidden_layers": cfg["num_layers"],
-        "num_attention_heads": heads,
-        "num_key_value_heads": cfg["multi_query_group_num"] if cfg.get("multi_query_attention") else heads,
-        "head_dim": cfg.get("kv_channels") or int(cfg["hidden_size"]) // heads,
-        "intermediate_size": cfg["ffn_hidden_size"],
-        "vocab_size": cfg["padded_vocab_size"],
-        "max_position_embeddings": cfg.get("seq_length", 8192),
-        "rms_norm_eps": cfg.get("layernorm_epsilon", 1e-5),
-        "rope_theta": 10000.0 * float(cfg.get("rope_ratio") or 1),
-        "partial_rotary_factor": 0.5,
-        "attention_bias": bool(cfg.get("add_qkv_bias", False)),
-        "tie_word_embeddings": False,
-        "torch_dtype": cfg.get("torch_dtype"),
-    }
 
 
 def _rows(facts: ModelFacts) -> dict[str, tuple[int, int]]:

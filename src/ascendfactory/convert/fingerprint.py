@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ascendfactory.ckpt_layout import TRACKER, iter_dir_name, layout_of, rank_file, write_text_atomic
+from ascendfactory.ckpt.files import TRACKER, iter_dir_name, layout_of, rank_file
 from ascendfactory.convert.hfread import INDEX
-from ascendfactory.convert.layout import ITERATION, Layout
+from ascendfactory.convert.options import ITERATION
+from ascendfactory.fsutil import write_text_atomic
+from ascendfactory.layout import ShardPlan
 
 MARKER = "ascendfactory_convert.json"
 
@@ -32,7 +34,7 @@ def fingerprint(source_dir: str | Path, **layout) -> dict:
     return {"source": str(Path(source_dir).resolve()), "files": source_files(source_dir), **layout}
 
 
-def conversion_fingerprint(hf_dir, layout: Layout, dtype: str | None) -> dict:
+def conversion_fingerprint(hf_dir, layout: ShardPlan, dtype: str | None) -> dict:
     """hf2mg: the HF source and the target layout."""
     ep = {"ep": layout.ep} if layout.ep > 1 else {}  # EP 1 fingerprints as before: earlier conversions stay valid
     return fingerprint(hf_dir, tp=layout.tp, pp=layout.pp, num_layer_list=list(layout.layers), dtype=dtype,
@@ -47,7 +49,7 @@ def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None,
                        config=str(Path(hf_config_dir).resolve()))
 
 
-def conversion_complete(target: Path, layout: Layout) -> bool:
+def conversion_complete(target: Path, layout: ShardPlan) -> bool:
     return (Path(target) / TRACKER).is_file() and all(
         rank_file(target, ITERATION, t, p, layout.pp, e, layout.ep).is_file()
         for p in range(layout.pp) for t in range(layout.tp) for e in range(layout.ep))

@@ -7,19 +7,20 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt_layout import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
+from ascendfactory.ckpt.files import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
 from ascendfactory.convert.chatglm import open_reader
-from ascendfactory.convert.families import Rule, hf_shape, model_items, rules_for
+from ascendfactory.families import Rule, hf_shape, model_items, rules_for
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
-from ascendfactory.convert.layout import ITERATION, Layout, dtype_name, parse_num_layer_list, plan_layout, torch_dtype
+from ascendfactory.convert.options import ITERATION, dtype_name, torch_dtype
+from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
 from ascendfactory.progress import Progress
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError, disk_full_as_error
 from ascendfactory.modelinfo import ModelFacts
 
 
-def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: Layout) -> None:
+def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: ShardPlan) -> None:
     """Every HF tensor the tables need exists with the shape config.json implies, before anything is written."""
     for p, e in ((p, e) for p in range(layout.pp) for e in range(layout.ep)):
         for rule, _, names in model_items(facts, rules, layout, p, e):
@@ -51,7 +52,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
     rules = rules_for(facts, pp)
     _check_source(read, hf_dir, facts, rules, layout)
     cast = torch_dtype(dtype)
-    args = checkpoint_args(tp, pp, parse_num_layer_list(num_layer_list), str(Path(hf_dir).resolve()),
+    args = checkpoint_args(tp, pp, parse_layer_list(num_layer_list, "--num-layer-list"), str(Path(hf_dir).resolve()),
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size, ep,
                            facts.num_experts, tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
     with disk_full_as_error(f"{flag} {mg_dir}"), staged(mg_dir, fp) as tmp:

@@ -13,16 +13,17 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan, is_chatglm_dir
-from ascendfactory.convert.families import hf_shape, is_expert, merged_items, rules_for
+from ascendfactory.ckpt.reader import CheckpointLayout, model_state, read_checkpoint_layout
+from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan
+from ascendfactory.families import hf_shape, is_expert, merged_items, rules_for
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
-from ascendfactory.convert.layout import Layout, dtype_name, torch_dtype
-from ascendfactory.convert.mgckpt import CheckpointLayout, model_state, read_checkpoint_layout
+from ascendfactory.convert.options import dtype_name, torch_dtype
+from ascendfactory.layout import ShardPlan
 from ascendfactory.progress import Progress
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError, disk_full_as_error
-from ascendfactory.modelinfo import ModelFacts, read_model_facts
+from ascendfactory.modelinfo import ModelFacts, is_chatglm_dir, read_model_facts
 
 DEFAULT_SHARD_SIZE = "5GB"
 # Copied from --hf-config-dir: everything but weights (config, generation config, tokenizer files, templates).
@@ -71,7 +72,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     if up_to_date(hf_dir, fp, flag, replace_ours, export_complete):
         log.say(f"{hf_dir} already holds this export; nothing to do")
         return False
-    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size, ck.ep)
+    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size, ck.ep)
     rules = [r for r in rules_for(facts, ck.pp) if r.to_hf]
     items = [it for p in range(ck.pp) for it in merged_items(facts, rules, layout, p)]
     plan = [(n, hf_shape(t, facts)) for _, rule, _, names in items for t, n in zip(rule.hf, names)]

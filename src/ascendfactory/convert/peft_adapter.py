@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 
+from ascendfactory.ckpt.lora import LORA_A, LORA_B
+from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout
 from ascendfactory.convert import chatglm
-from ascendfactory.convert.families import model_items, rules_for
+from ascendfactory.families import model_items, rules_for
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
-from ascendfactory.convert.layout import Layout
-from ascendfactory.convert.lora import LORA_A, LORA_B
-from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout
+from ascendfactory.layout import ShardPlan
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
-from ascendfactory.modelinfo import read_model_facts
+from ascendfactory.modelinfo import is_chatglm_dir, read_model_facts
 from ascendfactory.progress import Progress
 
 
@@ -41,8 +41,8 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
     if up_to_date(out_dir, fp, flag, replace_ours, adapter_complete):
         log.say(f"{out_dir} already holds this adapter; nothing to do")
         return False
-    layout = Layout(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
-    chatglm_layout = chatglm.is_chatglm_dir(hf_config_dir)
+    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    chatglm_layout = is_chatglm_dir(hf_config_dir)
     tensors, modules = {}, set()
     for p in range(ck.pp):
         states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]

@@ -5,7 +5,7 @@ decide_* only stat files and read small json (no torch import): `plan` calls the
 
 from __future__ import annotations
 
-from ascendfactory.ckpt_layout import read_tracker
+from ascendfactory.ckpt.files import read_tracker
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
@@ -16,9 +16,10 @@ from ascendfactory.convert.fingerprint import (
     export_complete,
     export_fingerprint,
 )
-from ascendfactory.convert.layout import dtype_name, plan_layout
+from ascendfactory.convert.options import dtype_name
 from ascendfactory.convert.target import ours
 from ascendfactory.errors import UserError
+from ascendfactory.layout import plan_layout
 from ascendfactory.modelinfo import read_model_facts
 
 EXPORT_SHARD_SIZE = 5 * 10**9

@@ -11,10 +11,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ascendfactory.ckpt_layout import fsync_dir
 from ascendfactory.convert.fingerprint import MARKER, read_marker, write_marker
 from ascendfactory.errors import UserError
-from ascendfactory.launch.lock import pid_alive
+from ascendfactory.fsutil import fsync_dir, pid_alive
 
 
 def up_to_date(target: str | Path, fp: dict, flag: str, replace_ours: bool,

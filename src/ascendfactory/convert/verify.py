@@ -31,11 +31,12 @@ def reference_logits(hf_dir, dtype: str | None = None, n_tokens: int = 12, batch
     import torch
     import transformers
 
-    from ascendfactory.convert.layout import torch_dtype
+    from ascendfactory.convert.options import torch_dtype
 
     from ascendfactory.convert import chatglm
+    from ascendfactory.modelinfo import is_chatglm_dir
 
-    if chatglm.is_chatglm_dir(hf_dir):  # its own modeling code is remote code: GLM's with the same weights
+    if is_chatglm_dir(hf_dir):  # its own modeling code is remote code: GLM's with the same weights
         model = chatglm.glm_model(hf_dir)
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
@@ -61,7 +62,7 @@ def compare(jobs: list[dict], nproc: int | None = None, timeout: float = 1800) -
     max_abs_diff and layout. Raises RuntimeError with the worker's log when the launch fails."""
     import torch
 
-    from ascendfactory.convert.mgckpt import read_checkpoint_layout, trusting
+    from ascendfactory.ckpt.reader import read_checkpoint_layout, trusting
 
     layouts = [read_checkpoint_layout(j["mg_dir"], j.get("iteration")) for j in jobs]
     nproc = nproc or max(ck.tp * ck.pp * ck.ep for ck in layouts)

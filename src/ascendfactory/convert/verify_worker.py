@@ -31,9 +31,9 @@ def run_job(job: dict) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core import tensor_parallel
 
-    from ascendfactory.convert.layout import torch_dtype
-    from ascendfactory.convert.lora import has_adapters
-    from ascendfactory.convert.mgckpt import model_state, rank_args, read_checkpoint_layout, trust_checkpoints
+    from ascendfactory.ckpt.lora import has_adapters
+    from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout, trust_checkpoints
+    from ascendfactory.convert.options import torch_dtype
     from ascendfactory.engine.lora import LoRASpec, apply_lora
     from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
     from ascendfactory.modelinfo import read_model_facts

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ascendfactory.config.schema import PRETRAIN
 from ascendfactory.data.fast_encode import TextEncoder
-from ascendfactory.data.handlers import PRETRAIN, BadRecord, pretrain_texts, to_conversation
+from ascendfactory.data.handlers import BadRecord, pretrain_texts, to_conversation
 from ascendfactory.data.readers import TooLarge
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import TokenizerInfo

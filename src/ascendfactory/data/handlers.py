@@ -11,17 +11,8 @@ import json
 from dataclasses import dataclass
 
 from ascendfactory.data.names import FLAGS
+from ascendfactory.config.schema import HANDLERS, PRETRAIN
 from ascendfactory.errors import UserError
-
-PRETRAIN = "GeneralPretrainHandler"
-INSTRUCTION_HANDLERS = (
-    "AlpacaStyleInstructionHandler",
-    "SharegptStyleInstructionHandler",
-    "OpenAIStyleInstructionHandler",
-    "GeneralInstructionHandler",
-    "MOSSInstructionHandler",
-)
-HANDLERS = (PRETRAIN,) + INSTRUCTION_HANDLERS
 
 # roles of a normalized conversation; the first two kinds prompt, the last two are supervised
 PROMPT_ROLES = ("user", "observation")

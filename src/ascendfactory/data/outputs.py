@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ascendfactory.ckpt_layout import write_text_atomic
-from ascendfactory.data.handlers import PRETRAIN
+from ascendfactory.config.schema import PRETRAIN
 from ascendfactory.data.tokenizer import tokenizer_files
+from ascendfactory.fsutil import write_text_atomic
 
 # bump when the output for the same inputs changes (templates, truncation, packing, file layout)
 FORMAT_VERSION = 1

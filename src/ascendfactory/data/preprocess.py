@@ -38,10 +38,11 @@ from collections import deque
 import numpy as np
 
 from ascendfactory.progress import Progress
+from ascendfactory.config.schema import PRETRAIN
 from ascendfactory.data import outputs as out
 from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, encode_chunk
 from ascendfactory.data.fast_encode import TextEncoder
-from ascendfactory.data.handlers import PRETRAIN, parse_map_keys
+from ascendfactory.data.handlers import parse_map_keys
 from ascendfactory.data.indexed import OutputSet, optimal_dtype
 from ascendfactory.data.names import FLAGS
 from ascendfactory.data.packing import PACK_WINDOW, build_bin, pack_window

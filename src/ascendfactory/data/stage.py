@@ -8,9 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from ascendfactory.config.paths import RunPaths
-from ascendfactory.config.schema import ExpConfig
+from ascendfactory.config.schema import PRETRAIN, ExpConfig
 from ascendfactory.data import outputs as out
-from ascendfactory.data.handlers import PRETRAIN
 from ascendfactory.data.names import YAML_KEYS
 from ascendfactory.data.readers import discover
 from ascendfactory.errors import UserError

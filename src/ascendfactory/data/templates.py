@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import json
 
+from ascendfactory.config.schema import PROMPT_TYPES
 from ascendfactory.data.handlers import BadRecord, Conversation
 from ascendfactory.data.names import FLAGS
 from ascendfactory.data.tokenizer import TokenizerInfo
 from ascendfactory.errors import UserError
-
-PROMPT_TYPES = ("auto", "qwen", "llama3", "llama2", "mistral", "empty", "chatglm3", "glm4")
 
 QWEN_DEFAULT_SYSTEM = "You are a helpful assistant."
 ALPACA_PROMPT = (

@@ -64,7 +64,7 @@ def remote_glm_tokenizer(path: str | Path) -> bool:
         return False
     tcfg = _json(d / "tokenizer_config.json")
     names = [tcfg.get("tokenizer_class") or ""] + [str(v) for v in (tcfg.get("auto_map") or {}).values()]
-    from ascendfactory.convert.chatglm import is_chatglm
+    from ascendfactory.modelinfo import is_chatglm
 
     return any(r in n for n in names for r in _REMOTE_TOKENIZERS) or is_chatglm(_json(d / "config.json"))
 

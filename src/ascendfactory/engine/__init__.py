@@ -9,10 +9,5 @@ Exit codes of each worker:
 Codes 1 and 2 come with the one-line reason (or the traceback) in the rank's torchelastic error file
 (TORCHELASTIC_ERROR_FILE). torchrun exits 1 when any worker exits non-zero; under ascendfactory.launch.agent
 (train.sh) a worker's exit 2 is not restarted. A worker gets SIGTERM when its torchrun dies.
+The codes are defined in ascendfactory.errors, which the launcher reads them from too.
 """
-
-from ascendfactory.errors import EXIT_USER_ERROR  # noqa: F401  (re-exported: launch/ reads every code here)
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_PREEMPTED = 3

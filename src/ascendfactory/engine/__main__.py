@@ -11,9 +11,8 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from ascendfactory.engine import EXIT_FAILURE, EXIT_USER_ERROR
 from ascendfactory.engine.faults import Diverged
-from ascendfactory.errors import UserError
+from ascendfactory.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
 
 

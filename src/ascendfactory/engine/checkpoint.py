@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ascendfactory import ckpt_layout as L
-from ascendfactory.convert.lora import LORA_A, is_lora_key, without_adapters
-from ascendfactory.convert.mgckpt import CheckpointLayout, load_file, read_checkpoint_layout, resume_problem
+from ascendfactory.ckpt import files as L
+from ascendfactory.ckpt.lora import LORA_A, is_lora_key, without_adapters
+from ascendfactory.ckpt.reader import CheckpointLayout, load_file, read_checkpoint_layout, resume_problem
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import kill_point
 from ascendfactory.errors import UserError

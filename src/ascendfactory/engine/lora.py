@@ -3,7 +3,7 @@
 Each target linear gets two children, lora_A [r, in] and lora_B [out, r], and a forward hook that adds
 (lora_alpha / lora_r) * B A dropout(x) to its output; every other parameter is frozen. The base weights keep their
 names, so converted checkpoints load as they are and a saved checkpoint folds back into plain weights
-(convert/lora.py). The adapters are split like their linear: a column-parallel linear (linear_qkv, linear_fc1)
+(ckpt/lora.py). The adapters are split like their linear: a column-parallel linear (linear_qkv, linear_fc1)
 splits B's rows over TP and keeps A whole, a row-parallel one (linear_proj, linear_fc2) splits A's columns and
 keeps B whole, and the few-column middle product takes megatron-core's own TP / sequence-parallel collectives.
 A starts from a generator seeded by (seed, layer, linear) and is cut from the full matrix, B from zeros, so

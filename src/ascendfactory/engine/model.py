@@ -1,4 +1,4 @@
-"""megatron-core GPTModel built from an HF config.json and its family record's traits (convert/families.py).
+"""megatron-core GPTModel built from an HF config.json and its family record's traits (families.py).
 
 Local layer spec: its parameter names are the ones the converter's tables target.
 """

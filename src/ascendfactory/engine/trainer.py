@@ -13,27 +13,21 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ascendfactory import ckpt_layout as L
+from ascendfactory.ckpt import files as L
 from ascendfactory.config.loader import load_resolved
+from ascendfactory.ckpt.reader import trust_checkpoints
 from ascendfactory.config.paths import RunPaths, run_id, run_paths
-from ascendfactory.config.rules import (
-    parse_layer_list,
-    seq_len_problem,
-    seq_unit,
-    warmup_iters,
-    warmup_problem,
-)
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.convert.layout import padded_vocab_size, stage_layers
-from ascendfactory.convert.mgckpt import trust_checkpoints
 from ascendfactory.data.stage import find_data_prefix
-from ascendfactory.engine import EXIT_OK, EXIT_PREEMPTED, checkpoint, device
+from ascendfactory.engine import checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
 from ascendfactory.engine.faults import Diverged, StopRequest, kill_point
 from ascendfactory.engine.lora import LoRASpec, apply_lora
 from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
 from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
-from ascendfactory.errors import UserError
+from ascendfactory.engine.training_math import seq_len_problem, seq_unit, warmup_iters, warmup_problem
+from ascendfactory.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from ascendfactory.layout import padded_vocab_size, parse_layer_list, stage_layers
 from ascendfactory.modelinfo import read_model_facts
 
 

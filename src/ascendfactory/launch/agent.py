@@ -20,7 +20,7 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-from ascendfactory.engine import EXIT_USER_ERROR
+from ascendfactory.errors import EXIT_USER_ERROR
 from ascendfactory.errors import UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
 

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from ascendfactory.errors import UserError
+from ascendfactory.fsutil import pid_alive
 
 LOCK_ENV = "AF_LOCK_FILE"
 _PR_SET_PDEATHSIG = 1
@@ -32,16 +33,6 @@ def lock_path(output_dir: str | Path, node_rank: int = 0) -> Path:
     # One lock per node: on a shared output_dir every node of the same run writes its own.
     name = ".ascendfactory.lock" if node_rank == 0 else f".ascendfactory.node{node_rank}.lock"
     return Path(output_dir) / name
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def die_with_parent(sig: int, parent: int | None = None) -> None:

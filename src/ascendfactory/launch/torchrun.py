@@ -19,10 +19,9 @@ from pathlib import Path
 
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.engine import EXIT_PREEMPTED, EXIT_USER_ERROR
-from ascendfactory.errors import UserError
-from ascendfactory.launch.layout import Layout
+from ascendfactory.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import LOCK_ENV, die_with_parent, lock_path
+from ascendfactory.layout import RunLayout
 
 
 def default_scripts_dir() -> Path:
@@ -36,6 +35,15 @@ def scripts_dir(cfg: ExpConfig) -> Path:
     return d
 
 
+def config_problems(cfg: ExpConfig) -> list[str]:
+    """What the launcher would refuse in the resolved config, for the pipeline's report before any stage."""
+    try:
+        scripts_dir(cfg)
+    except UserError as e:
+        return [str(e)]
+    return []
+
+
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
         try:
@@ -45,7 +53,7 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def master_port(layout: Layout) -> int:
+def master_port(layout: RunLayout) -> int:
     """The rendezvous port; on a single node a busy one is swapped for a free one (nobody else dials it)."""
     if layout.nnodes > 1 or _port_free(layout.master_port):
         return layout.master_port
@@ -56,7 +64,7 @@ def master_port(layout: Layout) -> int:
     return port
 
 
-def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
+def training_env(cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> dict:
     env = dict(os.environ)
     env.update(
         AF_PYTHON=sys.executable,
@@ -78,7 +86,7 @@ def training_env(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> dict:
     return env
 
 
-def error_file(paths: RunPaths, layout: Layout) -> Path:
+def error_file(paths: RunPaths, layout: RunLayout) -> Path:
     return paths.logs_dir / "torchrun" / f"error-node{layout.node_rank}.json"
 
 
@@ -129,7 +137,7 @@ def _worker_log(attempt: Path | None, local_rank: int | None, logs_dir: Path) ->
     return log if log.exists() else attempt
 
 
-def run_training(cfg: ExpConfig, paths: RunPaths, layout: Layout) -> None:
+def run_training(cfg: ExpConfig, paths: RunPaths, layout: RunLayout) -> None:
     """Run train.sh in the foreground; its output goes to the console and to logs/train-node{r}.log.
     SIGTERM/SIGINT are forwarded so that workers save and stop; if this process dies, torchrun gets SIGTERM."""
     script = scripts_dir(cfg) / "train.sh"

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from itertools import groupby
 from typing import TYPE_CHECKING
 
-from ascendfactory.convert.sharding import (
+from ascendfactory.sharding import (
     FUSED_GATE_UP,
     FUSED_QKV,
     REPLICATED,

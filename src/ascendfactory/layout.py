@@ -1,46 +1,82 @@
-"""TP/PP layout rules of a conversion: layer split, vocab padding, divisibility. No torch here."""
+"""The layout vocabulary, each kind defined once (no torch: `plan` reads it). ClusterLayout: nodes, devices per
+node, world. ParallelLayout: TP, PP, CP, DP, micro-batches, EP and
+expert DP. RunLayout: both, as launch/cluster.py reads them.
+ShardPlan and the TP/PP layout rules of a conversion: layer split, vocab padding, divisibility. A checkpoint's
+recorded layout is ckpt.reader.CheckpointLayout (read with torch)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from ascendfactory.errors import UserError
 from ascendfactory.modelinfo import ModelFacts, read_model_facts
 
-ITERATION = 1  # converted weights are saved as iteration 1 (SPEC.md section 6)
-DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-_DTYPE_ALIASES = {"bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float32": "fp32", "float": "fp32"}
+
+@dataclass(frozen=True)
+class ClusterLayout:
+    device: str
+    world_size: int
+    nnodes: int
+    nproc_per_node: int
+    node_rank: int
+    master_addr: str
+    master_port: int
+    source: str = "single node"
 
 
-def dtype_name(dtype: str | None, flag: str = "--dtype") -> str | None:
-    """Canonical bf16|fp16|fp32 (None stays None = keep the source dtype)."""
-    if dtype is None:
-        return None
-    d = _DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
-    if d not in DTYPES:
-        raise UserError(f"{flag}: unknown dtype {dtype!r}; use bf16, fp16 or fp32")
-    return d
+@dataclass(frozen=True)
+class ParallelLayout:
+    tp: int
+    pp: int
+    cp: int
+    dp: int | None  # None when TP*PP*CP does not divide the world size (a rule reports it)
+    micro_batch_size: int
+    global_batch_size: int
+    num_microbatches: int | None
+    ep: int = 1  # expert parallel (MoE)
+    expert_dp: int | None = None  # expert data parallel: DP x CP / EP (expert TP = TP); None when EP does not divide
 
 
-def torch_dtype(name: str | None, default=None):
-    """The torch dtype of a canonical name; `default` for None (keep the source dtype)."""
-    if name is None:
-        return default
-    import torch  # here, not at the top: `plan` imports this module and must not load torch
+def parallel_layout(cfg, world_size: int) -> ParallelLayout:
+    model_par = cfg.tp * cfg.pp * cfg.cp
+    dp = world_size // model_par if model_par > 0 and world_size % model_par == 0 else None
+    mbs, gbs = cfg.micro_batch_size, cfg.global_batch_size
+    nmb = gbs // (mbs * dp) if dp and mbs > 0 and gbs % (mbs * dp) == 0 else None
+    # megatron-core's expert groups: the DP x CP ranks of a TP x PP position split into EP x expert-DP
+    expert_dp = dp * cfg.cp // cfg.ep if dp and cfg.ep > 0 and dp * cfg.cp % cfg.ep == 0 else None
+    return ParallelLayout(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp, micro_batch_size=mbs, global_batch_size=gbs,
+                          num_microbatches=nmb, ep=cfg.ep, expert_dp=expert_dp)
 
-    return getattr(torch, DTYPES[name])
+
+@dataclass(frozen=True)
+class RunLayout:
+    cluster: ClusterLayout
+    parallel: ParallelLayout
+
+    def __getattr__(self, name: str):
+        # layout.world_size, layout.dp; __dict__, not self.cluster: no recursion in copy()
+        for part in self.__dict__.values():
+            if name in part.__dataclass_fields__:
+                return getattr(part, name)
+        raise AttributeError(name)
+
+    def as_json(self) -> dict:
+        cluster = asdict(self.cluster)
+        cluster.pop("source")
+        return {**cluster, **asdict(self.parallel)}
 
 
-def parse_num_layer_list(value: str | list[int] | None) -> list[int] | None:
+def parse_layer_list(value: str | list[int] | None, key: str = "num_layer_list") -> list[int] | None:
+    """Layers per pipeline stage, from `10,12,10` or a list; None when not given. `key`: how errors name it."""
     if value is None or value == "" or value == []:
         return None
-    if isinstance(value, str):
-        try:
-            return [int(x) for x in value.replace(" ", "").split(",") if x]
-        except ValueError:
-            raise UserError(f"--num-layer-list: {value!r} is not a comma-separated list of integers, "
-                            f"e.g. 6,10") from None
-    return [int(x) for x in value]
+    try:
+        layers = [int(x) for x in (value.replace(" ", "").split(",") if isinstance(value, str) else value) if x != ""]
+    except (TypeError, ValueError):
+        raise UserError(f"{key} = {value!r}: not a comma-separated list of integers, e.g. 10,12,10") from None
+    if min(layers, default=0) < 1:
+        raise UserError(f"{key} = {value!r}: every pipeline stage needs at least 1 layer, e.g. 10,12,10")
+    return layers
 
 
 def stage_layers(num_layers: int, pp: int, num_layer_list: list[int] | None = None,
@@ -99,7 +135,7 @@ def check_ep(facts: ModelFacts, ep: int) -> None:
 
 
 @dataclass(frozen=True)
-class Layout:
+class ShardPlan:
     tp: int
     pp: int
     layers: tuple[int, ...]  # layers per PP stage
@@ -112,17 +148,17 @@ class Layout:
 
 
 def make_layout(facts: ModelFacts, tp: int, pp: int, num_layer_list: list[int] | None = None,
-                make_vocab_size_divisible_by: int | None = None, ep: int = 1) -> Layout:
+                make_vocab_size_divisible_by: int | None = None, ep: int = 1) -> ShardPlan:
     padded = padded_vocab_size(facts.vocab_size, tp, make_vocab_size_divisible_by)
     check_tp(facts, tp, padded)
     check_ep(facts, ep)
     layers = stage_layers(facts.num_layers, pp, num_layer_list)
-    return Layout(tp, pp, tuple(layers), facts.vocab_size, padded, ep)
+    return ShardPlan(tp, pp, tuple(layers), facts.vocab_size, padded, ep)
 
 
 def plan_layout(hf_dir, tp: int, pp: int, num_layer_list=None, make_vocab_size_divisible_by=None, ep: int = 1
-                ) -> tuple[ModelFacts, Layout]:
+                ) -> tuple[ModelFacts, ShardPlan]:
     """Facts + validated layout (UserError on any bad combination); reads config.json only."""
     facts = read_model_facts(hf_dir)
-    return facts, make_layout(facts, tp, pp, parse_num_layer_list(num_layer_list), make_vocab_size_divisible_by,
-                              ep)
+    return facts, make_layout(facts, tp, pp, parse_layer_list(num_layer_list, "--num-layer-list"),
+                              make_vocab_size_divisible_by, ep)

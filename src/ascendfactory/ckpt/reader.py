@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt_layout import MODEL_FILE, iter_dir_name, layout_of, lone_suffix, rank_file, read_tracker
-from ascendfactory.convert.lora import without_adapters
+from ascendfactory.ckpt.files import MODEL_FILE, iter_dir_name, layout_of, lone_suffix, rank_file, read_tracker
+from ascendfactory.ckpt.lora import without_adapters
 from ascendfactory.errors import UserError
 
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")

@@ -9,11 +9,13 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 from ascendfactory.errors import UserError
+from ascendfactory.fsutil import fsync_dir, write_text_atomic  # noqa: F401  (fsync_dir: see below)
+
+# fsync_dir is not used here: engine/checkpoint.py calls it as L.fsync_dir until its rewrite imports it from fsutil.
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
@@ -89,26 +91,6 @@ def read_tracker(ckpt_dir: str | Path) -> int:
     except ValueError:
         raise UserError(f"{path}: expected an iteration number, found {text[:40]!a}; the tracker is damaged: "
                         "write the number of a complete iter_* folder into it, or remove it") from None
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write + fsync + rename: readers see the old content or the new, never a partial file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-
-
-def fsync_dir(path: str | Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_tracker(ckpt_dir: str | Path, iteration: int) -> None:

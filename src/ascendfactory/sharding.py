@@ -4,7 +4,8 @@ Each kind owns both directions and the LoRA adapter split of its linear. hf -> m
 rank needs (through `read`), so building one rank never holds more than that rank's tensors; mg -> hf is the exact
 inverse. A kind sees names already expanded (layer, expert), so expert rows need nothing here.
 
-No torch import at module level: the tables (families.py) hold these objects and `plan` reads the tables.
+Core, not convert/: the tables (families.py) hold these objects and `plan` reads the tables; only convert calls
+their methods. No torch import at module level.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from ascendfactory.convert.layout import Layout
+    from ascendfactory.layout import ShardPlan
     from ascendfactory.modelinfo import ModelFacts
 
 Range = tuple[int, int]
@@ -47,7 +48,7 @@ class Kind:
     name = ""
     lora = False  # a linear LoRA can adapt (rules.py's lora_target_modules hint lists the HF names it fuses)
 
-    def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: Layout, tp_rank: int
+    def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
               ) -> torch.Tensor:
         raise NotImplementedError
 

@@ -1,4 +1,5 @@
-"""Cluster layout: nodes, devices per node, ranks, master; then TP/PP/CP/DP and micro-batches.
+"""The run's layout on this cluster (layout.RunLayout): nodes, devices per node, ranks, master; then TP/PP/CP/DP
+and micro-batches.
 
 Sources, highest priority first: --master_addr/--num_nodes/--rank flags; ModelArts env
 (MA_NUM_HOSTS or VC_WORKER_NUM, VC_TASK_INDEX, VC_WORKER_HOSTS, MA_NUM_GPUS); torchrun-style env
@@ -11,36 +12,10 @@ import glob
 import importlib.util
 import os
 import re
-from dataclasses import asdict, dataclass
 
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.errors import UserError
-
-
-@dataclass(frozen=True)
-class Layout:
-    device: str
-    world_size: int
-    nnodes: int
-    nproc_per_node: int
-    node_rank: int
-    master_addr: str
-    master_port: int
-    tp: int
-    pp: int
-    cp: int
-    dp: int | None  # None when TP*PP*CP does not divide the world size (a rule reports it)
-    micro_batch_size: int
-    global_batch_size: int
-    num_microbatches: int | None
-    ep: int = 1  # expert parallel (MoE)
-    expert_dp: int | None = None  # expert data parallel: DP x CP / EP (expert TP = TP); None when EP does not divide
-    source: str = "single node"
-
-    def as_json(self) -> dict:
-        d = asdict(self)
-        d.pop("source")
-        return d
+from ascendfactory.layout import ClusterLayout, RunLayout, parallel_layout
 
 
 def _env_int(env: dict, name: str) -> int | None:
@@ -98,7 +73,7 @@ def devices_per_node(cfg: ExpConfig, device: str, env: dict, modelarts: bool) ->
     return 1
 
 
-def cluster_layout(cfg: ExpConfig, flags: dict | None = None, env: dict | None = None) -> Layout:
+def cluster_layout(cfg: ExpConfig, flags: dict | None = None, env: dict | None = None) -> RunLayout:
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     env = dict(os.environ if env is None else env)
     device = detect_device(cfg.device, env)
@@ -143,13 +118,6 @@ def cluster_layout(cfg: ExpConfig, flags: dict | None = None, env: dict | None =
                         f"{master_var}{also} to the host name or IP of node 0")
     nproc = devices_per_node(cfg, device, env, modelarts)
     world = nnodes * nproc
-    model_par = cfg.tp * cfg.pp * cfg.cp
-    dp = world // model_par if model_par > 0 and world % model_par == 0 else None
-    mbs, gbs = cfg.micro_batch_size, cfg.global_batch_size
-    nmb = gbs // (mbs * dp) if dp and mbs > 0 and gbs % (mbs * dp) == 0 else None
-    # megatron-core's expert groups: the DP x CP ranks of a TP x PP position split into EP x expert-DP
-    expert_dp = dp * cfg.cp // cfg.ep if dp and cfg.ep > 0 and dp * cfg.cp % cfg.ep == 0 else None
-    return Layout(device=device, world_size=world, nnodes=nnodes, nproc_per_node=nproc, node_rank=node_rank,
-                  master_addr=master, master_port=port, tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, dp=dp,
-                  micro_batch_size=mbs, global_batch_size=gbs, num_microbatches=nmb, ep=cfg.ep,
-                  expert_dp=expert_dp, source=source)
+    cluster = ClusterLayout(device=device, world_size=world, nnodes=nnodes, nproc_per_node=nproc,
+                            node_rank=node_rank, master_addr=master, master_port=port, source=source)
+    return RunLayout(cluster, parallel_layout(cfg, world))
