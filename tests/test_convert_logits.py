@@ -15,6 +15,8 @@ from ascendfactory.ckpt.files import rank_file
 from ascendfactory.convert.api import VerificationFailed, hf_to_megatron, verify_conversion
 from ascendfactory.convert.verify import TOLERANCE, compare
 
+pytestmark = pytest.mark.slow  # megatron models at several layouts (torchrun): the full suite only
+
 LAYOUTS = {"tp1pp1": (1, 1, None), "tp2": (2, 1, None), "pp2": (1, 2, None)}
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import _engine as E
 import pytest
 
+pytestmark = pytest.mark.slow  # torchrun workers: the full suite only
+
 TOL = 1e-5
 
 

@@ -18,6 +18,8 @@ import _engine as E
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock
 
+pytestmark = pytest.mark.slow  # whole-pipeline runs (torchrun): the full suite only
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -21,6 +21,8 @@ from ascendfactory.data import stage
 from ascendfactory.errors import UserError
 from ascendfactory.tiny import corpus_text, make_tokenizer
 
+pytestmark = pytest.mark.slow  # CLI subprocesses (tokenizers, converters) per case: the full suite only
+
 CLI = [sys.executable, "-m", "ascendfactory"]
 FSIZE_LIMIT = 64 * 1024
 

@@ -63,8 +63,13 @@ def _allowed_globals() -> tuple:
     argparse.Namespace of Megatron / MindSpeed-LLM args with megatron-core's AttnBackend enum in it."""
     import argparse
 
+    import warnings
+
     import numpy as np
-    from megatron.core.transformer.enums import AttnBackend
+
+    with warnings.catch_warnings():  # megatron-core's import-time notices (no TE / Apex) are not ours to print
+        warnings.simplefilter("ignore", UserWarning)
+        from megatron.core.transformer.enums import AttnBackend
 
     multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed np.core
     return (argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct,
