@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ascendfactory import ckpt_layout
+from ascendfactory import ckpt_layout, validation
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import LORA_TARGETS
@@ -135,6 +135,7 @@ def check(res: Resolved, layout: Layout) -> Report:
             f"pipeline_model_parallel_size is {pp}")
     _check_model(cfg, layer_list, r)
     _check_checkpoint_layout(cfg, r)
+    r.problems += validation.problems(cfg)
     return r
 
 
