@@ -211,7 +211,7 @@ def test_best_checkpoint_exported_with_eval_dataset(tmp_path):
 
     tiny.make_tiny_model(tmp_path / "model", "qwen2")
     tiny.write_instruction_data(tmp_path / "train.jsonl", n=64)
-    tiny.write_instruction_data(tmp_path / "val.jsonl", n=12, style="sharegpt")
+    tiny.write_instruction_data(tmp_path / "val.jsonl", n=12)
     out = tmp_path / "out"
     cfg = {"base": {"device": "cpu", "nproc_per_node": 1, "SEQ_LEN": 64, "MAX_PE": 256, "micro-batch-size": 2,
                     "global-batch-size": 4, "train-iters": 6, "tensor-model-parallel-size": 1, "prompt_type": "qwen",

@@ -163,7 +163,8 @@ def over_memory_warning(e: Estimate, device_bytes: int | None, source: str) -> s
 
 
 def gib(n: int) -> str:
-    return f"{n / GIB:.2f} GiB"
+    """Bytes for a person: GiB, MiB below one GiB."""
+    return f"{n / GIB:.2f} GiB" if n >= GIB else f"{n / 2**20:.1f} MiB"
 
 
 def summary_line(e: Estimate, device_bytes: int | None, source: str | None) -> str:
