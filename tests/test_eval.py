@@ -113,7 +113,8 @@ def test_plan_shows_the_validation_set_and_when_it_is_evaluated(env, tmp_path):
 
 def _run(env, name: str, nproc: int = 1, **kw) -> tuple[Path, str]:
     out = env["root"] / name
-    cfg = E.write_config(out, env["model"], kw.pop("data", env["packed"][0]), pack=True, **kw)
+    kw.setdefault("pack", True)
+    cfg = E.write_config(out, env["model"], kw.pop("data", env["packed"][0]), **kw)
     _ok(res := E.run_engine(cfg, nproc))
     return out, res.stdout
 
@@ -235,3 +236,17 @@ def test_best_checkpoint_exported_with_eval_dataset(tmp_path):
     kept = sorted(L.iterations_on_disk(out / "saved_checkpoints"))
     assert kept == [best_it, 6]  # save_total_limit 1: the newest, and the best while it is the best
     assert read_marker(out / "converted_mg2hf_weight")["iteration"] == best_it
+
+
+@pytest.mark.slow
+def test_pretraining_holds_out_megatrons_validation_documents(env):
+    """Pretraining: Megatron's `split` and the same val_size fraction hold out the same documents; both train and
+    evaluate alike (the trained-on documents exclude the held-out ones: a different split trains differently)."""
+    data = env["root"] / "pt"
+    E.write_pretrain(data, env["model"])
+    runs = {name: _run(env, f"pt_{name}", data=data, stage="pt", pack=False, train_iters=2, eval_interval=2, **kw)[0]
+            for name, kw in [("split", {"split": "90,10,0"}), ("val_size", {"val_size": 0.1}),
+                             ("none", {})]}
+    assert sorted(val_rows(runs["split"])) == [0, 2] and val_rows(runs["split"]) == val_rows(runs["val_size"])
+    assert E.losses(runs["split"]) == E.losses(runs["val_size"]) != E.losses(runs["none"])
+    assert val_rows(runs["none"]) == {}
