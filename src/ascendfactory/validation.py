@@ -88,14 +88,13 @@ def problems(cfg) -> list[str]:
     return out
 
 
-def idx_counts(idx_path: str | Path) -> tuple[int, int]:
-    """(sequences, documents) from a Megatron .idx header (SPEC.md section 5), without reading the index."""
+def idx_sequences(idx_path: str | Path) -> int:
+    """The sequence count from a Megatron .idx header (SPEC.md section 5), without reading the index."""
     with open(idx_path, "rb") as f:
-        head = f.read(9 + 8 + 1 + 8 + 8)
-    if len(head) < 34 or not head.startswith(b"MMIDIDX"):
+        head = f.read(26)  # magic (9), version (8), dtype code (1), sequence count (8)
+    if len(head) < 26 or not head.startswith(b"MMIDIDX"):
         raise UserError(f"{idx_path}: not a Megatron .idx file; preprocess the data again")
-    sequences, documents = struct.unpack("<QQ", head[18:34])
-    return sequences, documents - 1  # the document index starts with a 0
+    return struct.unpack("<Q", head[18:26])[0]
 
 
 def describe(cfg, data_prefix: str | None) -> dict:
@@ -113,7 +112,7 @@ def describe(cfg, data_prefix: str | None) -> dict:
         return info
     info["source"] = f"val_size {cfg.val_size} of the training samples, drawn from seed {cfg.seed}"
     if data_prefix is not None:
-        n = idx_counts(f"{data_prefix}_packed_input_ids_document.idx")[0]
+        n = idx_sequences(f"{data_prefix}_packed_input_ids_document.idx")
         info["samples"] = held_out_count(cfg.val_size, n)
         info["train_samples"] = n - info["samples"]
         info["batches"] = eval_batches(cfg.eval_iters, info["samples"], cfg.global_batch_size)
