@@ -4,6 +4,7 @@ pipeline with a separate eval_dataset, and bad validation keys refused by `plan`
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import re
@@ -12,12 +13,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _engine as E
 import numpy as np
 import pytest
 import torch
 import yaml
 
-import _engine as E
 from ascendfactory import ckpt_layout as L
 from ascendfactory import tiny
 
@@ -129,7 +130,7 @@ def _hf_validation_loss(model_dir: Path, samples: list[dict]) -> tuple[float, in
     with torch.no_grad():
         for s in samples:
             starts = (s["position_ids"] == 0).nonzero().flatten().tolist() + [len(s["tokens"])]
-            for a, b in zip(starts, starts[1:]):
+            for a, b in itertools.pairwise(starts):
                 logits = model(input_ids=s["tokens"][a:b][None]).logits[0].float()
                 per_token = torch.nn.functional.cross_entropy(logits, s["labels"][a:b], reduction="none")
                 total += float((per_token * s["loss_mask"][a:b]).sum())
