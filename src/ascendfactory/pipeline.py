@@ -233,16 +233,60 @@ def _earlier_run(cfg: ExpConfig, paths: RunPaths) -> str | None:
             "another output_dir")
 
 
+@dataclass
+class Foresight:
+    """What `plan` and `train` tell before any stage: the validation set and the memory estimate."""
+
+    validation: dict
+    memory: object  # memory.Estimate, or None where the model or the layout is not known
+    model_shape: str  # where the model's shape came from, or why it is not known
+    device_memory: int | None
+    device_memory_source: str | None
+
+    @property
+    def memory_warning(self) -> str | None:
+        from ascendfactory.memory import over_memory_warning
+
+        return over_memory_warning(self.memory, self.device_memory, self.device_memory_source) if self.memory \
+            else None
+
+
+def foresee(plan: Plan) -> Foresight:
+    """UserError when val_size leaves no training data (known once the data is preprocessed)."""
+    from ascendfactory import memory, validation
+    from ascendfactory.data.stage import find_data_prefix
+
+    cfg = plan.cfg
+    try:
+        prefix = find_data_prefix(plan.paths.processed_data_dir, cfg.stage)
+    except UserError:  # not preprocessed yet (the trainer checks then), or a problem the stages report
+        prefix = None
+    try:
+        estimate, shape = memory.for_run(cfg, plan.layout, plan.resolved.model_name)
+    except UserError as e:  # model files not here, nor a known model name
+        estimate, shape = None, str(e)
+    device_bytes, source = memory.device_memory(cfg, plan.layout.device)
+    return Foresight(validation.describe(cfg, prefix), estimate, shape, device_bytes, source)
+
+
 def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags: dict, as_json: bool) -> None:
+    from ascendfactory import memory, validation
+
     plan = make_plan(cfgs_yaml, model, exp, overrides, flags)
     check_outputs(plan)
     stages = decide_stages(plan, strict=False)
+    ahead = foresee(plan)
+    if ahead.memory_warning:
+        plan.report.warnings.append(ahead.memory_warning)
     if as_json:
         print(json.dumps({
             "config": plan.cfg.model_dump(mode="json"),
             "layout": plan.layout.as_json(),
             "stages": [s.as_json() for s in stages],
             "paths": plan.paths.as_json(),
+            "validation": ahead.validation,
+            "memory": ahead.memory.as_json() if ahead.memory else None,
+            "device_memory": ahead.device_memory,
             "warnings": plan.report.warnings,
             "unchecked": plan.report.unchecked,
         }, allow_nan=False))  # NaN/Infinity is not JSON (the schema refuses them; this is the backstop)
@@ -257,6 +301,9 @@ def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
           f"expert-DP {lay.expert_dp}")
     for s in stages:
         print(f"{s.name:<11} {'run ' if s.run else 'skip'}  {s.reason}")
+    print(f"validation  {validation.describe_line(ahead.validation)}")
+    print(f"memory      {memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)}; "
+          f"model shape from {ahead.model_shape}" if ahead.memory else f"memory      unknown ({ahead.model_shape})")
     for k, v in plan.paths.as_json().items():
         print(f"{k:<19} {v}")
     for w in plan.report.warnings:
@@ -304,6 +351,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
     check_requested(plan.cfg.device)
     for w in plan.report.warnings:
         _log(f"warning: {w}")
+    _tell_ahead(foresee(plan))
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout
     check_outputs(plan)
     decide_stages(plan)  # every stage's inputs and targets are checked before any work starts
@@ -331,6 +379,16 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
                 sys.exit(e.exit_code)
             _log(f"{name}: done in {time.time() - t0:.1f}s")
     _log(f"all stages done; outputs in {paths.output_dir}")
+
+
+def _tell_ahead(ahead: Foresight) -> None:
+    from ascendfactory import memory, validation
+
+    _log(f"validation: {validation.describe_line(ahead.validation)}")
+    if ahead.memory:
+        _log(f"memory estimate: {memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)}")
+    if ahead.memory_warning:
+        _log(f"warning: {ahead.memory_warning}")
 
 
 def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) -> None:

@@ -33,6 +33,11 @@ class RunPaths:
         return self.output_dir / "lora_adapter"
 
     @property
+    def best_checkpoint(self) -> Path:
+        """The saved checkpoint with the lowest validation loss (export_checkpoint: best)."""
+        return self.logs_dir / "best_checkpoint.json"
+
+    @property
     def state_dir(self) -> Path:
         """What the pipeline records about the output_dir (the run lock files sit beside it, also `.ascendfactory*`)."""
         return self.output_dir / STATE_DIR
@@ -53,6 +58,8 @@ NOT_IDENTITY = frozenset({
     "output_dir", "hf_save_dir", "scripts_dir", "mount_type", "train_auto_resume", "convert_mg2hf_at_last",
     "overwrite_output", "preprocess_workers", "save_interval", "save_total_limit", "log_interval",
     "save_grace_period", "max_restarts", "device", "nproc_per_node", "master_port",
+    # evaluation reads the weights, never changes them (val_size and split do: they take training data)
+    "eval_dataset", "eval_processed_data_dir", "eval_interval", "eval_iters", "export_checkpoint", "device_memory_gb",
 })
 
 

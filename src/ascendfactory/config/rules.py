@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ascendfactory import validation
 from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config.loader import Resolved
 from ascendfactory.config.paths import run_paths
@@ -120,6 +121,7 @@ def check(res: Resolved, layout: RunLayout) -> Report:
     _check_model(cfg, layer_list, r)
     _check_experts(cfg, layout, r)
     _check_checkpoint_layout(cfg, r)
+    r.problems += validation.problems(cfg)
     return r
 
 

@@ -116,6 +116,16 @@ class ExpConfig(BaseModel):
     save_grace_period: NonNegative = 60.0
     max_restarts: int = Field(3, ge=0)
 
+    # validation and memory (SPEC.md section 10)
+    val_size: int | float = Field(0, ge=0)  # a fraction < 1 of the training data, or a whole number of samples
+    split: str | None = None  # pretraining: Megatron's "train,valid,test" weights, e.g. "98,2,0"
+    eval_dataset: str | None = None  # raw validation data, preprocessed like `dataset`
+    eval_processed_data_dir: str | None = None
+    eval_interval: Size | None = None  # default: save_interval
+    eval_iters: Size | None = None  # default: the whole validation set when small, else 10 global batches
+    export_checkpoint: Literal["last", "best"] = "last"
+    device_memory_gb: float | None = Field(None, gt=0)  # for plan's estimate when the device cannot be queried
+
     # cluster
     device: Literal["auto", "npu", "cuda", "cpu"] = "auto"
     nproc_per_node: int | None = Field(None, ge=1)

@@ -5,6 +5,8 @@ decide_* only stat files and read small json (no torch import): `plan` calls the
 
 from __future__ import annotations
 
+import json
+
 from ascendfactory.ckpt.files import read_tracker
 from ascendfactory.config.paths import RunPaths
 from ascendfactory.config.schema import ExpConfig
@@ -64,13 +66,25 @@ def export_dtype(cfg: ExpConfig) -> str | None:
         return None
 
 
+def export_iteration(cfg: ExpConfig, paths: RunPaths) -> int:
+    """The checkpoint the export converts: the newest, or with export_checkpoint best the one best_checkpoint.json
+    names (the lowest validation loss among the saves)."""
+    if cfg.export_checkpoint != "best":
+        return read_tracker(paths.save_dir)
+    try:
+        return int(json.loads(paths.best_checkpoint.read_text())["iteration"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise UserError(f"export_checkpoint best: {paths.best_checkpoint} names no checkpoint (no evaluation at a "
+                        "save yet); set export_checkpoint: last, or train with a validation set") from None
+
+
 def decide_export(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     """Meant to be asked after training: before it, an up-to-date answer describes the checkpoint on disk now."""
     if not cfg.convert_mg2hf_at_last:
         return False, "convert_mg2hf_at_last is false"
     marker = ours(paths.hf_save_dir, "hf_save_dir")  # foreign content: refused before training, not after
     try:  # no checkpoint yet (or a damaged one): there is nothing to be up to date with
-        it = read_tracker(paths.save_dir)
+        it = export_iteration(cfg, paths)
         fp = export_fingerprint(paths.save_dir, it, cfg.model_name_or_path, export_dtype(cfg), EXPORT_SHARD_SIZE)
     except (UserError, OSError):
         fp = None
@@ -82,7 +96,8 @@ def decide_export(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
             and adapter_complete(adapter))):
         return False, f"{paths.hf_save_dir} already holds the export of iteration {it}" + (
             f", {adapter} its adapter" if lora else "")
-    return True, f"final checkpoint in {paths.save_dir} -> {paths.hf_save_dir}" + (
+    which = "best checkpoint (lowest validation loss)" if cfg.export_checkpoint == "best" else "final checkpoint"
+    return True, f"{which} in {paths.save_dir} -> {paths.hf_save_dir}" + (
         f" (merged) and {adapter} (PEFT adapter)" if lora else "")
 
 
@@ -90,9 +105,12 @@ def run_export(cfg: ExpConfig, paths: RunPaths) -> None:
     from ascendfactory.convert.mg2hf import megatron_to_hf
     from ascendfactory.convert.peft_adapter import export_peft_adapter
 
+    it = export_iteration(cfg, paths)
+    if cfg.export_checkpoint == "best":
+        print(f"export: the best checkpoint, iteration {it} (named by {paths.best_checkpoint})", flush=True)
     # Replaced only when a run of this output_dir made it, or with overwrite_output (pipeline.check_outputs).
-    megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, None, export_dtype(cfg),
+    megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, it, export_dtype(cfg),
                    EXPORT_SHARD_SIZE, replace_ours=True, flag="hf_save_dir")
     if cfg.finetuning_type == "lora":
-        export_peft_adapter(paths.save_dir, paths.lora_adapter_dir, cfg.model_name_or_path, replace_ours=True,
+        export_peft_adapter(paths.save_dir, paths.lora_adapter_dir, cfg.model_name_or_path, it, replace_ours=True,
                             flag="lora adapter dir")

@@ -25,28 +25,55 @@ def _prefix(cfg: ExpConfig, paths: RunPaths) -> Path:
     return Path(paths.processed_data_dir) / dataset_name(cfg.dataset)
 
 
+def eval_data_dir(cfg: ExpConfig, paths: RunPaths) -> Path:
+    """Where the validation data is read: eval_processed_data_dir, or eval_dataset preprocessed into a folder of
+    its own under `<output_dir>/preprocessed_data/` (training finds one dataset per folder)."""
+    if cfg.eval_processed_data_dir:
+        return Path(cfg.eval_processed_data_dir)
+    return paths.output_dir / "preprocessed_data" / "validation"
+
+
+def _eval_prefix(cfg: ExpConfig, paths: RunPaths) -> Path:
+    return eval_data_dir(cfg, paths) / dataset_name(cfg.eval_dataset)
+
+
 def _options(cfg: ExpConfig) -> dict:
     return out.options(cfg.handler_name, cfg.prompt_type, cfg.seq_len, cfg.pack, cfg.append_eod, cfg.json_keys,
                        cfg.map_keys, cfg.skip_bad_records, cfg.max_record_mb)
 
 
 def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
-    """(run?, why) for the preprocess stage."""
+    """(run?, why) for the preprocess stage: the training data, and eval_dataset when given."""
+    run, why = _decide_training(cfg, paths)
+    if cfg.eval_processed_data_dir:
+        prefix = find_data_prefix(cfg.eval_processed_data_dir, cfg.stage)
+        return run, f"{why}; validation reads {prefix}"
+    if not cfg.eval_dataset:
+        return run, why
+    run_eval, why_eval = _decide_raw(cfg, cfg.eval_dataset, _eval_prefix(cfg, paths), "eval_dataset")
+    return run or run_eval, f"{why}; validation: {why_eval}"
+
+
+def _decide_training(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     if cfg.processed_data_dir:
         # Checked here, before any work, so a wrong folder fails in a second and not when training starts.
         prefix = find_data_prefix(cfg.processed_data_dir, cfg.stage)
         return False, f"processed_data_dir given: training reads {prefix}"
     if not cfg.dataset:
         return False, "no dataset given"
-    if not Path(cfg.dataset).exists():
-        raise UserError(f"dataset: {cfg.dataset} does not exist; give a data file or folder "
+    return _decide_raw(cfg, cfg.dataset, _prefix(cfg, paths), "dataset")
+
+
+def _decide_raw(cfg: ExpConfig, dataset: str, prefix: Path, key: str) -> tuple[bool, str]:
+    """(run?, why) for one raw dataset preprocessed into `prefix`."""
+    if not Path(dataset).exists():
+        raise UserError(f"{key}: {dataset} does not exist; give a data file or folder "
                         "(json, jsonl, parquet, csv, arrow, txt)")
-    prefix = _prefix(cfg, paths)
     try:
-        wanted = out.fingerprint(discover(cfg.dataset, YAML_KEYS["input"])[0], cfg.model_name_or_path,
+        wanted = out.fingerprint(discover(dataset, YAML_KEYS["input"])[0], cfg.model_name_or_path,
                                  _options(cfg))
     except UserError as e:
-        return True, f"preprocess {cfg.dataset} ({e})"
+        return True, f"preprocess {dataset} ({e})"
     done = out.read_summary(prefix)
     if done is None:
         return True, f"no preprocessed data at {prefix}_*"
@@ -61,21 +88,32 @@ def decide(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     return False, f"already preprocessed (same inputs and options): {done.get('data_prefix', prefix)}"
 
 
-def run(cfg: ExpConfig, paths: RunPaths) -> str:
-    """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*; returns the data prefix for training."""
+def run(cfg: ExpConfig, paths: RunPaths) -> str | None:
+    """Preprocess cfg.dataset into <processed_data_dir>/<dataset name>_*, and cfg.eval_dataset (unless already
+    done) into <output_dir>/preprocessed_data/validation/<its name>_*; returns the data prefix for training."""
+    if not cfg.dataset and not cfg.processed_data_dir:
+        raise UserError("dataset: not set; give dataset (raw data) or processed_data_dir (preprocessed data)")
+    prefix = None
+    # With eval_dataset the stage may run for the validation data alone: the training data only when needed.
+    if cfg.dataset and (not cfg.eval_dataset or _decide_training(cfg, paths)[0]):
+        prefix = _preprocess(cfg, cfg.dataset, _prefix(cfg, paths))
+    if cfg.eval_dataset and _decide_raw(cfg, cfg.eval_dataset, _eval_prefix(cfg, paths), "eval_dataset")[0]:
+        _preprocess(cfg, cfg.eval_dataset, _eval_prefix(cfg, paths))
+    return prefix
+
+
+def _preprocess(cfg: ExpConfig, dataset: str, prefix: Path) -> str:
     from ascendfactory.data.preprocess import preprocess_command
 
-    if not cfg.dataset:
-        raise UserError("dataset: not set; give dataset (raw data) or processed_data_dir (preprocessed data)")
-    prefix = str(_prefix(cfg, paths))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     preprocess_command(
-        input=cfg.dataset, tokenizer_name_or_path=cfg.model_name_or_path, output_prefix=prefix,
+        input=dataset, tokenizer_name_or_path=cfg.model_name_or_path, output_prefix=str(prefix),
         handler_name=cfg.handler_name, prompt_type=cfg.prompt_type, seq_length=cfg.seq_len, pack=cfg.pack,
         append_eod=cfg.append_eod, json_keys=cfg.json_keys, map_keys=cfg.map_keys, workers=cfg.preprocess_workers,
         skip_bad_records=cfg.skip_bad_records, max_record_mb=cfg.max_record_mb,
         overwrite=True, names=YAML_KEYS,  # preprocessed_data/ is the run's own folder; decide() said it must be redone
     )
-    return out.data_prefix(prefix, cfg.handler_name, cfg.json_keys)
+    return out.data_prefix(str(prefix), cfg.handler_name, cfg.json_keys)
 
 
 def find_data_prefix(processed_data_dir: str | Path, stage: str) -> str:

@@ -228,7 +228,7 @@ def _save_error(save_dir: Path, iteration: int, e: OSError, previous: int | None
 
 def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimizer, scheduler,
          args: dict, consumed: int, source_model: str, distributed_optimizer: bool,
-         keep: int, run_id: str | None = None) -> None:
+         keep: int, run_id: str | None = None, protect: int | None = None) -> None:
     """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
     rank = dist.get_rank()
     iter_name = L.iter_dir_name(iteration)
@@ -295,7 +295,7 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
             kill_point("save_tracker", iteration, rank)
             L.write_tracker(save_dir, iteration)
             if keep > 0:
-                _keep_newest(save_dir, keep, run_id)
+                _keep_newest(save_dir, keep, run_id, protect)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             err = _save_error(save_dir, iteration, e, previous)
@@ -332,13 +332,14 @@ def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout
     L.fsync_dir(save_dir)
 
 
-def _keep_newest(save_dir: Path, keep: int, run_id: str | None) -> None:
+def _keep_newest(save_dir: Path, keep: int, run_id: str | None, protect: int | None = None) -> None:
     """Delete this run's complete checkpoints beyond its newest `keep`; damaged folders are left for a person,
-    and another run's checkpoints (in save_dir before this run) are never counted nor deleted."""
+    another run's checkpoints (in save_dir before this run) are never counted nor deleted, and neither is the
+    `protect` iteration (the best checkpoint, export_checkpoint: best)."""
     complete = [it for it in L.iterations_on_disk(save_dir)
                 if L.manifest_run_id(save_dir / L.iter_dir_name(it)) == run_id
                 and problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
-    for it in complete[keep:]:
+    for it in (i for i in complete[keep:] if i != protect):
         shutil.rmtree(save_dir / L.iter_dir_name(it))
         print(f"save_total_limit={keep}: removed {save_dir / L.iter_dir_name(it)}", file=sys.stderr, flush=True)
 

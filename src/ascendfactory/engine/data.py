@@ -45,10 +45,11 @@ def eod_id(model_dir: str) -> int:
 
 
 class PretrainData:
-    """GPTDataset over `<prefix>_text_document` with exactly `num_samples` samples (shuffled from seed)."""
+    """GPTDataset over `<prefix>_text_document` with exactly `num_samples` samples (shuffled from seed; None: one
+    epoch). `split` holds out Megatron's validation documents: `valid` is one epoch of them (None without)."""
 
-    def __init__(self, prefix: str, seq_len: int, num_samples: int, seed: int, eod: int, vocab_size: int,
-                 reset_position_ids: bool, reset_attention_mask: bool, cache_dir: Path):
+    def __init__(self, prefix: str, seq_len: int, num_samples: int | None, seed: int, eod: int, vocab_size: int,
+                 reset_position_ids: bool, reset_attention_mask: bool, cache_dir: Path, split: str = "100,0,0"):
         from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
         from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
@@ -56,7 +57,7 @@ class PretrainData:
             random_seed=seed,
             sequence_length=seq_len,
             blend=([prefix], None),
-            split="100,0,0",
+            split=split,
             path_to_cache=str(cache_dir),  # never inside processed_data_dir: that may be the user's
             tokenizer=_EodTokenizer(vocab_size, eod),
             reset_position_ids=reset_position_ids,
@@ -74,15 +75,14 @@ class PretrainData:
                 shutil.rmtree(cache_dir)
             cache_dir.mkdir(parents=True, exist_ok=True)
             building.touch()
-        train, _, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None],
-                                                    lambda: True, config).build()
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, [num_samples, None, None],
+                                                        lambda: True, config).build()
         if first:
             building.unlink()
-        self.dataset = train
+        self.dataset, self.valid = train, valid
 
     def __getitem__(self, g: int) -> dict:
-        s = self.dataset[g]
-        return {k: s[k] for k in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask") if k in s}
+        return gpt_sample(self.dataset, g)
 
     @staticmethod
     def samples_per_epoch(prefix: str, seq_len: int) -> int:
@@ -93,21 +93,37 @@ class PretrainData:
         return max(1, (tokens - 1) // seq_len)
 
 
+def gpt_sample(dataset, g: int) -> dict:
+    s = dataset[g]
+    return {k: s[k] for k in ("tokens", "labels", "loss_mask", "position_ids", "attention_mask") if k in s}
+
+
 class SFTData:
     """The packed instruction datasets: one sequence per sample, labels unshifted with -100 for no loss.
 
     Packed bins (pack=True) are seq_len long; their attention_mask holds k for the k-th sample of the
     bin and 0 for padding, giving per-sample position ids and a block-diagonal causal mask.
-    Order: epoch e is a permutation of all samples drawn from seed + e.
+    Order: epoch e is a permutation of the training samples drawn from seed + e. val_size holds out samples
+    (`held_out`, rows of the dataset) chosen from seed alone, so they never change and are never trained on.
     """
 
-    def __init__(self, prefix: str, seq_len: int, seed: int, packed: bool):
+    def __init__(self, prefix: str, seq_len: int, seed: int, packed: bool, val_size: float = 0):
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+        from ascendfactory.validation import held_out_count
+
         self.parts = {p: IndexedDataset(f"{prefix}_packed_{p}_document") for p in SFT_PARTS}
-        self.n = len(self.parts["input_ids"])
-        if self.n == 0:
+        rows = len(self.parts["input_ids"])
+        if rows == 0:
             raise UserError(f"processed_data_dir: {prefix}_packed_input_ids_document is empty; check the dataset")
+        self.held_out = np.zeros(0, dtype=np.int64)
+        self.rows = None  # the training rows; None: all of them (and no lookup)
+        if val_size:
+            # Its own stream ([seed, 1]): the training order's permutations (seed + e) stay as they were.
+            chosen = np.random.RandomState([seed, 1]).permutation(rows)
+            k = held_out_count(val_size, rows, "samples of the dataset")
+            self.held_out, self.rows = np.sort(chosen[:k]), np.sort(chosen[k:])
+        self.n = rows - len(self.held_out)
         self.seq_len, self.seed, self.packed = seq_len, seed, packed
         self._perm: tuple[int, np.ndarray] | None = None
 
@@ -118,10 +134,14 @@ class SFTData:
         epoch = g // self.n
         if self._perm is None or self._perm[0] != epoch:
             self._perm = (epoch, np.random.RandomState(self.seed + epoch).permutation(self.n))
-        return int(self._perm[1][g % self.n])
+        i = int(self._perm[1][g % self.n])
+        return i if self.rows is None else int(self.rows[i])
 
     def __getitem__(self, g: int) -> dict:
-        i = self._index(g)
+        return self.sample(self._index(g))
+
+    def sample(self, i: int) -> dict:
+        """Row i of the dataset."""
         ids, seg, lab = (torch.from_numpy(self.parts[p][i][: self.seq_len].astype(np.int64)) for p in SFT_PARTS)
         target = torch.cat([lab[1:], torch.tensor([IGNORE_INDEX])])
         sample = {"tokens": ids}
@@ -137,6 +157,21 @@ class SFTData:
         sample["loss_mask"] = (target != IGNORE_INDEX).float()
         sample["labels"] = target.clamp(min=0)
         return sample
+
+
+class EvalSamples:
+    """The validation samples in a fixed order (`get(j)`, j < n), then no-loss copies of the first one that fill
+    the last global batch: every layout sees the same samples, whatever its DP size."""
+
+    def __init__(self, get, n: int):
+        self.get, self.n = get, n
+
+    def __getitem__(self, j: int) -> dict:
+        if j < self.n:
+            return self.get(j)
+        blank = dict(self.get(0))
+        blank["loss_mask"] = torch.zeros_like(blank["loss_mask"])
+        return blank
 
 
 def _positions_within_segments(seg: torch.Tensor) -> torch.Tensor:
@@ -192,6 +227,10 @@ class MicroBatches:
         self.mbs, self.dp_rank, self.dp_size = mbs, dp_rank, dp_size
         self.seq_len, self.fixed_len, self.multiple = seq_len, fixed_len, multiple
         self.tokens_read = 0
+
+    def over(self, data) -> MicroBatches:
+        """The same slicing and padding over other samples (the validation set), from its first one."""
+        return MicroBatches(data, 0, self.mbs, self.dp_rank, self.dp_size, self.seq_len, self.fixed_len, self.multiple)
 
     def __iter__(self):
         return self

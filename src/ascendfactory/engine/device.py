@@ -36,7 +36,9 @@ class Device:
 
     @property
     def default_precision(self) -> str:
-        return "fp32" if self.kind == "cpu" else "bf16"
+        from ascendfactory.memory import default_precision
+
+        return default_precision(self.kind)
 
     @property
     def cpu_initialization(self) -> bool:

@@ -62,6 +62,13 @@ class Metrics:
                 if k != "iteration" and v is not None:
                     self.tb.add_scalar(f"train/{k}", v, row["iteration"])
 
+    def record_eval(self, row: dict) -> None:
+        """A validation row (iteration, val_loss, val_ppl, val_tokens); TensorBoard tags as Megatron's."""
+        self.file.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            self.tb.add_scalar("lm loss validation", row["val_loss"], row["iteration"])
+            self.tb.add_scalar("lm loss validation ppl", row["val_ppl"], row["iteration"])
+
     def close(self) -> None:
         self.file.close()
         if self.tb is not None:
@@ -81,14 +88,21 @@ def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None 
     return line if loss_scale is None else f"{line} number of skipped iterations: {skipped:3d} |"
 
 
-def read_losses(metrics_path: Path) -> dict[int, float]:
-    """iteration -> loss, the last record winning (a resumed run re-logs the iterations it repeats)."""
+def validation_line(row: dict) -> str:
+    """Megatron's validation line."""
+    return (f" validation loss at iteration {row['iteration']} | lm loss value: {row['val_loss']:.6E} | "
+            f"lm loss PPL: {row['val_ppl']:.3E} |")
+
+
+def read_losses(metrics_path: Path, key: str = "loss") -> dict[int, float]:
+    """iteration -> loss (key "val_loss": the validation loss), the last record winning (a resumed run re-logs
+    the iterations it repeats)."""
     out = {}
     if metrics_path.is_file():
         for line in metrics_path.read_text().splitlines():
             try:
                 row = json.loads(line)
-                out[row["iteration"]] = row["loss"]
+                out[row["iteration"]] = row[key]
             except (ValueError, KeyError, TypeError):  # blank, cut short by a kill, or not a row of ours
                 continue
     return out
@@ -105,10 +119,14 @@ def plot_loss(metrics_path: Path, png: Path) -> bool:
     losses = read_losses(metrics_path)
     its = sorted(losses)
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(its, [losses[i] for i in its])
+    ax.plot(its, [losses[i] for i in its], label="training")
+    val = read_losses(metrics_path, "val_loss")
+    if val:
+        ax.plot(sorted(val), [val[i] for i in sorted(val)], marker="o", label="validation")
+        ax.legend()
     ax.set_xlabel("iteration")
     ax.set_ylabel("lm loss")
-    ax.set_title("training loss")
+    ax.set_title("training and validation loss" if val else "training loss")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     # A new file renamed over the old: never written through whatever the old path was (e.g. a link).

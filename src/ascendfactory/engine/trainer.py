@@ -21,6 +21,7 @@ from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data.stage import find_data_prefix
 from ascendfactory.engine import checkpoint, device
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
+from ascendfactory.engine.evaluate import Evaluator, loss_totals, pretrain_split
 from ascendfactory.engine.faults import Diverged, StopRequest, kill_point
 from ascendfactory.engine.lora import LoRASpec, apply_lora
 from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
@@ -162,6 +163,7 @@ class Trainer:
         self._load()
         self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, ps.get_data_parallel_rank(),
                                     self.dp, cfg.seq_len, fixed_len=cfg.pp > 1, multiple=math.lcm(16, seq_unit(cfg)))
+        self.evaluator = Evaluator.open(self)
 
     def _open_data(self) -> None:
         """The dataset and train_iters (epochs count samples), which sizes the LR schedule and the pretraining
@@ -172,9 +174,10 @@ class Trainer:
             self.train_iters = train_iters_of(cfg, PretrainData.samples_per_epoch(prefix, cfg.seq_len))
             self.data = PretrainData(prefix, cfg.seq_len, self.train_iters * cfg.global_batch_size, cfg.seed,
                                      eod_id(cfg.model_name_or_path), self.facts.vocab_size, cfg.reset_position_ids,
-                                     cfg.reset_attention_mask, self.paths.output_dir / "data_cache")
+                                     cfg.reset_attention_mask, self.paths.output_dir / "data_cache",
+                                     pretrain_split(cfg, prefix))
         else:
-            self.data = SFTData(prefix, cfg.seq_len, cfg.seed, cfg.pack)
+            self.data = SFTData(prefix, cfg.seq_len, cfg.seed, cfg.pack, cfg.val_size)
             self.train_iters = train_iters_of(cfg, len(self.data))
 
     def _build_model(self) -> None:
@@ -285,12 +288,7 @@ class Trainer:
             self.scheduler.step(increment=self.cfg.global_batch_size)
         else:  # fp16 overflow: the step was skipped and the loss scale lowered
             self.skipped += 1
-        # On the device: the losses are there and the all-reduce backend (nccl / hccl) needs it. float32: HCCL
-        # (Atlas A2 / A3) reduces no float64, and a logged loss needs no more.
-        total = torch.zeros(2, dtype=torch.float32, device=self.dev.torch_device)
-        if losses and self.layout.tp_rank == 0:
-            for d in losses:
-                total += d["lm loss"]
+        total = loss_totals(losses, self.layout.tp_rank, self.dev.torch_device)
         return total, (None if grad_norm is None else float(grad_norm))
 
     def run(self) -> int:
@@ -302,6 +300,8 @@ class Trainer:
         metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
         fpt = flops_per_token(self.facts, cfg.seq_len, frozen_weights=self.lora is not None)
         try:
+            if self.evaluator and self.iteration == 0:  # the curve starts from the loaded weights
+                self.evaluator.run(0, metrics)
             while self.iteration < self.train_iters:
                 t0 = time.perf_counter()
                 tokens0 = self.batches.tokens_read
@@ -329,6 +329,8 @@ class Trainer:
                         metrics.record(row)
                 if diverged:
                     raise self._diverged(loss, grad_norm)
+                if self.evaluator and not stopping and self.evaluator.due(self.iteration):
+                    self.evaluator.run(self.iteration, metrics)
                 if self.iteration % cfg.save_interval == 0 or self.iteration == self.train_iters or stopping:
                     self._save()
                 if stopping and self.iteration < self.train_iters:
@@ -369,9 +371,12 @@ class Trainer:
         )
         checkpoint.save(self.paths.save_dir, self.iteration, self.layout, _core(self.model).state_dict(),
                         self.optimizer, self.scheduler, args, self.consumed, cfg.model_name_or_path,
-                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit, run_id(cfg))
+                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit, run_id(cfg),
+                        protect=self.evaluator.protect(self.iteration) if self.evaluator else None)
         self.log.info(f"saved checkpoint iteration {self.iteration} to "
                       f"{self.paths.save_dir / L.iter_dir_name(self.iteration)} in {time.perf_counter() - t0:.2f}s")
+        if self.evaluator:
+            self.evaluator.saved(self.iteration)
 
 
 def _loss_func(loss_mask: torch.Tensor, cp_group, per_token_loss: torch.Tensor):
