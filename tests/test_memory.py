@@ -25,12 +25,13 @@ def _cfg(**kw) -> ExpConfig:
     return ExpConfig(model_name_or_path="/nonexistent", output_dir="/tmp/x", dataset="d", **kw)
 
 
-def _estimate(name: str, tp=1, pp=1, cp=1, dp=1, micro=1, precision="bf16", **kw) -> memory.Estimate:
-    cfg = _cfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp, **kw)
+def _estimate(name: str, tp=1, pp=1, cp=1, dp=1, micro=1, precision="bf16", ep=1, **kw) -> memory.Estimate:
+    cfg = _cfg(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, context_parallel_size=cp,
+               expert_model_parallel_size=ep, **kw)
     facts, source = memory.model_facts(cfg, name)
     assert "public" in source
     layers = [facts.num_layers // pp] * pp
-    return memory.estimate(cfg, facts, tp, pp, cp, dp, micro, facts.vocab_size, layers, precision)
+    return memory.estimate(cfg, facts, tp, pp, cp, dp, micro, facts.vocab_size, layers, precision, ep)
 
 
 @pytest.mark.parametrize("name,params", [
@@ -63,6 +64,61 @@ def test_terms_follow_the_megatron_formulas():
     assert 0 < lora.trainable_parameters < lora.parameters / 100
     assert lora.gradients == 4 * lora.trainable_parameters and lora.largest == "weights"
     assert lora.parameters == _estimate("qwen2-7b").parameters + lora.trainable_parameters
+
+
+@pytest.mark.parametrize("name,total,active", [
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9), ("qwen3-235b-a22b", 235e9, 22e9), ("mixtral-8x7b", 46.7e9, 12.9e9),
+    ("qwen2-57b-a14b", 57.4e9, 14.2e9),
+])
+def test_moe_parameters_are_the_published_counts(name, total, active):
+    """Total and active (top-k of the routed experts, everything else) against the model cards' rounded counts."""
+    e = _estimate(name)
+    facts, _ = memory.model_facts(_cfg(), name)
+    routed_active = e.expert_parameters * facts.moe_topk // facts.num_experts
+    assert e.parameters == pytest.approx(total, rel=0.005)
+    assert e.parameters - e.expert_parameters + routed_active == pytest.approx(active, rel=0.02)
+
+
+@pytest.mark.parametrize("family,options", [("qwen2_moe", {}), ("qwen3_moe", {"mlp_only_layers": [1]})])
+def test_moe_parameters_per_rank_are_the_converted_rank_files(tmp_path, family, options):
+    """TP2 PP2 EP2: each stage's count (router, E/EP TP-split experts, shared expert and its gate, a dense layer
+    between MoE ones) equals the tensors of that stage's rank files, the experts' among them too."""
+    import torch
+
+    from ascendfactory.ckpt.files import rank_file
+    from ascendfactory.convert.api import hf_to_megatron
+    from ascendfactory.layout import plan_layout
+
+    src = tiny.make_tiny_model(tmp_path / "hf", family, **options)
+    hf_to_megatron(src, tmp_path / "mg", 2, 2, ep=2)
+    facts, shard = plan_layout(src, 2, 2, ep=2)
+    cfg = _cfg(tensor_model_parallel_size=2, pipeline_model_parallel_size=2, expert_model_parallel_size=2)
+    stages = memory.stage_estimates(cfg, facts, 2, 2, 1, 2, 1, shard.padded_vocab_size, list(shard.layers), "fp32", 2)
+    for pp_rank, e in enumerate(stages):
+        for ep_rank in range(2):
+            sd = torch.load(rank_file(tmp_path / "mg", 1, 1, pp_rank, 2, ep_rank, 2), weights_only=False)["model"]
+            experts = sum(t.numel() for n, t in sd.items() if ".local_experts." in n)
+            assert (e.parameters, e.expert_parameters) == (sum(t.numel() for t in sd.values()), experts), pp_rank
+            assert 0 < experts < e.parameters
+
+
+def test_moe_optimizer_by_expert_dp_and_routed_activations():
+    """The distributed optimizer divides the experts' state by the expert DP size (DP x CP / EP), the rest by
+    DP x CP; an MoE layer's activations hold top-k copies of each token through the expert MLP (formula in
+    memory._activation_bytes)."""
+    s, b, h, a, k, f_e, n_exp, layers = 2048, 1, 2048, 32, 8, 768, 128, 48
+    e1 = _estimate("qwen3-30b-a3b", dp=8, seq_len=s, micro_batch_size=b)
+    e8 = _estimate("qwen3-30b-a3b", dp=8, ep=8, seq_len=s, micro_batch_size=b)
+    dense = e1.parameters - e1.expert_parameters
+    assert e8.expert_parameters == e1.expert_parameters // 8 and e8.parameters == dense + e8.expert_parameters
+    assert e1.optimizer == 12 * dense // 8 + 12 * e1.expert_parameters // 8
+    assert e8.optimizer == 12 * dense // 8 + 12 * e8.expert_parameters  # expert DP = 8 / 8: nothing to shard
+    assert e8.gradients == 4 * e8.parameters  # megatron-core's grad buffer is whole on every rank
+    moe_layer = s * b * h * (34 + 5 * a * s / h - 18) + k * s * b * (2 * h + 4 * f_e) + 4 * s * b * n_exp
+    assert e1.activations == int(layers * moe_layer) == e8.activations
+    # LoRA adapts each local expert's linear_fc1 / linear_fc2 too: EP divides those adapters
+    lora1, lora8 = (_estimate("qwen3-30b-a3b", ep=ep, finetuning_type="lora", lora_r=8) for ep in (1, 8))
+    assert lora1.trainable_parameters - lora8.trainable_parameters == 48 * 8 * (128 - 16) * ((h + 2 * f_e) + (f_e + h))
 
 
 def _plan(tmp_path: Path, *args: str, **base) -> subprocess.CompletedProcess:
@@ -114,11 +170,12 @@ def test_every_shipped_experiment_is_estimated_in_under_a_second(capsys, tmp_pat
 
 @pytest.mark.slow
 def test_estimate_within_15_percent_of_measured_tensor_bytes(tmp_path):
-    """DP2 with the distributed optimizer in bf16, TP2 with sequence parallelism, PP2, and LoRA: the estimate's
+    """DP2 with the distributed optimizer in bf16, TP2 with sequence parallelism, PP2, LoRA, and a Qwen3-MoE at EP1
+    (DP2, distributed optimizer, bf16; the trainer has no EP > 1 yet): the estimate's
     weights + gradients + optimizer against the live tensor bytes of a rank after a real training step."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import memory as bench  # benchmarks/memory.py
 
-    rows = bench.compare(tmp_path, ["dp2-distopt-bf16", "tp2-sp", "pp2", "lora-dp2"])
+    rows = bench.compare(tmp_path, ["dp2-distopt-bf16", "tp2-sp", "pp2", "lora-dp2", "moe-dp2-distopt-bf16"])
     for r in rows:
         assert 0.85 <= r["ratio"] <= 1.15, r

@@ -41,6 +41,7 @@ class Estimate:
     peak: int
     recompute: str  # none | selective | full
     precision: str
+    expert_parameters: int = 0  # the routed experts' (and their adapters') among `parameters`
 
     @property
     def terms(self) -> dict[str, int]:
@@ -55,45 +56,99 @@ class Estimate:
         return {**asdict(self), "largest": self.largest}
 
 
+def _mlp_linears(facts, ffn: int, tp: int) -> dict[str, tuple[int, int]]:
+    fc1 = ffn * (2 if facts.family.mlp == "swiglu" else 1)  # gated: gate and up fused
+    return {"linear_fc1": (facts.hidden_size, fc1 // tp), "linear_fc2": (ffn // tp, facts.hidden_size)}
+
+
 def _linears(facts, tp: int) -> dict[str, tuple[int, int]]:
-    """(input, output) features of each linear of a layer on one TP rank, megatron-core's names."""
+    """(input, output) features of each linear of a dense layer on one TP rank, megatron-core's names."""
     h, d = facts.hidden_size, facts.head_dim
     qkv = (facts.num_heads + 2 * facts.num_kv_heads) * d
-    fc1 = facts.ffn_hidden_size * (2 if facts.family.mlp == "swiglu" else 1)  # gated: gate and up fused
     return {"linear_qkv": (h, qkv // tp), "linear_proj": (facts.num_heads * d // tp, h),
-            "linear_fc1": (h, fc1 // tp), "linear_fc2": (facts.ffn_hidden_size // tp, h)}
+            **_mlp_linears(facts, facts.ffn_hidden_size, tp)}
 
 
-def expert_parameters(facts, tp: int, ep: int) -> int:
-    """The routed experts' and router's parameters of one layer on a rank (MoE divides experts over EP).
-    Dense families have none; the MoE families count theirs here."""
-    return 0
+def _weights(linears: dict[str, tuple[int, int]]) -> int:
+    return sum(i * o for i, o in linears.values())
 
 
-def layer_parameters(facts, tp: int, ep: int = 1) -> int:
+def _adapters(linears: dict[str, tuple[int, int]], r: int, targets) -> int:
+    """LoRA A [r, in] and B [out, r] of the target linears: a column-parallel linear splits B and keeps A whole,
+    a row-parallel one the other way round (engine/lora.py), so each holds its linear's local sizes."""
+    return sum(r * (i + o) for name, (i, o) in linears.items() if name in targets)
+
+
+@dataclass(frozen=True)
+class LayerParams:
+    """One decoder layer's parameters on a rank: `dense` = everything megatron-core all-reduces over DP x CP
+    (attention, norms, a dense MLP, the router, the shared expert), `experts` = the routed experts of this EP rank
+    (reduced over the expert DP ranks only); the LoRA adapters of each (engine/lora.py adapts every linear_fc1 /
+    linear_fc2 of the layer, the experts' included)."""
+
+    dense: int
+    experts: int
+    dense_lora: int = 0
+    experts_lora: int = 0
+
+
+def layer_parameters(facts, tp: int, ep: int = 1, moe: bool = False, lora_r: int = 0, targets=()) -> LayerParams:
+    """A dense layer (moe=False) or an MoE layer (SPEC.md section 8): the router [E, H] replicated, E / EP experts
+    each TP-split like a dense MLP of the expert size, Qwen2-MoE's shared expert split likewise and its [1, H]
+    gate replicated."""
     lin = _linears(facts, tp)
+    attention = {k: lin[k] for k in ("linear_qkv", "linear_proj")}
+    mlp = {k: lin[k] for k in ("linear_fc1", "linear_fc2")}
     norm = facts.hidden_size * (2 if facts.family.norm == "LayerNorm" else 1)
-    weights = sum(i * o for i, o in lin.values())
     qkv_bias = lin["linear_qkv"][1] if facts.qkv_bias else 0
     qk_norm = 2 * facts.head_dim if facts.qk_norm else 0
-    return weights + qkv_bias + qk_norm + 2 * norm + expert_parameters(facts, tp, ep)
+    base = _weights(attention) + qkv_bias + qk_norm + 2 * norm
+    if not moe:
+        return LayerParams(base + _weights(mlp), 0, _adapters(lin, lora_r, targets))
+    expert = _mlp_linears(facts, facts.moe_ffn_hidden_size, tp)
+    shared = _mlp_linears(facts, facts.shared_expert_size, tp) if facts.shared_expert_size else {}
+    router, shared_gate = facts.num_experts * facts.hidden_size, facts.hidden_size if shared else 0
+    local = facts.num_experts // ep
+    return LayerParams(base + router + _weights(shared) + shared_gate, local * _weights(expert),
+                       _adapters(attention, lora_r, targets) + _adapters(shared, lora_r, targets),
+                       local * _adapters(expert, lora_r, targets))
 
 
 def lora_parameters(facts, tp: int, r: int, targets) -> int:
-    """One layer's adapters on a rank, A [r, in] and B [out, r]: a column-parallel linear splits B and keeps A
-    whole, a row-parallel one the other way round (engine/lora.py), so each holds its linear's local sizes."""
-    return sum(r * (i + o) for name, (i, o) in _linears(facts, tp).items() if name in targets)
+    """One dense layer's adapters on a rank."""
+    return _adapters(_linears(facts, tp), r, targets)
 
 
-def _activation_bytes(s: int, b: int, h: int, a: int, tp: int, cp: int, sp: bool, recompute: str) -> float:
-    """One layer, one micro-batch, 16-bit activations."""
+def _activation_bytes(facts, s: int, b: int, tp: int, cp: int, sp: bool, recompute: str, moe: bool = False) -> float:
+    """One layer, one micro-batch, 16-bit activations (Korthikanti et al. 2022, whose MLP is 4h wide).
+
+    Their dense MLP keeps 19*s*b*h bytes: its input 2sbh (whole on every TP rank without SP), the fc1 output and
+    the activation's output 16sbh (/TP) and the dropout mask sbh. An MoE layer (dropless, routing balanced over the
+    EP ranks) keeps instead, per routed copy of a token (top-k of them): the expert's input 2sbh (whole on each TP
+    rank even with SP: the dispatcher gathers the sequence for the experts) and the intermediates 16sbh scaled from
+    4h to the expert's MLP size F_e, i.e. 4*F_e*s*b bytes (/TP); the shared expert (F_s) like a dense MLP of its
+    size; the router's logits and probabilities, 2 x 2 bytes x E per token (/TP with SP); the dropout mask as
+    before. With h = hidden, a = heads, k = top-k, E = experts, r = 1/TP with SP else 1:
+        MoE MLP = s*b*(k*(2h + 4*F_e/TP) + [F_s: 2h*r + 4*F_s/TP] + 4*E*r + h*r)
+    """
+    h, a = facts.hidden_size, facts.num_heads
     s_local = s / cp
+    sbh = s_local * b * h
     if recompute == "full":
-        return 2 * s_local * b * h / (tp if sp else 1)
+        return 2 * sbh / (tp if sp else 1)
     attn_scores = 0 if recompute == "selective" else 5 * a * s_local / h
     if sp:
-        return s_local * b * h * (34 + attn_scores) / tp
-    return s_local * b * h * (10 + 24 / tp + attn_scores / tp)
+        layer = sbh * (34 + attn_scores) / tp
+    else:
+        layer = sbh * (10 + 24 / tp + attn_scores / tp)
+    if not moe:
+        return layer
+    r = 1 / tp if sp else 1
+    dense_mlp = sbh * (2 * r + 16 / tp)  # the dropout mask h*r stays
+    routed = facts.moe_topk * s_local * b * (2 * h + 4 * facts.moe_ffn_hidden_size / tp)
+    shared = s_local * b * (2 * h * r + 4 * facts.shared_expert_size / tp) if facts.shared_expert_size else 0
+    router = 4 * s_local * b * facts.num_experts * r
+    return layer - dense_mlp + routed + shared + router
 
 
 def recompute_of(extra_args: dict) -> str:
@@ -101,44 +156,57 @@ def recompute_of(extra_args: dict) -> str:
     return granularity if granularity in ("full", "selective") else "none"
 
 
-def estimate(cfg, facts, tp: int, pp: int, cp: int, dp: int, num_microbatches: int, padded_vocab: int,
-             layers_per_stage: list[int], precision: str, ep: int = 1) -> Estimate:
-    """The estimate on each pipeline stage; the one with the highest peak is returned."""
+def stage_estimates(cfg, facts, tp: int, pp: int, cp: int, dp: int, num_microbatches: int, padded_vocab: int,
+                    layers_per_stage: list[int], precision: str, ep: int = 1) -> list[Estimate]:
+    """The estimate on each pipeline stage."""
     h, s, b = facts.hidden_size, cfg.seq_len, cfg.micro_batch_size
     lora = cfg.finetuning_type == "lora"
     pbytes = 4 if precision == "fp32" else 2
     opt_bytes = 8 if precision == "fp32" else 12
+    # The distributed optimizer shards each parameter's state over the ranks that all-reduce its gradient:
+    # DP x CP for the dense ones, the expert DP ranks (DP x CP / EP) for the routed experts (megatron-core).
     shards = dp * cp if cfg.use_distributed_optimizer else 1
+    expert_shards = max(1, dp * cp // ep) if cfg.use_distributed_optimizer else 1
     recompute = recompute_of(cfg.extra_args)
-    per_layer = layer_parameters(facts, tp, ep)
-    per_layer_lora = lora_parameters(facts, tp, cfg.lora_r, cfg.lora_target_modules) if lora else 0
+    lora_r, targets = (cfg.lora_r, cfg.lora_target_modules) if lora else (0, ())
+    kinds = {moe: layer_parameters(facts, tp, ep, moe, lora_r, targets) for moe in (False, True)}
     embedding = padded_vocab * h // tp
     norm = h * (2 if facts.family.norm == "LayerNorm" else 1)
-    act = {k: _activation_bytes(s, b, h, facts.num_heads, tp, cp, cfg.sequence_parallel, k) * pbytes / 2
-           for k in ("none", "selective", "full")}
-    best = None
+    act = {(k, moe): _activation_bytes(facts, s, b, tp, cp, cfg.sequence_parallel, k, moe) * pbytes / 2
+           for k in ("none", "selective", "full") for moe in (False, True)}
+    stages = []
     for stage, layers in enumerate(layers_per_stage):
         first, last = stage == 0, stage == pp - 1
-        frozen = layers * per_layer + (embedding if first else 0)
+        start = sum(layers_per_stage[:stage])
+        moe = [i in facts.moe_layers for i in range(start, start + layers)]
+        held = [kinds[m] for m in moe]
+        dense = sum(p.dense for p in held) + (embedding if first else 0)
         if last:
             # The output layer: its own weights unless tied (and with PP the last stage keeps a tied copy).
-            frozen += norm + (embedding if not facts.tie_word_embeddings or pp > 1 else 0)
-        adapters = layers * per_layer_lora
-        params = frozen + adapters
-        trainable = adapters if lora else params
+            dense += norm + (embedding if not facts.tie_word_embeddings or pp > 1 else 0)
+        experts = sum(p.experts for p in held)
+        dense_lora, experts_lora = sum(p.dense_lora for p in held), sum(p.experts_lora for p in held)
+        params = dense + experts + dense_lora + experts_lora
+        trainable_dense, trainable_experts = (dense_lora, experts_lora) if lora else (dense, experts)
+        trainable = trainable_dense + trainable_experts
         in_flight = min(pp - stage, num_microbatches)
+        per_layer = {k: sum(act[k, m] for m in moe) for k in ("none", "selective", "full")}
         # Full recompute keeps each layer's input; the backward recomputes one layer at a time in full.
-        full = layers * act["full"] + act["none"]
-        chosen = full if recompute == "full" else layers * act[recompute]
+        full = per_layer["full"] + max((act["none", m] for m in moe), default=0)
+        chosen = full if recompute == "full" else per_layer[recompute]
         logits = 4 * s * b * padded_vocab // (tp * cp) if last else 0
         weights, grads = params * pbytes, trainable * 4
-        optimizer = trainable * opt_bytes // shards
+        optimizer = trainable_dense * opt_bytes // shards + trainable_experts * opt_bytes // expert_shards
         peak = weights + grads + optimizer + int(chosen) * in_flight + logits
-        e = Estimate(stage, params, trainable, weights, grads, optimizer, int(chosen), int(layers * act["none"]),
-                     int(full), in_flight, logits, peak, recompute, precision)
-        if best is None or e.peak > best.peak:
-            best = e
-    return best
+        stages.append(Estimate(stage, params, trainable, weights, grads, optimizer, int(chosen),
+                               int(per_layer["none"]), int(full), in_flight, logits, peak, recompute, precision,
+                               experts + experts_lora))
+    return stages
+
+
+def estimate(*args, **kw) -> Estimate:
+    """stage_estimates' stage with the highest peak (the first of equal ones)."""
+    return max(stage_estimates(*args, **kw), key=lambda e: e.peak)
 
 
 KNOBS = {
@@ -196,30 +264,50 @@ def device_memory(cfg, device_kind: str) -> tuple[int | None, str | None]:
     return None, None
 
 
+def _shape(arch: str, hidden: int, layers: int, heads: int, kv_heads: int, ffn: int, vocab: int, tied: bool = False,
+           **more) -> dict:
+    """A partial config.json: the keys facts_from_config reads, by their config.json names in `more`."""
+    return {"architectures": [arch], "hidden_size": hidden, "num_hidden_layers": layers, "num_attention_heads": heads,
+            "num_key_value_heads": kv_heads, "intermediate_size": ffn, "vocab_size": vocab,
+            "tie_word_embeddings": tied, **more}
+
+
+_QWEN2, _LLAMA, _QWEN3, _GLM = "Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen3ForCausalLM", "GlmForCausalLM"
 # The shapes of the public models the shipped configs name (their config.json), for a plan made where the model
-# files are not (a login node, a laptop): architecture, hidden, layers, heads, kv heads, ffn, vocab, tied, head_dim.
+# files are not (a login node, a laptop).
 KNOWN_MODELS = {
-    "qwen2-0.5b": ("Qwen2ForCausalLM", 896, 24, 14, 2, 4864, 151936, True, None),
-    "qwen2-1.5b": ("Qwen2ForCausalLM", 1536, 28, 12, 2, 8960, 151936, True, None),
-    "qwen2-7b": ("Qwen2ForCausalLM", 3584, 28, 28, 4, 18944, 152064, False, None),
-    "qwen2-72b": ("Qwen2ForCausalLM", 8192, 80, 64, 8, 29568, 152064, False, None),
-    "qwen2.5-0.5b": ("Qwen2ForCausalLM", 896, 24, 14, 2, 4864, 151936, True, None),
-    "qwen2.5-1.5b": ("Qwen2ForCausalLM", 1536, 28, 12, 2, 8960, 151936, True, None),
-    "qwen2.5-3b": ("Qwen2ForCausalLM", 2048, 36, 16, 2, 11008, 151936, True, None),
-    "qwen2.5-7b": ("Qwen2ForCausalLM", 3584, 28, 28, 4, 18944, 152064, False, None),
-    "qwen2.5-14b": ("Qwen2ForCausalLM", 5120, 48, 40, 8, 13824, 152064, False, None),
-    "qwen2.5-32b": ("Qwen2ForCausalLM", 5120, 64, 40, 8, 27648, 152064, False, None),
-    "qwen2.5-72b": ("Qwen2ForCausalLM", 8192, 80, 64, 8, 29568, 152064, False, None),
-    "llama3.1-8b": ("LlamaForCausalLM", 4096, 32, 32, 8, 14336, 128256, False, None),
-    "llama3.1-70b": ("LlamaForCausalLM", 8192, 80, 64, 8, 28672, 128256, False, None),
-    "llama3.2-1b": ("LlamaForCausalLM", 2048, 16, 32, 8, 8192, 128256, True, 64),
-    "llama3.2-3b": ("LlamaForCausalLM", 3072, 28, 24, 8, 8192, 128256, True, 128),
-    "qwen3-8b": ("Qwen3ForCausalLM", 4096, 36, 32, 8, 12288, 151936, False, 128),
-    "qwen3-14b": ("Qwen3ForCausalLM", 5120, 40, 40, 8, 17408, 151936, False, 128),
-    "qwen3-32b": ("Qwen3ForCausalLM", 5120, 64, 64, 8, 25600, 151936, False, 128),
+    "qwen2-0.5b": _shape(_QWEN2, 896, 24, 14, 2, 4864, 151936, tied=True),
+    "qwen2-1.5b": _shape(_QWEN2, 1536, 28, 12, 2, 8960, 151936, tied=True),
+    "qwen2-7b": _shape(_QWEN2, 3584, 28, 28, 4, 18944, 152064),
+    "qwen2-72b": _shape(_QWEN2, 8192, 80, 64, 8, 29568, 152064),
+    "qwen2.5-0.5b": _shape(_QWEN2, 896, 24, 14, 2, 4864, 151936, tied=True),
+    "qwen2.5-1.5b": _shape(_QWEN2, 1536, 28, 12, 2, 8960, 151936, tied=True),
+    "qwen2.5-3b": _shape(_QWEN2, 2048, 36, 16, 2, 11008, 151936, tied=True),
+    "qwen2.5-7b": _shape(_QWEN2, 3584, 28, 28, 4, 18944, 152064),
+    "qwen2.5-14b": _shape(_QWEN2, 5120, 48, 40, 8, 13824, 152064),
+    "qwen2.5-32b": _shape(_QWEN2, 5120, 64, 40, 8, 27648, 152064),
+    "qwen2.5-72b": _shape(_QWEN2, 8192, 80, 64, 8, 29568, 152064),
+    "llama3.1-8b": _shape(_LLAMA, 4096, 32, 32, 8, 14336, 128256),
+    "llama3.1-70b": _shape(_LLAMA, 8192, 80, 64, 8, 28672, 128256),
+    "llama3.2-1b": _shape(_LLAMA, 2048, 16, 32, 8, 8192, 128256, tied=True, head_dim=64),
+    "llama3.2-3b": _shape(_LLAMA, 3072, 28, 24, 8, 8192, 128256, tied=True, head_dim=128),
+    "qwen3-8b": _shape(_QWEN3, 4096, 36, 32, 8, 12288, 151936, head_dim=128),
+    "qwen3-14b": _shape(_QWEN3, 5120, 40, 40, 8, 17408, 151936, head_dim=128),
+    "qwen3-32b": _shape(_QWEN3, 5120, 64, 64, 8, 25600, 151936, head_dim=128),
     # GLM: the original checkpoints' shapes (padded_vocab_size, multi_query_group_num, kv_channels)
-    "glm4-9b": ("GlmForCausalLM", 4096, 40, 32, 2, 13696, 151552, False, 128),
-    "chatglm3-6b": ("GlmForCausalLM", 4096, 28, 32, 2, 13696, 65024, False, 128),
+    "glm4-9b": _shape(_GLM, 4096, 40, 32, 2, 13696, 151552, head_dim=128),
+    "chatglm3-6b": _shape(_GLM, 4096, 28, 32, 2, 13696, 65024, head_dim=128),
+    # Mixture-of-Experts: every layer MoE (no mlp_only_layers, decoder_sparse_step 1)
+    "qwen3-30b-a3b": _shape("Qwen3MoeForCausalLM", 2048, 48, 32, 4, 6144, 151936, head_dim=128, num_experts=128,
+                            num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True),
+    "qwen3-235b-a22b": _shape("Qwen3MoeForCausalLM", 4096, 94, 64, 4, 12288, 151936, head_dim=128,
+                              num_experts=128, num_experts_per_tok=8, moe_intermediate_size=1536,
+                              norm_topk_prob=True),
+    "mixtral-8x7b": _shape("MixtralForCausalLM", 4096, 32, 32, 8, 14336, 32000, num_local_experts=8,
+                           num_experts_per_tok=2, rope_theta=1e6),
+    "qwen2-57b-a14b": _shape("Qwen2MoeForCausalLM", 3584, 28, 28, 4, 18944, 151936, num_experts=64,
+                             num_experts_per_tok=8, moe_intermediate_size=2560,
+                             shared_expert_intermediate_size=20480),
 }
 
 
@@ -235,20 +323,17 @@ def model_facts(cfg, model_name: str):
         known = KNOWN_MODELS.get(model_name.lower())
         if known is None:
             raise
-    arch, h, layers, heads, kv, ffn, vocab, tied, head_dim = known
-    config = {"architectures": [arch], "hidden_size": h, "num_hidden_layers": layers, "num_attention_heads": heads,
-              "num_key_value_heads": kv, "intermediate_size": ffn, "vocab_size": vocab,
-              "tie_word_embeddings": tied, "head_dim": head_dim}
-    return facts_from_config(config, model_name), f"the public {model_name} shape (config.json not readable here)"
+    return facts_from_config(known, model_name), f"the public {model_name} shape (config.json not readable here)"
 
 
 def for_run(cfg, layout, model_name: str) -> tuple[Estimate | None, str]:
     """The estimate for a planned run and where the model's shape came from (None when TP x PP x CP does not
-    divide the world: a rule reports it). UserError when the model's shape is not known."""
+    divide the world, or EP does not divide DP x CP or the experts: a rule reports it). UserError when the model's shape is not
+    known."""
     from ascendfactory.layout import padded_vocab_size, parse_layer_list, stage_layers
 
     facts, source = model_facts(cfg, model_name)
-    if layout.dp is None:
+    if layout.dp is None or layout.expert_dp is None or facts.num_experts % cfg.ep:
         return None, source
     layers = stage_layers(facts.num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
                           keys=("num_layer_list", "pipeline_model_parallel_size"))
@@ -256,4 +341,4 @@ def for_run(cfg, layout, model_name: str) -> tuple[Estimate | None, str]:
     vocab = padded_vocab_size(facts.vocab_size, cfg.tp, cfg.make_vocab_size_divisible_by or 1)
     precision = default_precision(layout.device) if cfg.precision == "auto" else cfg.precision
     return estimate(cfg, facts, cfg.tp, cfg.pp, cfg.cp, layout.dp, layout.num_microbatches or 1, vocab, layers,
-                    precision), source
+                    precision, cfg.ep), source
