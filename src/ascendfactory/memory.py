@@ -9,6 +9,9 @@ with the distributed optimizer (megatron-core shards it over every replica). Act
 micro-batch by Korthikanti et al. 2022, in 16-bit: s*b*h*(34 + 5*a*s/h)/TP with sequence parallel (without it
 s*b*h*(10 + 24/TP + 5*a*s/(h*TP))), 34/TP with selective recompute, 2*s*b*h(/TP with SP) with full recompute,
 all divided by CP; under 1F1B stage k holds min(PP - k, micro-batches) micro-batches in flight.
+Mixture-of-Experts: an MoE layer holds the router, E / EP experts and any shared expert (layer_parameters); the
+experts' optimizer state is sharded over the expert DP ranks (DP x CP / EP); the routed top-k copies of each token
+replace the dense MLP's activations (_activation_bytes).
 """
 
 from __future__ import annotations
@@ -112,11 +115,6 @@ def layer_parameters(facts, tp: int, ep: int = 1, moe: bool = False, lora_r: int
     return LayerParams(base + router + _weights(shared) + shared_gate, local * _weights(expert),
                        _adapters(attention, lora_r, targets) + _adapters(shared, lora_r, targets),
                        local * _adapters(expert, lora_r, targets))
-
-
-def lora_parameters(facts, tp: int, r: int, targets) -> int:
-    """One dense layer's adapters on a rank."""
-    return _adapters(_linears(facts, tp), r, targets)
 
 
 def _activation_bytes(facts, s: int, b: int, tp: int, cp: int, sp: bool, recompute: str, moe: bool = False) -> float:
@@ -328,8 +326,8 @@ def model_facts(cfg, model_name: str):
 
 def for_run(cfg, layout, model_name: str) -> tuple[Estimate | None, str]:
     """The estimate for a planned run and where the model's shape came from (None when TP x PP x CP does not
-    divide the world, or EP does not divide DP x CP or the experts: a rule reports it). UserError when the model's shape is not
-    known."""
+    divide the world, or EP does not divide DP x CP or the experts: a rule reports it). UserError when the model's
+    shape is not known."""
     from ascendfactory.layout import padded_vocab_size, parse_layer_list, stage_layers
 
     facts, source = model_facts(cfg, model_name)
