@@ -180,18 +180,19 @@ def load_tokenizer(path: str, key: str = "--tokenizer-name-or-path") -> Tokenize
         # transformers may still build an empty tokenizer from config.json alone: every sample would be 0 tokens.
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges, "
                         "tokenizer.model); copy the model's tokenizer files into this folder")
-    cached = _cache_file(path)
-    if cached is not None and cached.is_file():
+    cached = _cache_entry(path)
+    if cached is not None and (cached / "facts.json").is_file():  # written last: the entry is complete
         from tokenizers import Tokenizer
 
-        facts = json.loads(cached.read_text(encoding="utf-8"))
-        return TokenizerInfo(backend=Tokenizer.from_str(facts.pop("backend")), **facts)
+        facts = json.loads((cached / "facts.json").read_text(encoding="utf-8"))
+        return TokenizerInfo(backend=Tokenizer.from_file(str(cached / "tokenizer.json")), **facts)
     info = _load_with_transformers(path)
     if cached is not None:
-        facts = {k: v for k, v in vars(info).items() if k != "backend"}
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_text_atomic(cached, json.dumps({**facts, "backend": info.backend.to_str()}))
+            cached.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cached / "tokenizer.json", info.backend.to_str())
+            write_text_atomic(cached / "facts.json", json.dumps({k: v for k, v in vars(info).items()
+                                                                 if k != "backend"}))
         except OSError:
             pass  # an unwritable cache only costs the next run the slow load
     return info
@@ -202,8 +203,8 @@ def tokenizer_cache_dir() -> Path:
     return Path(os.environ.get("ASCENDFACTORY_TOKENIZER_CACHE") or Path(base) / "ascendfactory" / "tokenizers")
 
 
-def _cache_file(path: str | Path) -> Path | None:
-    """The cache entry for this folder's tokenizer files (config.json too: it marks ChatGLM checkpoints) under
+def _cache_entry(path: str | Path) -> Path | None:
+    """The cache folder for this folder's tokenizer files (config.json too: it marks ChatGLM checkpoints) under
     the installed transformers and tokenizers; None where one cannot be named."""
     from importlib.metadata import PackageNotFoundError, version
 
@@ -213,10 +214,13 @@ def _cache_file(path: str | Path) -> Path | None:
     except PackageNotFoundError:
         return None
     d = Path(path)
-    for f in tokenizer_files(d) + ([d / "config.json"] if (d / "config.json").is_file() else []):
-        h.update(f"\0{f.name}\0{f.stat().st_size}\0".encode())
-        h.update(f.read_bytes())
-    return tokenizer_cache_dir() / f"{h.hexdigest()}.json"
+    try:
+        for f in tokenizer_files(d) + ([d / "config.json"] if (d / "config.json").is_file() else []):
+            h.update(f"\0{f.name}\0{f.stat().st_size}\0".encode())
+            h.update(f.read_bytes())
+    except OSError:  # an unreadable file: the transformers load names it
+        return None
+    return tokenizer_cache_dir() / h.hexdigest()
 
 
 def _load_with_transformers(path: str) -> TokenizerInfo:
