@@ -13,7 +13,9 @@ Builds (offline, once) a random-init Qwen2-shaped model of ~0.5B parameters in b
                    step's output files hold (16 MiB writes, no fsync: the conversion does not fsync its data
                    files either), measured in the same run
 
---repeats N runs every step N times, interleaved, and reports medians (the machine may be shared).
+--repeats N runs every step N times, interleaved, and reports medians (the machine may be shared). `CPU s` is
+user + system time of the step's whole process (python start-up and imports included) and its children: less
+sensitive than wall time to other jobs on the machine.
 """
 
 from __future__ import annotations
@@ -70,7 +72,12 @@ def step(name: str, work: Path) -> None:
         baseline_mg2hf(work)
     elif name.startswith("floor_"):
         floor(*(("hf", "mg_ours") if name == "floor_hf2mg" else ("mg_ours", "hf_ours")), work)
-    print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}))
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu,
+                      "peak_rss_mib": peak_rss_mib()}))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -176,7 +183,7 @@ def main() -> None:
                 shutil.rmtree(work / d, ignore_errors=True)
             for name in steps:
                 runs[name].append(run_step(name, work))
-        res = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "peak_rss_mib")}
+        res = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "peak_rss_mib")}
                for name, rs in runs.items()}
         params = sum(json.loads((work / "hf_ours" / "model.safetensors.index.json").read_text())["metadata"]
                      .values()) / 2
@@ -184,15 +191,17 @@ def main() -> None:
         largest_hf = max(p.stat().st_size for p in (work / "hf_ours").glob("*.safetensors")) / 2**20
         print(f"model: Qwen2-shaped, {params / 1e6:.0f}M parameters, bf16, TP{TP} PP{PP}; medians of {a.repeats}")
         print(f"largest output file: hf2mg {largest_rank:.0f} MiB, mg2hf {largest_hf:.0f} MiB")
-        print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}   all seconds")
+        print(f"{'step':<16}{'seconds':>9}{'CPU s':>8}{'peak RSS MiB':>14}   all seconds")
         for name, r in res.items():
             every = " ".join(f"{x['seconds']:.1f}" for x in runs[name])
-            print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}   {every}")
+            print(f"{name:<16}{r['seconds']:>9.1f}{r['cpu_seconds']:>8.1f}{r['peak_rss_mib']:>14.0f}   {every}")
         for op in ("hf2mg", "mg2hf"):
             o, b, f = res[f"ours_{op}"], res[f"base_{op}"], res[f"floor_{op}"]
             print(f"{op}: time ours/floor = {o['seconds'] / f['seconds']:.2f} (target <= 1.3), "
                   f"ours/baseline = {o['seconds'] / b['seconds']:.2f} (target <= 0.5), "
-                  f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
+                  f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}; CPU seconds ours/floor = "
+                  f"{o['cpu_seconds'] / f['cpu_seconds']:.2f}, "
+                  f"ours/baseline = {o['cpu_seconds'] / b['cpu_seconds']:.2f}")
         print(f"bound (largest output file + 512 MiB): hf2mg {largest_rank + 512:.0f} MiB, "
               f"mg2hf {largest_hf + 512:.0f} MiB")
     finally:
