@@ -9,13 +9,22 @@ Builds (offline, once) a random-init Qwen2-shaped model of ~0.5B parameters in b
   baseline hf2mg   transformers from_pretrained, then the same slicing on the loaded state dict, torch.save per rank
   ours mg2hf       ascendfactory.convert.megatron_to_hf (one layer at a time, streamed safetensors)
   baseline mg2hf   torch.load every rank file, merge in memory, safetensors save of the whole model
+  floor            `cat` of the step's input files to /dev/null plus a plain write of as many bytes as the
+                   step's output files hold (16 MiB writes, no fsync: the conversion does not fsync its data
+                   files either), measured in the same run
+
+--repeats N runs every step N times, interleaved, and reports medians (the machine may be shared). `CPU s` is
+user + system time of the step's whole process (python start-up and imports included) and its children: less
+sensitive than wall time to other jobs on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -61,7 +70,28 @@ def step(name: str, work: Path) -> None:
         megatron_to_hf(work / "mg_ours", work / "hf_ours", work / "hf")
     elif name == "base_mg2hf":
         baseline_mg2hf(work)
-    print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}))
+    elif name.startswith("floor_"):
+        floor(*(("hf", "mg_ours") if name == "floor_hf2mg" else ("mg_ours", "hf_ours")), work)
+    import resource
+
+    cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+              for f in ("ru_utime", "ru_stime"))
+    print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu,
+                      "peak_rss_mib": peak_rss_mib()}))
+
+
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file())
+
+
+def floor(src: str, dst: str, work: Path) -> None:
+    """Read the step's inputs with cat, then write as many bytes as its outputs hold."""
+    subprocess.run(["cat", *map(str, _files(work / src))], stdout=subprocess.DEVNULL, check=True)
+    left, block = sum(p.stat().st_size for p in _files(work / dst)), bytes(16 * 2**20)
+    with open(work / "floor.bin", "wb") as f:
+        while left > 0:
+            left -= f.write(block[:left])
+    os.unlink(work / "floor.bin")
 
 
 def peak_rss_mib() -> float:
@@ -79,7 +109,6 @@ def baseline_hf2mg(work: Path) -> None:
     from ascendfactory.ckpt.files import rank_file
     from ascendfactory.families import rules_for, stage_items
     from ascendfactory.layout import make_layout
-    from ascendfactory.sharding import shard
     from ascendfactory.modelinfo import read_model_facts
 
     model = transformers.AutoModelForCausalLM.from_pretrained(str(work / "hf"), dtype=torch.bfloat16)
@@ -95,7 +124,7 @@ def baseline_hf2mg(work: Path) -> None:
     rules = rules_for(facts, PP)
     for p in range(PP):
         for t in range(TP):
-            out = {mg: shard(r.kind, names, read, facts, layout, t).clone()
+            out = {mg: r.kind.shard(names, read, facts, layout, t).clone()
                    for r, mg, names in stage_items(rules, layout, p)}
             path = rank_file(work / "mg_base", 1, t, p, PP)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +138,6 @@ def baseline_mg2hf(work: Path) -> None:
     from ascendfactory.ckpt.files import rank_file
     from ascendfactory.families import rules_for, stage_items
     from ascendfactory.layout import make_layout
-    from ascendfactory.sharding import merge
     from ascendfactory.modelinfo import read_model_facts
 
     facts = read_model_facts(work / "hf")
@@ -120,7 +148,7 @@ def baseline_mg2hf(work: Path) -> None:
     for p in range(PP):
         for r, mg, names in stage_items([r for r in rules_for(facts, PP) if r.to_hf], layout, p):
             out.update({k: v.contiguous() for k, v in
-                        merge(r.kind, names, [states[t, p][mg] for t in range(TP)], facts, facts.vocab_size).items()})
+                        r.kind.merge(names, [states[t, p][mg] for t in range(TP)], facts, facts.vocab_size).items()})
     (work / "hf_base").mkdir()
     save_file(out, str(work / "hf_base" / "model.safetensors"), metadata={"format": "pt"})
 
@@ -138,6 +166,7 @@ def main() -> None:
     ap.add_argument("--workdir")
     ap.add_argument("--step")
     ap.add_argument("--keep", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1)
     a = ap.parse_args()
     if a.step:
         return step(a.step, Path(a.workdir))
@@ -147,22 +176,32 @@ def main() -> None:
             t = time.perf_counter()
             build_model(work / "hf")
             print(f"built model in {time.perf_counter() - t:.0f} s", file=sys.stderr)
-        for d in ("mg_ours", "mg_base", "hf_ours", "hf_base"):
-            shutil.rmtree(work / d, ignore_errors=True)
-        res = {name: run_step(name, work) for name in ("base_hf2mg", "ours_hf2mg", "base_mg2hf", "ours_mg2hf")}
+        steps = ("base_hf2mg", "ours_hf2mg", "floor_hf2mg", "base_mg2hf", "ours_mg2hf", "floor_mg2hf")
+        runs = {name: [] for name in steps}
+        for _ in range(a.repeats):
+            for d in ("mg_ours", "mg_base", "hf_ours", "hf_base"):
+                shutil.rmtree(work / d, ignore_errors=True)
+            for name in steps:
+                runs[name].append(run_step(name, work))
+        res = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "peak_rss_mib")}
+               for name, rs in runs.items()}
         params = sum(json.loads((work / "hf_ours" / "model.safetensors.index.json").read_text())["metadata"]
                      .values()) / 2
         largest_rank = max(p.stat().st_size for p in (work / "mg_ours").rglob("*.pt")) / 2**20
         largest_hf = max(p.stat().st_size for p in (work / "hf_ours").glob("*.safetensors")) / 2**20
-        print(f"model: Qwen2-shaped, {params / 1e6:.0f}M parameters, bf16, TP{TP} PP{PP}")
+        print(f"model: Qwen2-shaped, {params / 1e6:.0f}M parameters, bf16, TP{TP} PP{PP}; medians of {a.repeats}")
         print(f"largest output file: hf2mg {largest_rank:.0f} MiB, mg2hf {largest_hf:.0f} MiB")
-        print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}")
+        print(f"{'step':<16}{'seconds':>9}{'CPU s':>8}{'peak RSS MiB':>14}   all seconds")
         for name, r in res.items():
-            print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}")
+            every = " ".join(f"{x['seconds']:.1f}" for x in runs[name])
+            print(f"{name:<16}{r['seconds']:>9.1f}{r['cpu_seconds']:>8.1f}{r['peak_rss_mib']:>14.0f}   {every}")
         for op in ("hf2mg", "mg2hf"):
-            o, b = res[f"ours_{op}"], res[f"base_{op}"]
-            print(f"{op}: time ours/baseline = {o['seconds'] / b['seconds']:.2f}, "
-                  f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
+            o, b, f = res[f"ours_{op}"], res[f"base_{op}"], res[f"floor_{op}"]
+            print(f"{op}: time ours/floor = {o['seconds'] / f['seconds']:.2f} (target <= 1.3), "
+                  f"ours/baseline = {o['seconds'] / b['seconds']:.2f} (target <= 0.5), "
+                  f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}; CPU seconds ours/floor = "
+                  f"{o['cpu_seconds'] / f['cpu_seconds']:.2f}, "
+                  f"ours/baseline = {o['cpu_seconds'] / b['cpu_seconds']:.2f}")
         print(f"bound (largest output file + 512 MiB): hf2mg {largest_rank + 512:.0f} MiB, "
               f"mg2hf {largest_hf + 512:.0f} MiB")
     finally:

