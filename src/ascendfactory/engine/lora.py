@@ -123,6 +123,9 @@ def _attach(linear, spec: LoRASpec, seed: int, layer_number: int, name: str, tp:
     # The whole matrix sees only this rank's part of the sequence under SP: megatron-core sums its gradient
     # over TP, as for the norms.
     whole.weight.sequence_parallel = linear.sequence_parallel
+    # An expert's adapters are the expert's own (EP ranks hold different experts): megatron-core's DDP reduces their
+    # gradients over the expert-DP group, as the expert's weight.
+    linear.lora_A.weight.allreduce = linear.lora_B.weight.allreduce = getattr(base, "allreduce", True)
     linear.lora_scaling = spec.scaling
     linear.lora_dropout = spec.dropout
     linear.register_forward_hook(hook)

@@ -69,7 +69,8 @@ class Metrics:
 
 
 def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None = None, skipped: int = 0) -> str:
-    """Megatron's log line; with fp16 also its loss scale and the steps skipped on overflow (no grad norm)."""
+    """Megatron's log line; with fp16 also its loss scale and the steps skipped on overflow (no grad norm); MoE runs
+    add the load-balancing loss."""
     gn = "skipped" if row["grad_norm"] is None else f"{row['grad_norm']:.4f}"
     fp16 = "" if loss_scale is None else f"loss scale: {loss_scale:.1f} | "
     line = (
@@ -78,6 +79,8 @@ def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None 
         f"global batch size: {gbs:5d} | lm loss: {row['loss']:.6E} | {fp16}grad norm: {gn} | "
         f"tokens/s/device: {row['tokens_per_sec']:.1f} | TFLOP/s/device: {row['tflops']:.4f} |"
     )
+    if row.get("load_balancing_loss") is not None:  # MoE: the router's auxiliary loss, as Megatron logs it
+        line = f"{line} load_balancing_loss: {row['load_balancing_loss']:.6E} |"
     return line if loss_scale is None else f"{line} number of skipped iterations: {skipped:3d} |"
 
 

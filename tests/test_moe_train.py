@@ -1,0 +1,132 @@
+"""Mixture-of-Experts training (SPEC.md section 8), phase 2: a tiny Qwen3-MoE (with a dense layer) trained by the
+engine with expert parallel on gloo. The same losses at EP1, EP2, TP2 x EP2 and PP2 from the converted weights
+(distributed optimizer: dense shards over DP, expert shards over expert DP), the load-balancing loss in the log
+line, metrics.jsonl and TensorBoard, an exact resume at EP2, the EP2 export's logits equal to the trained
+checkpoint's, and LoRA on the experts at EP2 whose PEFT export loads in peft."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+import _engine as E
+from ascendfactory.ckpt import files as L
+from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf
+from ascendfactory.convert.verify import TOLERANCE, compare
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("moe_train")
+    model = E.make_model(root, "qwen3_moe", seed=3, mlp_only_layers=[1])
+    conv = {}
+    for tp, pp, ep in [(1, 1, 1), (1, 1, 2), (2, 1, 2), (1, 2, 1)]:
+        conv[(tp, pp, ep)] = root / f"converted_TP{tp}PP{pp}EP{ep}"
+        hf_to_megatron(model, conv[(tp, pp, ep)], tp, pp, ep=ep)
+    return {"root": root, "model": model, "sft": E.write_sft(root / "sft", model) and root / "sft", "conv": conv,
+            "runs": {}}
+
+
+def _ok(res):
+    assert res.returncode == 0, E.describe(res)
+
+
+def _run(env, tp: int, pp: int, ep: int, nproc: int = 2, **kw):
+    """SFT from the converted weights at this layout (6 iterations, a checkpoint at 3 and 6); runs are shared."""
+    key = (tp, pp, ep, tuple(sorted(kw.items())))
+    if key not in env["runs"]:
+        out = env["root"] / f"run_TP{tp}PP{pp}EP{ep}{'_'.join(f'{k}{v}' for k, v in sorted(kw.items()))}"
+        cfg = E.write_config(out, env["model"], env["sft"], ckpt_load_type=1,
+                             user_converted_ckpt_path=str(env["conv"][(tp, pp, ep)]), tensor_model_parallel_size=tp,
+                             pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
+                             sequence_parallel=tp > 1, use_distributed_optimizer=True, micro_batch_size=1,
+                             save_interval=3, **kw)
+        _ok(res := E.run_engine(cfg, nproc, timeout=600))
+        env["runs"][key] = (out, cfg, res)
+    return env["runs"][key]
+
+
+def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
+    """From the same HF weights, EP2 (each rank 2 of the 4 experts, allgather dispatcher), TP2 x EP2 (experts also
+    TP-split) and PP2 train with EP1's losses (rel 1e-5); the loss falls; MoE runs log load_balancing_loss."""
+    out, _, res = _run(env, 1, 1, 1)
+    ref = E.losses(out)
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < ref[1] - 0.1, ref
+    rows = E.metrics(out)
+    balance = [r["load_balancing_loss"] for r in rows]
+    # a balanced router gives 1 (top-k x sum of fraction x probability x experts); a random init is near it
+    assert all(0.5 < b < 4 for b in balance), balance
+    assert "load_balancing_loss: " in res.stdout
+    assert any((out / "logs" / "tensorboard").iterdir())
+    for tp, pp, ep, nproc in [(1, 1, 2, 2), (2, 1, 2, 4), (1, 2, 1, 2)]:
+        other_out, _, other = _run(env, tp, pp, ep, nproc)
+        other_losses = E.losses(other_out)
+        assert sorted(other_losses) == sorted(ref)
+        for it, loss in other_losses.items():
+            assert loss == pytest.approx(ref[it], rel=1e-5), ((tp, pp, ep), it, loss, ref[it])
+        assert [r["load_balancing_loss"] for r in E.metrics(other_out)] == pytest.approx(balance, rel=1e-4)
+    # the EP2 run saved EP-suffixed rank folders, one per EP rank, with their distributed optimizer shards
+    save = env["runs"][(1, 1, 2, ())][0] / "saved_checkpoints"
+    assert sorted(p.name for p in (save / "iter_0000006").glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert all((save / "iter_0000006" / f"mp_rank_00_00{e}" / "distrib_optim.pt").is_file() for e in (0, 1))
+
+
+def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
+    """Auto-resume at EP2 from iteration 3 (weights, dense and expert optimizer shards, RNG, data position) repeats
+    iterations 4-6 exactly; mg2hf of the EP2 checkpoint loads in transformers with the trained model's logits."""
+    out, cfg, _ = _run(env, 1, 1, 2)
+    full = E.losses(out)
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "saved_checkpoints" / "iter_0000006")
+    L.write_tracker(again / "saved_checkpoints", 3)
+    (again / "logs" / "metrics.jsonl").unlink()
+    cfg2 = E.write_config(again, env["model"], env["sft"], **{**__import__("yaml").safe_load(cfg.read_text()),
+                                                            "output_dir": str(again), "train_auto_resume": True})
+    _ok(res := E.run_engine(cfg2, 2, timeout=600))
+    assert "resumed" in res.stdout
+    resumed = E.losses(again)
+    assert sorted(resumed) == [4, 5, 6]
+    assert all(resumed[i] == full[i] for i in (4, 5, 6)), (resumed, full)
+    a, b = E.final_weights(out), E.final_weights(again)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    hf = tmp_path / "hf"
+    megatron_to_hf(out / "saved_checkpoints", hf, env["model"])
+    trained = compare([{"hf_dir": str(hf), "mg_dir": str(out / "saved_checkpoints")},
+                       {"hf_dir": str(env["model"]), "mg_dir": str(out / "saved_checkpoints")}], nproc=2)
+    assert trained[0]["max_abs_diff"] <= TOLERANCE, trained
+    assert trained[1]["max_abs_diff"] > 1e-3  # training moved the model away from the original
+
+
+def test_lora_on_experts_at_ep2_exports_peft_adapter(env, tmp_path):
+    """LoRA on attention and on every expert's linear_fc1 / linear_fc2 at EP2: only the adapters train, and the PEFT
+    export (HF's per-expert names) on the original model gives the merged mg2hf export's logits in peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from ascendfactory.convert.peft_adapter import export_peft_adapter
+
+    out, _, res = _run(env, 1, 1, 2, finetuning_type="lora", lora_r=4, lora_alpha=8.0,
+                       lora_target_modules=["linear_qkv", "linear_fc1", "linear_fc2"], lr=1e-2)
+    assert "LoRA r 4" in res.stdout
+    save = out / "saved_checkpoints"
+    sd = torch.load(L.rank_file(save, 6, 0, 0, 1, 1, 2), weights_only=False)["model"]
+    assert "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.lora_B.weight" in sd
+    export_peft_adapter(save, tmp_path / "peft", env["model"])
+    megatron_to_hf(save, tmp_path / "merged", env["model"])
+    tokens = torch.arange(3, 40).reshape(1, -1)
+    base = AutoModelForCausalLM.from_pretrained(env["model"], torch_dtype=torch.float32)
+    with torch.no_grad():
+        before = base(tokens).logits
+        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(tokens).logits
+        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)(tokens).logits
+    assert (peft_logits - before).abs().max() > 1e-3
+    assert torch.allclose(peft_logits, merged, atol=1e-4), (peft_logits - merged).abs().max()
+    import json
+    names = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
+    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(names)
