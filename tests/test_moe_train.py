@@ -10,8 +10,10 @@ import shutil
 
 import pytest
 import torch
+import yaml
 
 import _engine as E
+from test_convert_roundtrip import hf_tensors
 from ascendfactory.ckpt import files as L
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf
 from ascendfactory.convert.verify import TOLERANCE, compare
@@ -35,11 +37,12 @@ def _ok(res):
     assert res.returncode == 0, E.describe(res)
 
 
-def _run(env, tp: int, pp: int, ep: int, nproc: int = 2, **kw):
-    """SFT from the converted weights at this layout (6 iterations, a checkpoint at 3 and 6); runs are shared."""
-    key = (tp, pp, ep, tuple(sorted(kw.items())))
+def _run(env, tp: int, pp: int, ep: int, nproc: int = 2, tag: str = "", **kw):
+    """SFT from the converted weights at this layout (6 iterations, a checkpoint at 3 and 6); runs are shared
+    (tag: a run with other settings kw)."""
+    key = (tp, pp, ep, tag)
     if key not in env["runs"]:
-        out = env["root"] / f"run_TP{tp}PP{pp}EP{ep}{'_'.join(f'{k}{v}' for k, v in sorted(kw.items()))}"
+        out = env["root"] / f"run_TP{tp}PP{pp}EP{ep}{tag}"
         cfg = E.write_config(out, env["model"], env["sft"], ckpt_load_type=1,
                              user_converted_ckpt_path=str(env["conv"][(tp, pp, ep)]), tensor_model_parallel_size=tp,
                              pipeline_model_parallel_size=pp, expert_model_parallel_size=ep,
@@ -70,7 +73,7 @@ def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
             assert loss == pytest.approx(ref[it], rel=1e-5), ((tp, pp, ep), it, loss, ref[it])
         assert [r["load_balancing_loss"] for r in E.metrics(other_out)] == pytest.approx(balance, rel=1e-4)
     # the EP2 run saved EP-suffixed rank folders, one per EP rank, with their distributed optimizer shards
-    save = env["runs"][(1, 1, 2, ())][0] / "saved_checkpoints"
+    save = env["runs"][(1, 1, 2, "")][0] / "saved_checkpoints"
     assert sorted(p.name for p in (save / "iter_0000006").glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_00_001"]
     assert all((save / "iter_0000006" / f"mp_rank_00_00{e}" / "distrib_optim.pt").is_file() for e in (0, 1))
 
@@ -85,7 +88,7 @@ def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
     shutil.rmtree(again / "saved_checkpoints" / "iter_0000006")
     L.write_tracker(again / "saved_checkpoints", 3)
     (again / "logs" / "metrics.jsonl").unlink()
-    cfg2 = E.write_config(again, env["model"], env["sft"], **{**__import__("yaml").safe_load(cfg.read_text()),
+    cfg2 = E.write_config(again, env["model"], env["sft"], **{**yaml.safe_load(cfg.read_text()),
                                                             "output_dir": str(again), "train_auto_resume": True})
     _ok(res := E.run_engine(cfg2, 2, timeout=600))
     assert "resumed" in res.stdout
@@ -104,14 +107,16 @@ def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
 
 
 def test_lora_on_experts_at_ep2_exports_peft_adapter(env, tmp_path):
-    """LoRA on attention and on every expert's linear_fc1 / linear_fc2 at EP2: only the adapters train, and the PEFT
-    export (HF's per-expert names) on the original model gives the merged mg2hf export's logits in peft."""
+    """LoRA on attention and on every expert's linear_fc1 / linear_fc2 at EP2: the PEFT export names each expert as
+    the hub does (mlp.experts.{e}.gate_proj / up_proj / down_proj, global e), each adapter's delta is what the merged
+    mg2hf export added to that expert's weight, and peft loads the adapter onto the original model."""
     from peft import PeftModel
+    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
     from ascendfactory.convert.peft_adapter import export_peft_adapter
 
-    out, _, res = _run(env, 1, 1, 2, finetuning_type="lora", lora_r=4, lora_alpha=8.0,
+    out, _, res = _run(env, 1, 1, 2, tag="lora", finetuning_type="lora", lora_r=4, lora_alpha=8.0,
                        lora_target_modules=["linear_qkv", "linear_fc1", "linear_fc2"], lr=1e-2)
     assert "LoRA r 4" in res.stdout
     save = out / "saved_checkpoints"
@@ -119,14 +124,21 @@ def test_lora_on_experts_at_ep2_exports_peft_adapter(env, tmp_path):
     assert "decoder.layers.0.mlp.experts.local_experts.1.linear_fc1.lora_B.weight" in sd
     export_peft_adapter(save, tmp_path / "peft", env["model"])
     megatron_to_hf(save, tmp_path / "merged", env["model"])
+    adapter = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+    base, merged = hf_tensors(env["model"]), hf_tensors(tmp_path / "merged")
+    experts = 0
+    for layer in (0, 2, 3):  # layer 1 is dense (mlp_only_layers)
+        for e in range(4):  # experts 2 and 3 come from EP rank 1's files
+            for proj in ("gate_proj", "up_proj", "down_proj"):
+                name = f"model.layers.{layer}.mlp.experts.{e}.{proj}"
+                a, b = (adapter[f"base_model.model.{name}.lora_{x}.weight"] for x in "AB")
+                delta = merged[f"{name}.weight"] - base[f"{name}.weight"]
+                assert delta.abs().max() > 0 and torch.allclose(delta, 2.0 * b @ a, atol=1e-6), name
+                experts += 1
+    assert experts == 36
     tokens = torch.arange(3, 40).reshape(1, -1)
-    base = AutoModelForCausalLM.from_pretrained(env["model"], torch_dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(env["model"], dtype=torch.float32)
     with torch.no_grad():
-        before = base(tokens).logits
-        peft_logits = PeftModel.from_pretrained(base, tmp_path / "peft").eval()(tokens).logits
-        merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32)(tokens).logits
-    assert (peft_logits - before).abs().max() > 1e-3
-    assert torch.allclose(peft_logits, merged, atol=1e-4), (peft_logits - merged).abs().max()
-    import json
-    names = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_modules"]
-    assert {"gate_proj", "up_proj", "down_proj", "q_proj"} <= set(names)
+        before = hf(tokens).logits
+        after = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(tokens).logits
+    assert (after - before).abs().max() > 1e-3
