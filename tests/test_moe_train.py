@@ -18,8 +18,6 @@ from ascendfactory.ckpt import files as L
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf
 from ascendfactory.convert.verify import TOLERANCE, compare
 
-pytestmark = pytest.mark.slow
-
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
@@ -53,6 +51,7 @@ def _run(env, tp: int, pp: int, ep: int, nproc: int = 2, tag: str = "", **kw):
     return env["runs"][key]
 
 
+@pytest.mark.slow
 def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
     """From the same HF weights, EP2 (each rank 2 of the 4 experts, allgather dispatcher), TP2 x EP2 (experts also
     TP-split) and PP2 train with EP1's losses (rel 1e-5); the loss falls; MoE runs log load_balancing_loss."""
@@ -78,6 +77,7 @@ def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
     assert all((save / "iter_0000006" / f"mp_rank_00_00{e}" / "distrib_optim.pt").is_file() for e in (0, 1))
 
 
+@pytest.mark.slow
 def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
     """Auto-resume at EP2 from iteration 3 (weights, dense and expert optimizer shards, RNG, data position) repeats
     iterations 4-6 exactly; mg2hf of the EP2 checkpoint loads in transformers with the trained model's logits."""
@@ -106,6 +106,7 @@ def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
     assert trained[1]["max_abs_diff"] > 1e-3  # training moved the model away from the original
 
 
+@pytest.mark.slow
 def test_lora_on_experts_at_ep2_exports_peft_adapter(env, tmp_path):
     """LoRA on attention and on every expert's linear_fc1 / linear_fc2 at EP2: the PEFT export names each expert as
     the hub does (mlp.experts.{e}.gate_proj / up_proj / down_proj, global e), each adapter's delta is what the merged
@@ -142,3 +143,54 @@ def test_lora_on_experts_at_ep2_exports_peft_adapter(env, tmp_path):
         before = hf(tokens).logits
         after = PeftModel.from_pretrained(hf, tmp_path / "peft").eval()(tokens).logits
     assert (after - before).abs().max() > 1e-3
+
+
+def _exp(tmp_path, model, **keys):
+    from ascendfactory.config.schema import ExpConfig
+
+    return ExpConfig(model_name_or_path=str(model), output_dir=str(tmp_path), dataset="d.jsonl", **keys)
+
+
+def test_moe_keys_choose_dispatcher_grouped_gemm_and_aux_loss(tmp_path):
+    """auto: the device adapter's choice (allgather and SequentialMLP on CPU / gloo, alltoall on nccl / hccl); the
+    aux-loss weight defaults to config.json's router_aux_loss_coef; grouped GEMM asked for where it is not offered
+    is the user's error naming the key; a dense model gets no MoE entries."""
+    from ascendfactory.engine.device import Device
+    from ascendfactory.engine.model import transformer_config
+    from ascendfactory.engine.moe import config_overrides
+    from ascendfactory.errors import UserError
+    from ascendfactory.modelinfo import read_model_facts
+    from ascendfactory.tiny import make_tiny_model
+
+    model = make_tiny_model(tmp_path / "m", "qwen3_moe", with_tokenizer=False, router_aux_loss_coef=0.02)
+    facts = read_model_facts(model)
+    cpu = Device("cpu", "gloo")
+    auto = config_overrides(_exp(tmp_path, model), facts, cpu)
+    assert auto == {"moe_token_dispatcher_type": "allgather", "moe_grouped_gemm": False}
+    tc = transformer_config(facts, **auto)
+    assert (tc.moe_aux_loss_coeff, tc.moe_token_dispatcher_type, tc.moe_grouped_gemm) == (0.02, "allgather", False)
+    assert config_overrides(_exp(tmp_path, model), facts, Device("cuda", "nccl"))["moe_token_dispatcher_type"] == (
+        "alltoall")
+    given = config_overrides(_exp(tmp_path, model, moe_aux_loss_coeff=0.5, moe_token_dispatcher_type="alltoall"),
+                             facts, cpu)
+    assert (given["moe_aux_loss_coeff"], given["moe_token_dispatcher_type"]) == (0.5, "alltoall")
+    with pytest.raises(UserError, match="moe_grouped_gemm: true, but megatron-core offers no grouped GEMM on cpu"):
+        config_overrides(_exp(tmp_path, model, moe_grouped_gemm=True), facts, cpu)
+    dense = make_tiny_model(tmp_path / "d", "qwen2", with_tokenizer=False)
+    assert config_overrides(_exp(tmp_path, dense), read_model_facts(dense), cpu) == {}
+
+
+def test_flops_per_token_counts_the_experts_a_token_meets(tmp_path):
+    """MoE layers: router + top-k experts + shared expert, not all experts; dense layers (mlp_only_layers) as
+    before."""
+    from ascendfactory.engine.metrics import flops_per_token
+    from ascendfactory.modelinfo import read_model_facts
+    from ascendfactory.tiny import make_tiny_model
+
+    f = read_model_facts(make_tiny_model(tmp_path / "m", "qwen2_moe", with_tokenizer=False, mlp_only_layers=[1]))
+    h, d = f.hidden_size, f.head_dim
+    attn = h * f.num_heads * d * 2 + h * f.num_kv_heads * d * 2
+    moe = h * f.num_experts + 3 * h * (f.moe_topk * f.moe_ffn_hidden_size + f.shared_expert_size)
+    weights = 4 * attn + 3 * h * f.ffn_hidden_size + 3 * moe + f.vocab_size * h  # layer 1 dense, 3 MoE layers
+    assert f.moe_layers == (0, 2, 3) and f.shared_expert_size > 0
+    assert flops_per_token(f, seq_len=32) == 6 * weights + 12 * 4 * 32 * f.num_heads * d

@@ -33,11 +33,14 @@ class Log:
 
 def flops_per_token(facts: ModelFacts, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6 x matmul weights (forward, input and weight gradients; 4 x when the weights
-    are frozen, as under LoRA, whose adapters add next to nothing) plus the attention score/value matmuls."""
+    are frozen, as under LoRA, whose adapters add next to nothing) plus the attention score/value matmuls. An MoE
+    layer's weights are those a token meets: its router, top-k experts and the shared expert."""
     h, d = facts.hidden_size, facts.head_dim
     attn = h * facts.num_heads * d * 2 + h * facts.num_kv_heads * d * 2
     mlp = 3 * h * facts.ffn_hidden_size
-    dense = facts.num_layers * (attn + mlp) + facts.vocab_size * h
+    moe = h * facts.num_experts + 3 * h * (facts.moe_topk * facts.moe_ffn_hidden_size + facts.shared_expert_size)
+    n_moe = len(facts.moe_layers)
+    dense = facts.num_layers * attn + (facts.num_layers - n_moe) * mlp + n_moe * moe + facts.vocab_size * h
     return (4.0 if frozen_weights else 6.0) * dense + 12.0 * facts.num_layers * seq_len * facts.num_heads * d
 
 
