@@ -54,7 +54,8 @@ def _run(env, tp: int, pp: int, ep: int, nproc: int = 2, tag: str = "", **kw):
 @pytest.mark.slow
 def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
     """From the same HF weights, EP2 (each rank 2 of the 4 experts, allgather dispatcher), TP2 x EP2 (experts also
-    TP-split) and PP2 train with EP1's losses (rel 1e-5); the loss falls; MoE runs log load_balancing_loss."""
+    TP-split), EP2 over 4 processes (expert DP 2: the experts' optimizer shards split over it) and PP2 train with
+    EP1's losses (rel 1e-5); the loss falls; MoE runs log load_balancing_loss."""
     out, _, res = _run(env, 1, 1, 1)
     ref = E.losses(out)
     assert sorted(ref) == [1, 2, 3, 4, 5, 6] and ref[6] < ref[1] - 0.1, ref
@@ -64,24 +65,26 @@ def test_same_losses_ep1_ep2_tp2ep2_pp2_with_load_balancing_loss(env):
     assert all(0.5 < b < 4 for b in balance), balance
     assert "load_balancing_loss: " in res.stdout
     assert any((out / "logs" / "tensorboard").iterdir())
-    for tp, pp, ep, nproc in [(1, 1, 2, 2), (2, 1, 2, 4), (1, 2, 1, 2)]:
-        other_out, _, other = _run(env, tp, pp, ep, nproc)
+    for tp, pp, ep, nproc, tag in [(1, 1, 2, 2, ""), (2, 1, 2, 4, ""), (1, 1, 2, 4, "edp2"), (1, 2, 1, 2, "")]:
+        other_out, _, other = _run(env, tp, pp, ep, nproc, tag)
         other_losses = E.losses(other_out)
         assert sorted(other_losses) == sorted(ref)
         for it, loss in other_losses.items():
             assert loss == pytest.approx(ref[it], rel=1e-5), ((tp, pp, ep), it, loss, ref[it])
         assert [r["load_balancing_loss"] for r in E.metrics(other_out)] == pytest.approx(balance, rel=1e-4)
-    # the EP2 run saved EP-suffixed rank folders, one per EP rank, with their distributed optimizer shards
-    save = env["runs"][(1, 1, 2, "")][0] / "saved_checkpoints"
-    assert sorted(p.name for p in (save / "iter_0000006").glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_00_001"]
-    assert all((save / "iter_0000006" / f"mp_rank_00_00{e}" / "distrib_optim.pt").is_file() for e in (0, 1))
+    # the EP2 runs saved EP-suffixed rank folders, one per EP rank, with their distributed optimizer shards
+    for tag in ("", "edp2"):
+        it = env["runs"][(1, 1, 2, tag)][0] / "saved_checkpoints" / "iter_0000006"
+        assert sorted(p.name for p in it.glob("mp_rank_*")) == ["mp_rank_00_000", "mp_rank_00_001"]
+        assert all((it / f"mp_rank_00_00{e}" / "distrib_optim.pt").is_file() for e in (0, 1))
 
 
 @pytest.mark.slow
 def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
-    """Auto-resume at EP2 from iteration 3 (weights, dense and expert optimizer shards, RNG, data position) repeats
-    iterations 4-6 exactly; mg2hf of the EP2 checkpoint loads in transformers with the trained model's logits."""
-    out, cfg, _ = _run(env, 1, 1, 2)
+    """Auto-resume at EP2 x expert DP2 (4 processes) from iteration 3 (weights, dense optimizer shards over DP 4,
+    expert ones over expert DP 2, RNG, data position) repeats iterations 4-6 exactly; mg2hf of the EP2 checkpoint
+    loads in transformers with the trained model's logits."""
+    out, cfg, _ = _run(env, 1, 1, 2, 4, "edp2")
     full = E.losses(out)
     again = tmp_path / "again"
     shutil.copytree(out, again)
@@ -90,7 +93,7 @@ def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
     (again / "logs" / "metrics.jsonl").unlink()
     cfg2 = E.write_config(again, env["model"], env["sft"], **{**yaml.safe_load(cfg.read_text()),
                                                             "output_dir": str(again), "train_auto_resume": True})
-    _ok(res := E.run_engine(cfg2, 2, timeout=600))
+    _ok(res := E.run_engine(cfg2, 4, timeout=600))
     assert "resumed" in res.stdout
     resumed = E.losses(again)
     assert sorted(resumed) == [4, 5, 6]
