@@ -299,7 +299,8 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self.log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
-                      f"CP{cfg.cp} DP{self.dp}{f' EP{cfg.ep}' if cfg.ep > 1 else ''}, precision {self.precision}, {self.num_micro} micro-batches of "
+                      f"CP{cfg.cp} DP{self.dp}{f' EP{cfg.ep}' if cfg.ep > 1 else ''}, precision {self.precision}, "
+                      f"{self.num_micro} micro-batches of "
                       f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
                       f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
         metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
@@ -368,7 +369,8 @@ class Trainer:
         cfg = self.cfg
         args = L.checkpoint_args(
             cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
-            self.facts.vocab_size, self.padded_vocab, cfg.ep, self.facts.num_experts, data_parallel_size=self.dp, seq_length=cfg.seq_len,
+            self.facts.vocab_size, self.padded_vocab, cfg.ep, self.facts.num_experts, data_parallel_size=self.dp,
+            seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
             **(self.lora.checkpoint_args() if self.lora else {}),
