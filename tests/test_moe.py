@@ -206,6 +206,8 @@ def test_plan_shows_ep_and_expert_dp(run_cfg):
     ({"expert_model_parallel_size": 4}, 2, "expert_model_parallel_size (4) must divide data-parallel size x "
                                            "context_parallel_size (2 x 1 = 2)"),
     ({"expert_model_parallel_size": 0}, 2, "expert_model_parallel_size = 0: must be at least 1"),
+    ({"tensor_model_parallel_size": 2}, 2, "sequence_parallel: an MoE model (Qwen3MoeForCausalLM) at "
+                                           "tensor_model_parallel_size 2 needs sequence_parallel: true; set it"),
 ])
 def test_ep_rules_exit_2_naming_both(run_cfg, exp, nproc, want):
     line = _one_error_line(_run(["plan", run_cfg(exp, nproc), "tiny", "exp"]))

@@ -38,7 +38,7 @@ def shipped_cases():
 @pytest.mark.parametrize("model,exp", list(shipped_cases()))
 def test_plan_json_for_each_shipped_experiment(model, exp, tmp_path):
     cfg = resolve(SHIPPED, model, exp).cfg
-    devices = cfg.tp * cfg.pp * cfg.cp
+    devices = cfg.tp * cfg.pp * cfg.cp * cfg.ep  # MoE: EP must divide DP x CP, so DP = EP (1 for a dense model)
     nodes, per_node = (devices // 8, 8) if devices > 8 else (1, devices)
     env = {"MA_NUM_HOSTS": str(nodes), "VC_TASK_INDEX": "0", "VC_WORKER_HOSTS": ",".join(f"n{i}" for i in
            range(nodes)), "MA_NUM_GPUS": str(per_node)}
@@ -49,8 +49,8 @@ def test_plan_json_for_each_shipped_experiment(model, exp, tmp_path):
     assert set(out) >= {"config", "layout", "stages", "paths"}
     assert set(out["layout"]) == LAYOUT_KEYS and set(out["paths"]) == PATH_KEYS
     lay = out["layout"]
-    assert lay["world_size"] == devices and lay["dp"] == 1
-    assert lay["num_microbatches"] == cfg.global_batch_size // cfg.micro_batch_size
+    assert lay["world_size"] == devices and lay["dp"] == cfg.ep and lay["ep"] == cfg.ep
+    assert lay["num_microbatches"] == cfg.global_batch_size // (cfg.micro_batch_size * lay["dp"])
     assert [s["name"] for s in out["stages"]] == ["preprocess", "convert", "train", "export"]
     assert all(isinstance(s["run"], bool) and s["reason"] for s in out["stages"])
     assert out["config"]["tensor_model_parallel_size"] == cfg.tp and "micro_batch_size" in out["config"]

@@ -148,6 +148,10 @@ def _check_experts(cfg, layout: RunLayout, r: Report) -> None:
     elif facts.num_experts % ep:
         r.problems.append(f"expert_model_parallel_size ({ep}) must divide num_experts ({facts.num_experts}, from "
                           f"{source})")
+    if facts.num_experts and cfg.tp > 1 and not cfg.sequence_parallel:
+        # megatron-core's MoE layer refuses to train with TP but without SP (its token dispatch assumes SP)
+        r.problems.append(f"sequence_parallel: an MoE model ({facts.architecture}) at tensor_model_parallel_size "
+                          f"{cfg.tp} needs sequence_parallel: true; set it")
 
 
 def _check_model(cfg, layer_list, r: Report) -> None:

@@ -15,7 +15,7 @@ import json
 from ascendfactory.ckpt.lora import LORA_A, LORA_B
 from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout
 from ascendfactory.convert import chatglm
-from ascendfactory.families import model_items, rules_for
+from ascendfactory.families import merged_items, rules_for
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
 from ascendfactory.layout import ShardPlan
 from ascendfactory.convert.target import staged, up_to_date
@@ -41,12 +41,15 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
     if up_to_date(out_dir, fp, flag, replace_ours, adapter_complete):
         log.say(f"{out_dir} already holds this adapter; nothing to do")
         return False
-    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size)
+    layout = ShardPlan(ck.tp, ck.pp, ck.layers, facts.vocab_size, ck.padded_vocab_size, ck.ep)
     chatglm_layout = is_chatglm_dir(hf_config_dir)
     tensors, modules = {}, set()
     for p in range(ck.pp):
-        states = [model_state(ck.file(t, p), fold_adapters=False) for t in range(ck.tp)]
-        for rule, mg_name, names in model_items(facts, rules_for(facts, ck.pp), layout, p):
+        by_ep = {}  # EP rank -> its TP ranks' states (MoE: an expert's adapters are in its EP rank's files)
+        for e, rule, mg_name, names in merged_items(facts, rules_for(facts, ck.pp), layout, p):
+            if e not in by_ep:
+                by_ep[e] = [model_state(ck.file(t, p, e), fold_adapters=False) for t in range(ck.tp)]
+            states = by_ep[e]
             stem = mg_name.removesuffix("weight")
             if stem + LORA_A not in states[0]:
                 continue
@@ -60,7 +63,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
                 tensors[f"base_model.model.{module}.lora_A.weight"] = a.clone()
                 tensors[f"base_model.model.{module}.lora_B.weight"] = b.clone()
                 modules.add(module.rsplit(".", 1)[-1])
-        del states
+        del states, by_ep
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(hf_config_dir),
         "r": int(args["lora_r"]), "lora_alpha": float(args["lora_alpha"]),

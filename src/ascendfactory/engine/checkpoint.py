@@ -36,7 +36,8 @@ TMP_PREFIX = ".tmp_"
 @dataclass(frozen=True)
 class Layout:
     """This rank's place. dp / dp_rank count model replicas as megatron-core's DDP and distributed optimizer do:
-    the DP x CP ranks holding the same TP/PP shard (rank 0 of them writes it)."""
+    the DP x CP ranks holding the same TP/PP shard. MoE: ep_rank holds its share of the experts; the expert-DP ranks
+    (edp_rank) hold the same TP/PP/EP rank file, and rank 0 of them writes it (without EP: DP rank 0)."""
 
     tp: int
     pp: int
@@ -44,9 +45,16 @@ class Layout:
     tp_rank: int
     pp_rank: int
     dp_rank: int
+    ep: int = 1
+    ep_rank: int = 0
+    edp_rank: int = 0
+
+    @property
+    def writer(self) -> bool:
+        return (self.edp_rank if self.ep > 1 else self.dp_rank) == 0
 
     def rank_dir(self, iter_path: Path) -> Path:
-        return iter_path / L.rank_dir_name(self.tp_rank, self.pp_rank, self.pp)
+        return iter_path / L.rank_dir_name(self.tp_rank, self.pp_rank, self.pp, self.ep_rank, self.ep)
 
 
 def warn(msg: str) -> None:
@@ -148,6 +156,10 @@ def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[
             f"set tensor-model-parallel-size={ck.tp} pipeline-model-parallel-size={ck.pp} or convert the weights "
             "again"
         )
+    if ck.ep != lay.ep:
+        raise UserError(f"{iter_path}: checkpoint has EP{ck.ep}, but the run uses expert_model_parallel_size "
+                        f"{lay.ep}; set expert_model_parallel_size: {ck.ep} or convert the weights again with "
+                        f"--ep {lay.ep}")
     if list(ck.layers) != list(run_split):
         ours, theirs = (",".join(map(str, split)) for split in (run_split, ck.layers))
         raise UserError(
@@ -213,7 +225,9 @@ def _write_torch(obj, path: Path) -> int:
 
 def _distributed_optimizer_state(optimizer):
     """Collective over DP: this (tp, pp) slice's optimizer shards gathered on DP rank 0, in the layout of
-    megatron-core's save_parameter_state (a dict, or a list for several chained optimizers)."""
+    megatron-core's save_parameter_state (a dict, or a list for several chained optimizers). MoE: the expert
+    parameters' optimizer gathers on rank 0 of its expert-DP group; the dense one's entry is None but on DP rank 0
+    (the file of EP rank 0 carries it)."""
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     states = [o.get_parameter_state_dp_zero() for o in opts if hasattr(o, "get_parameter_state_dp_zero")]
     return states[0] if len(opts) == 1 else states
@@ -258,13 +272,13 @@ def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimiz
     rank_dir = lay.rank_dir(tmp)
     rel = str(rank_dir.relative_to(tmp))
     try:
-        if lay.dp_rank == 0:
+        if lay.writer:
             rank_dir.mkdir(parents=True, exist_ok=True)
         if distributed_optimizer:
             shards = _distributed_optimizer_state(optimizer)
-            if lay.dp_rank == 0:
+            if lay.writer:
                 sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
-        if lay.dp_rank == 0:
+        if lay.writer:
             state = {
                 "args": {**args, "consumed_train_samples": consumed, "iteration": iteration},
                 "checkpoint_version": L.CHECKPOINT_VERSION,
@@ -312,6 +326,7 @@ def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout
         "tp": lay.tp,
         "pp": lay.pp,
         "dp": lay.dp,
+        "ep": lay.ep,
         "source_model": source_model,
         "run_id": run_id,
         "files": files,
@@ -351,7 +366,7 @@ def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, schedule
          distributed_optimizer: bool) -> int | None:
     """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
     returns the consumed_train_samples its args record, if any."""
-    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp)
+    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp, lay.ep_rank, lay.ep)
     state, err = None, None
     try:
         state = load_file(f)
@@ -415,7 +430,8 @@ def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
     # (the layout _distributed_optimizer_state saved) and hands megatron-core the content.
     sharded = [o for o in opts if hasattr(o, "load_parameter_state_from_dp_zero") and not o.is_stub_optimizer]
     content, err = None, None
-    if sharded and sharded[0].data_parallel_group.rank() == 0:
+    # MoE: the dense and the expert optimizers each scatter from rank 0 of their own DP group
+    if any(o.data_parallel_group.rank() == 0 for o in sharded):
         try:
             content = load_file(path)
         except UserError as e:

@@ -201,6 +201,8 @@ def collate(samples: list[dict], pad_to: int) -> dict:
         out["attention_mask"] = torch.stack(masks)
     else:
         out["attention_mask"] = None
+    # MoE routing leaves this padding out of the load-balancing loss (its amount depends on the layout)
+    out["padding_mask"] = torch.stack([torch.arange(pad_to) >= len(s["tokens"]) for s in samples])
     return out
 
 

@@ -51,6 +51,22 @@ class Device:
         """gloo has no coalesced send/recv: pipeline p2p goes one message at a time (same schedule)."""
         return self.backend != "gloo"
 
+    @property
+    def moe_token_dispatcher(self) -> str:
+        """MoE tokens to their experts: all-to-all where the backend has it (hccl, nccl); gloo gets the allgather
+        dispatcher (same results, more traffic)."""
+        return "allgather" if self.backend == "gloo" else "alltoall"
+
+    @property
+    def grouped_gemm(self) -> bool:
+        """megatron-core's grouped GEMM for the experts (GroupedMLP): only on an accelerator with the grouped_gemm
+        package; elsewhere SequentialMLP (one matmul per expert)."""
+        if self.kind == "cpu":
+            return False
+        from megatron.core.transformer.moe.grouped_gemm_util import grouped_gemm_is_available
+
+        return grouped_gemm_is_available()
+
 
 _ACTIVE: Device | None = None
 

@@ -123,9 +123,24 @@ def _attach(linear, spec: LoRASpec, seed: int, layer_number: int, name: str, tp:
     # The whole matrix sees only this rank's part of the sequence under SP: megatron-core sums its gradient
     # over TP, as for the norms.
     whole.weight.sequence_parallel = linear.sequence_parallel
+    # An expert's adapters are the expert's own (EP ranks hold different experts): megatron-core's DDP reduces their
+    # gradients over the expert-DP group, as the expert's weight.
+    linear.lora_A.weight.allreduce = linear.lora_B.weight.allreduce = getattr(base, "allreduce", True)
     linear.lora_scaling = spec.scaling
     linear.lora_dropout = spec.dropout
     linear.register_forward_hook(hook)
+
+
+def _seed_name(layer, name: str) -> str:
+    """The name an adapter's A is seeded by: an expert's by its global index (EP rank x local experts + local
+    index), so every EP layout starts from the same adapters."""
+    parts = name.split(".")
+    if "local_experts" not in parts:
+        return name
+    k = parts.index("local_experts")
+    experts = layer.get_submodule(".".join(parts[:k]))
+    parts[k + 1] = str(experts.ep_group.rank() * experts.num_local_experts + int(parts[k + 1]))
+    return ".".join(parts)
 
 
 def apply_lora(model: torch.nn.Module, spec: LoRASpec, seed: int, tp: int, tp_rank: int) -> tuple[int, int]:
@@ -136,6 +151,6 @@ def apply_lora(model: torch.nn.Module, spec: LoRASpec, seed: int, tp: int, tp_ra
     for layer in model.decoder.layers:
         targets = [(n, m) for n, m in layer.named_modules() if n.rsplit(".", 1)[-1] in spec.targets]
         for name, module in targets:
-            _attach(module, spec, seed, layer.layer_number, name, tp, tp_rank)
+            _attach(module, spec, seed, layer.layer_number, _seed_name(layer, name), tp, tp_rank)
     params = list(model.parameters())
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)

@@ -33,11 +33,14 @@ class Log:
 
 def flops_per_token(facts: ModelFacts, seq_len: int, frozen_weights: bool = False) -> float:
     """Training FLOPs per token: 6 x matmul weights (forward, input and weight gradients; 4 x when the weights
-    are frozen, as under LoRA, whose adapters add next to nothing) plus the attention score/value matmuls."""
+    are frozen, as under LoRA, whose adapters add next to nothing) plus the attention score/value matmuls. An MoE
+    layer's weights are those a token meets: its router, top-k experts and the shared expert."""
     h, d = facts.hidden_size, facts.head_dim
     attn = h * facts.num_heads * d * 2 + h * facts.num_kv_heads * d * 2
     mlp = 3 * h * facts.ffn_hidden_size
-    dense = facts.num_layers * (attn + mlp) + facts.vocab_size * h
+    moe = h * facts.num_experts + 3 * h * (facts.moe_topk * facts.moe_ffn_hidden_size + facts.shared_expert_size)
+    n_moe = len(facts.moe_layers)
+    dense = facts.num_layers * attn + (facts.num_layers - n_moe) * mlp + n_moe * moe + facts.vocab_size * h
     return (4.0 if frozen_weights else 6.0) * dense + 12.0 * facts.num_layers * seq_len * facts.num_heads * d
 
 
@@ -76,7 +79,8 @@ class Metrics:
 
 
 def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None = None, skipped: int = 0) -> str:
-    """Megatron's log line; with fp16 also its loss scale and the steps skipped on overflow (no grad norm)."""
+    """Megatron's log line; with fp16 also its loss scale and the steps skipped on overflow (no grad norm); MoE runs
+    add the load-balancing loss."""
     gn = "skipped" if row["grad_norm"] is None else f"{row['grad_norm']:.4f}"
     fp16 = "" if loss_scale is None else f"loss scale: {loss_scale:.1f} | "
     line = (
@@ -85,6 +89,8 @@ def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None 
         f"global batch size: {gbs:5d} | lm loss: {row['loss']:.6E} | {fp16}grad norm: {gn} | "
         f"tokens/s/device: {row['tokens_per_sec']:.1f} | TFLOP/s/device: {row['tflops']:.4f} |"
     )
+    if row.get("load_balancing_loss") is not None:  # MoE: the router's auxiliary loss, as Megatron logs it
+        line = f"{line} load_balancing_loss: {row['load_balancing_loss']:.6E} |"
     return line if loss_scale is None else f"{line} number of skipped iterations: {skipped:3d} |"
 
 

@@ -196,8 +196,8 @@ def local_block_spec(config, qk_norm: bool, post_norms: bool = False, moe_layers
 
 def moe_layer_specs(dense_layer, config, moe_layers, n: int) -> list:
     """This stage's n layer specs: the dense spec, or for the global layers in moe_layers the same layer with
-    megatron-core's MoE layer (router, SequentialMLP experts named local_experts.{i}, shared experts with their
-    gate) as its MLP."""
+    megatron-core's MoE layer (router, SequentialMLP experts named local_experts.{i}, or GroupedMLP with the
+    config's moe_grouped_gemm, shared experts with their gate) as its MLP."""
     from dataclasses import replace
 
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
@@ -205,7 +205,7 @@ def moe_layer_specs(dense_layer, config, moe_layers, n: int) -> list:
 
     moe = replace(dense_layer, submodules=replace(
         dense_layer.submodules, mlp=get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts,
-                                                        moe_grouped_gemm=False)))
+                                                        moe_grouped_gemm=config.moe_grouped_gemm)))
     offset = get_transformer_layer_offset(config)
     return [moe if offset + j in moe_layers else dense_layer for j in range(n)]
 

@@ -19,7 +19,7 @@ from ascendfactory.ckpt.reader import trust_checkpoints
 from ascendfactory.config.paths import RunPaths, run_id, run_paths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data.stage import find_data_prefix
-from ascendfactory.engine import checkpoint, device
+from ascendfactory.engine import checkpoint, device, moe
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
 from ascendfactory.engine.evaluate import Evaluator, loss_totals, pretrain_split
 from ascendfactory.engine.faults import Diverged, StopRequest, kill_point
@@ -130,7 +130,7 @@ class Trainer:
                             f"the {self.world} processes")
         if problem := seq_len_problem(cfg):
             raise UserError(problem)
-        ps.initialize_model_parallel(cfg.tp, cfg.pp, context_parallel_size=cfg.cp)
+        ps.initialize_model_parallel(cfg.tp, cfg.pp, context_parallel_size=cfg.cp, **moe.parallel_state_kwargs(cfg))
         self.dp = ps.get_data_parallel_world_size()
         self.cp_group = ps.get_context_parallel_group()
         if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
@@ -140,7 +140,8 @@ class Trainer:
         # Model replicas, as megatron-core's DDP and distributed optimizer see them: DP x CP ranks.
         self.layout = checkpoint.Layout(cfg.tp, cfg.pp, ps.get_data_parallel_world_size(with_context_parallel=True),
                                         ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                        ps.get_data_parallel_rank(with_context_parallel=True))
+                                        ps.get_data_parallel_rank(with_context_parallel=True), cfg.ep,
+                                        ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank())
         _seed_all(cfg.seed)
 
         checkpoint.check_writable(self.paths.save_dir)
@@ -187,13 +188,14 @@ class Trainer:
         from megatron.core.transformer.module import Float16Module
 
         cfg = self.cfg
-        par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split))
+        par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split), cfg.ep)
         overrides, ignored = transformer_overrides(cfg.extra_args)
         if ignored:
             self.log.info(f"warning: extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; "
                           "ignored")
         self.tconfig = transformer_config(self.facts, par, self.precision,
-                                          use_cpu_initialization=self.dev.cpu_initialization, **overrides)
+                                          use_cpu_initialization=self.dev.cpu_initialization,
+                                          **{**moe.config_overrides(cfg, self.facts, self.dev), **overrides})
         self.tconfig.batch_p2p_comm = self.dev.batched_p2p
         core = build_gpt_model(self.facts, self.tconfig, ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage(),
                                max_sequence_length=max(cfg.seq_len, self.facts.max_position_embeddings),
@@ -269,7 +271,8 @@ class Trainer:
         batch = {k: None if v is None else v.to(self.dev.torch_device, non_blocking=True)
                  for k, v in next(data_iterator).items()}
         batch = get_batch_on_this_cp_rank(batch, self.cp_group)  # this CP rank's chunks; CP1: unchanged
-        out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+        out = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"],
+                    **moe.routing_padding(batch["padding_mask"], self.tconfig))
         return out, partial(_loss_func, batch["loss_mask"], self.cp_group)
 
     def _train_step(self) -> tuple[torch.Tensor, float | None]:
@@ -294,7 +297,8 @@ class Trainer:
     def run(self) -> int:
         cfg = self.cfg
         self.log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
-                      f"CP{cfg.cp} DP{self.dp}, precision {self.precision}, {self.num_micro} micro-batches of "
+                      f"CP{cfg.cp} DP{self.dp}{f' EP{cfg.ep}' if cfg.ep > 1 else ''}, precision {self.precision}, "
+                      f"{self.num_micro} micro-batches of "
                       f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
                       f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
         metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
@@ -306,6 +310,7 @@ class Trainer:
                 t0 = time.perf_counter()
                 tokens0 = self.batches.tokens_read
                 loss_sum, grad_norm = self._train_step()
+                balance = moe.load_balancing_loss(self.tconfig, self.num_micro)  # collective; None: dense
                 self.iteration += 1
                 self.consumed += cfg.global_batch_size
                 # One all-reduce carries the loss of every DP replica and every rank's stop request.
@@ -323,6 +328,8 @@ class Trainer:
                         "grad_norm": grad_norm, "tokens_per_sec": tokens / dt, "tflops": fpt * tokens / dt / 1e12,
                         "iter_ms": dt * 1000.0,
                     }
+                    if balance is not None:
+                        row[moe.LOAD_BALANCING_LOSS] = balance
                     scale = self.optimizer.get_loss_scale().item() if self.precision == "fp16" else None
                     self.log.info(format_line(row, self.train_iters, cfg.global_batch_size, scale, self.skipped))
                     if metrics:
@@ -364,7 +371,8 @@ class Trainer:
         cfg = self.cfg
         args = L.checkpoint_args(
             cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
-            self.facts.vocab_size, self.padded_vocab, data_parallel_size=self.dp, seq_length=cfg.seq_len,
+            self.facts.vocab_size, self.padded_vocab, cfg.ep, self.facts.num_experts, data_parallel_size=self.dp,
+            seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
             **(self.lora.checkpoint_args() if self.lora else {}),
