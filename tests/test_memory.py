@@ -152,14 +152,14 @@ def test_plan_json_memory_and_the_warning_over_device_memory(tmp_path):
 
 
 def test_every_shipped_experiment_is_estimated_in_under_a_second(capsys, tmp_path):
-    """Without the model files (public shapes by model name), with --nproc_per_node given."""
+    """Without the model files (public shapes by model name), with --nproc_per_node given (DP = EP for MoE)."""
     from ascendfactory.pipeline import show_plan
 
     for model, exps in list_experiments(SHIPPED).items():
         for exp in exps:
             cfg = resolve(SHIPPED, model, exp).cfg
             t0 = time.perf_counter()
-            show_plan(str(SHIPPED), model, exp, [f"--nproc_per_node={cfg.tp * cfg.pp * cfg.cp}",
+            show_plan(str(SHIPPED), model, exp, [f"--nproc_per_node={cfg.tp * cfg.pp * cfg.cp * cfg.ep}",
                                                  f"--output_dir={tmp_path}"], {}, as_json=False)
             took = time.perf_counter() - t0
             out = capsys.readouterr().out
