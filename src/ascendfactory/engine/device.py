@@ -57,16 +57,6 @@ class Device:
         dispatcher (same results, more traffic)."""
         return "allgather" if self.backend == "gloo" else "alltoall"
 
-    @property
-    def grouped_gemm(self) -> bool:
-        """megatron-core's grouped GEMM for the experts (GroupedMLP): only on an accelerator with the grouped_gemm
-        package; elsewhere SequentialMLP (one matmul per expert)."""
-        if self.kind == "cpu":
-            return False
-        from megatron.core.transformer.moe.grouped_gemm_util import grouped_gemm_is_available
-
-        return grouped_gemm_is_available()
-
 
 _ACTIVE: Device | None = None
 

@@ -18,18 +18,17 @@ def parallel_state_kwargs(cfg: ExpConfig) -> dict:
 
 def config_overrides(cfg: ExpConfig, facts: ModelFacts, dev: Device) -> dict:
     """TransformerConfig entries from the MoE keys (none for a dense model): aux-loss weight (default: config.json's
-    router_aux_loss_coef, as model.moe_config sets it), token dispatcher and grouped GEMM (auto: the device's)."""
+    router_aux_loss_coef, as model.moe_config sets it), token dispatcher (auto: the device's), SequentialMLP experts."""
     if not facts.num_experts:
         return {}
-    grouped = cfg.moe_grouped_gemm
-    if grouped == "auto":
-        grouped = dev.grouped_gemm
-    elif grouped and not dev.grouped_gemm:
-        raise UserError(f"moe_grouped_gemm: true, but megatron-core offers no grouped GEMM on {dev.kind} here (it "
-                        "needs the grouped_gemm package and an accelerator); set moe_grouped_gemm: auto or false")
+    if cfg.moe_grouped_gemm is True:
+        # GroupedMLP keeps all local experts in two tensors (weight1 / weight2): our checkpoints, like the hub's,
+        # hold one tensor per expert, and no mapping between the two exists yet
+        raise UserError("moe_grouped_gemm: true is not supported yet (checkpoints hold one tensor per expert, "
+                        "megatron-core's GroupedMLP two for all); set moe_grouped_gemm: auto or false")
     out = dict(moe_token_dispatcher_type=(dev.moe_token_dispatcher if cfg.moe_token_dispatcher_type == "auto"
                                           else cfg.moe_token_dispatcher_type),
-               moe_grouped_gemm=bool(grouped))
+               moe_grouped_gemm=False)
     if cfg.moe_aux_loss_coeff is not None:
         out["moe_aux_loss_coeff"] = cfg.moe_aux_loss_coeff
     return out
