@@ -17,7 +17,7 @@ from ascendfactory.engine.faults import Diverged
 from ascendfactory.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ascendfactory.engine")  # not __name__: "__main__" under -m
 
 
 def _record_reason(message: str) -> None:

@@ -169,9 +169,12 @@ class Checkpointer:
     def newest(self) -> int | None:
         return newest_valid(self.save_dir) if self.save_dir.is_dir() else None
 
+    def due(self, iteration: int, last: bool, stopping: bool) -> bool:
+        return iteration % self.interval == 0 or last or stopping
+
     def maybe_save(self, state: TrainState, last: bool, stopping: bool) -> bool:
         """Collective. Saves when the policy says so; True when it did."""
-        if state.iteration % self.interval and not last and not stopping:
+        if not self.due(state.iteration, last, stopping):
             return False
         t0 = time.perf_counter()
         self.save(state)

@@ -26,7 +26,7 @@ from ascendfactory.errors import EXIT_USER_ERROR
 from ascendfactory.errors import UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ascendfactory.launch.agent")  # not __name__: "__main__" under -m
 
 
 class _Agent(LocalElasticAgent):
