@@ -1,4 +1,5 @@
-"""Engine pieces that need no torchrun: iteration count from epochs, the loss record and plot, the schedule."""
+"""Engine pieces that need no torchrun: iteration count from epochs, the loss record and plot, the schedule, the
+logging and checkpoint policies."""
 
 from __future__ import annotations
 
@@ -6,8 +7,11 @@ import json
 
 import pytest
 
+from ascendfactory import logs
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.engine.metrics import flops_per_token, plot_loss, read_losses
+from ascendfactory.engine.checkpoint import Checkpointer, RankPlace
+from ascendfactory.engine.faults import StopRequest
+from ascendfactory.engine.metrics import Metrics, flops_per_token, plot_loss, read_losses
 from ascendfactory.engine.trainer import train_iters_of
 from ascendfactory.errors import UserError
 
@@ -50,3 +54,36 @@ def test_flops_per_token_counts_weights_and_attention():
     assert flops_per_token(facts, seq_len=32) == 6 * weights + 12 * 2 * 32 * 64
     # LoRA: frozen weights need no weight gradients
     assert flops_per_token(facts, seq_len=32, frozen_weights=True) == 4 * weights + 12 * 2 * 32 * 64
+
+
+def test_metrics_policy_and_rank_0_record(tmp_path, capsys):
+    logs.setup()
+    m = Metrics(tmp_path, rank=0, log_interval=3, train_iters=7, global_batch_size=4)
+    assert [i for i in range(1, 8) if m.should_log(i)] == [3, 6, 7]  # every log_interval, and the last
+    assert m.should_log(4, diverged=True)
+    row = {"iteration": 3, "consumed_samples": 12, "loss": 2.5, "lr": 1e-3, "grad_norm": 0.5,
+           "tokens_per_sec": 100.0, "tflops": 0.01, "iter_ms": 20.0}
+    m.log(row)
+    m.close()
+    assert read_losses(tmp_path / "metrics.jsonl") == {3: 2.5}
+    assert "] iteration        3/       7 | consumed samples:           12 |" in capsys.readouterr().out
+    other = Metrics(tmp_path / "rank1", rank=1, log_interval=3, train_iters=7, global_batch_size=4)
+    other.log(row)  # its line only (the console shows rank 0's): no second record
+    other.close()
+    assert not (tmp_path / "rank1").exists()
+
+
+def test_checkpointer_policy_and_unwritable_save_dir(tmp_path):
+    place = RankPlace(tp=1, pp=1, dp=1, tp_rank=0, pp_rank=0, dp_rank=0)
+
+    def checkpointer(save_dir):
+        return Checkpointer(save_dir, place, interval=4, keep=2, run_id="r", source_model="m",
+                            distributed_optimizer=False, stop=StopRequest(), grace_period=60.0)
+
+    c = checkpointer(tmp_path / "saved")
+    assert [i for i in range(1, 10) if c.due(i, last=i == 9, stopping=False)] == [4, 8, 9]
+    assert c.due(5, last=False, stopping=True)  # a stop request saves at once
+    assert list((tmp_path / "saved").iterdir()) == []  # the write probe left nothing
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file/saved: not writable .*choose another output_dir"):
+        checkpointer(tmp_path / "file" / "saved")

@@ -6,11 +6,13 @@ and `plan` stay fast.
 
 from __future__ import annotations
 
+import logging
 import sys
 from typing import List, Optional
 
 import typer
 
+from ascendfactory import logs
 from ascendfactory.errors import UserError
 
 app = typer.Typer(
@@ -162,6 +164,7 @@ def _flags(master_addr, num_nodes, rank) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    logs.setup()
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     argv = [a for a in argv if a != "--debug"]
@@ -170,6 +173,5 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as e:
         if debug:
             raise
-        for line in str(e).splitlines() or ["error"]:
-            print(f"error: {line}", file=sys.stderr)
+        logging.getLogger(__name__).error(str(e) or "error")
         sys.exit(e.exit_code)

@@ -4,6 +4,7 @@ or not needed, with the reason printed (and shown by `plan`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -21,7 +22,9 @@ from ascendfactory.fsutil import probe_writable, write_text_atomic
 from ascendfactory.launch.cluster import cluster_layout
 from ascendfactory.launch.torchrun import config_problems as launch_problems
 from ascendfactory.layout import RunLayout
+from ascendfactory.logs import RUN
 
+log = logging.getLogger(RUN)
 STAGES = ("preprocess", "convert", "train", "export")
 
 
@@ -96,9 +99,7 @@ def _tracker_iteration(save_dir: Path) -> tuple[int | None, str]:
         it = ckpt_files.read_tracker(save_dir)
     except UserError as e:
         return None, str(e)
-    from ascendfactory.engine.checkpoint import problem_of
-
-    if problem := problem_of(save_dir / ckpt_files.iter_dir_name(it), require_manifest=True):
+    if problem := ckpt_files.problem_of(save_dir / ckpt_files.iter_dir_name(it), require_manifest=True):
         return None, f"{save_dir / ckpt_files.TRACKER} names iteration {it}, but {problem}"
     return it, ""
 
@@ -312,10 +313,6 @@ def show_plan(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         print(f"not checked ({plan.report.model_error}): {'; '.join(plan.report.unchecked)}")
 
 
-def _log(msg: str) -> None:
-    print(f"[ascendfactory] {time.strftime('%H:%M:%S')} {msg}", flush=True)
-
-
 def _prepare_output_dir(paths: RunPaths) -> None:
     try:
         probe_writable(paths.state_dir)
@@ -350,7 +347,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
 
     check_requested(plan.cfg.device)
     for w in plan.report.warnings:
-        _log(f"warning: {w}")
+        log.info(f"warning: {w}")
     _tell_ahead(foresee(plan))
     cfg, paths, layout = plan.cfg, plan.paths, plan.layout
     check_outputs(plan)
@@ -360,35 +357,35 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         _record_run(cfg, paths)
         resolved = cfg.model_copy(update={"device": layout.device})
         write_text_atomic(paths.exp_config, dump_config(resolved))
-        _log(f"resolved config written to {paths.exp_config}")
+        log.info(f"resolved config written to {paths.exp_config}")
         for name in STAGES:
             # Decided just before running: an earlier stage may have produced what this one needs.
             decision = decide_stage(plan, name)
             if not decision.run:
-                _log(f"{name}: skipped ({decision.reason})")
+                log.info(f"{name}: skipped ({decision.reason})")
                 continue
             if name == "export" and layout.node_rank != 0:
-                _log("export: skipped on this node (node 0 exports)")
+                log.info("export: skipped on this node (node 0 exports)")
                 continue
-            _log(f"{name}: running ({decision.reason})")
+            log.info(f"{name}: running ({decision.reason})")
             t0 = time.time()
             try:
                 _run_stage(name, resolved, paths, layout)
             except TrainingFailed as e:
-                _log(f"train: FAILED after {time.time() - t0:.1f}s: {e}")
+                log.info(f"train: FAILED after {time.time() - t0:.1f}s: {e}")
                 sys.exit(e.exit_code)
-            _log(f"{name}: done in {time.time() - t0:.1f}s")
-    _log(f"all stages done; outputs in {paths.output_dir}")
+            log.info(f"{name}: done in {time.time() - t0:.1f}s")
+    log.info(f"all stages done; outputs in {paths.output_dir}")
 
 
 def _tell_ahead(ahead: Foresight) -> None:
     from ascendfactory import memory, validation
 
-    _log(f"validation: {validation.describe_line(ahead.validation)}")
+    log.info(f"validation: {validation.describe_line(ahead.validation)}")
     if ahead.memory:
-        _log(f"memory estimate: {memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)}")
+        log.info(f"memory estimate: {memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)}")
     if ahead.memory_warning:
-        _log(f"warning: {ahead.memory_warning}")
+        log.info(f"warning: {ahead.memory_warning}")
 
 
 def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) -> None:

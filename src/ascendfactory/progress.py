@@ -3,7 +3,7 @@ Shared by the converter and preprocessing (data/preprocess.py)."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 
 
@@ -13,7 +13,7 @@ class Progress:
         self.start = self.last = time.monotonic()
 
     def say(self, msg: str) -> None:
-        print(f"{self.prefix}: {msg}", file=sys.stderr, flush=True)
+        logging.getLogger(__name__).info(f"{self.prefix}: {msg}")
         self.last = time.monotonic()
 
     def due(self) -> bool:

@@ -10,16 +10,15 @@ from __future__ import annotations
 
 import json
 import re
+import zlib
 from pathlib import Path
 
 from ascendfactory.errors import UserError
-from ascendfactory.fsutil import fsync_dir, write_text_atomic  # noqa: F401  (fsync_dir: see below)
-
-# fsync_dir is not used here: engine/checkpoint.py calls it as L.fsync_dir until its rewrite imports it from fsutil.
+from ascendfactory.fsutil import write_text_atomic
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
-MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save
+MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save; problem_of reads it
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -123,3 +122,37 @@ def manifest_run_id(iter_path: str | Path) -> str | None:
         return json.loads((Path(iter_path) / MANIFEST).read_text()).get("run_id")
     except (OSError, ValueError, AttributeError):
         return None
+
+
+def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] | None = None) -> str | None:
+    """Why this iteration folder cannot be loaded, or None when it is complete. With share=(i, n), the files
+    i, i+n, ... (sorted) are also read and compared with their manifest checksums (manifests from before the
+    checksums have none: sizes only)."""
+    manifest = iter_path / MANIFEST
+    if not manifest.is_file():
+        if require_manifest:
+            return f"{manifest} missing (incomplete checkpoint)"
+        return None if any(iter_path.glob(f"mp_rank_*/{MODEL_FILE}")) else f"no mp_rank_*/{MODEL_FILE}"
+    try:
+        content = json.loads(manifest.read_text())
+        files, sums = content["files"], content.get("crc32", {})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{manifest} unreadable ({e})"
+    for rel, size in files.items():
+        p = iter_path / rel
+        if not p.is_file():
+            return f"{p} missing"
+        if p.stat().st_size != size:
+            return f"{p} has {p.stat().st_size} bytes, manifest says {size}"
+    for rel in sorted(sums)[share[0]::share[1]] if share else ():
+        if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
+            return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
+    return None
+
+
+def _crc32_of(path: Path) -> int:
+    crc = 0
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            crc = zlib.crc32(chunk, crc)
+    return crc

@@ -63,26 +63,39 @@ class Report:
             raise UserErrors(self.problems)
 
 
+def lr_problem(cfg) -> str | None:
+    if cfg.min_lr > cfg.lr:
+        return f"min_lr = {cfg.min_lr} > lr = {cfg.lr}: the schedule decays from lr down to min_lr"
+    return None
+
+
+def parallel_problem(cfg, world: int, world_detail: str = "") -> str | None:
+    """TP x PP x CP must divide the world, then the global batch the micro-batches of its DP replicas (also
+    checked by the trainer, which knows the world it got)."""
+    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp
+    if world % (tp * pp * cp):
+        return (f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x context_parallel_size "
+                f"({cp}) = {tp * pp * cp} must divide the world size {world}{world_detail}")
+    dp = world // (tp * pp * cp)
+    if cfg.global_batch_size % (cfg.micro_batch_size * dp):
+        return (f"global_batch_size ({cfg.global_batch_size}) must be divisible by micro_batch_size "
+                f"({cfg.micro_batch_size}) x data-parallel size ({dp} = world {world} / (TP x PP x CP))")
+    return None
+
+
 def check(res: Resolved, layout: RunLayout) -> Report:
     cfg, r = res.cfg, Report()
 
     def bad(msg: str) -> None:
         r.problems.append(msg)
 
-    tp, pp, cp = cfg.tp, cfg.pp, cfg.cp  # value ranges (sizes >= 1, ...) are the schema's (config.schema)
+    pp, cp = cfg.pp, cfg.cp  # value ranges (sizes >= 1, ...) are the schema's (config.schema)
     if cfg.train_iters is not None and cfg.train_iters <= 0 and cfg.epochs is None:
         bad(f"train_iters = {cfg.train_iters}: must be positive (or set `epochs`)")
-    if cfg.min_lr > cfg.lr:
-        bad(f"min_lr = {cfg.min_lr} > lr = {cfg.lr}: the schedule decays from lr down to min_lr")
-
-    world = layout.world_size
-    if world % (tp * pp * cp):
-        bad(f"tensor_model_parallel_size ({tp}) x pipeline_model_parallel_size ({pp}) x context_parallel_size "
-            f"({cp}) = {tp * pp * cp} must divide the world size {world} ({layout.nnodes} node(s) x "
-            f"{layout.nproc_per_node} device(s))")
-    elif cfg.global_batch_size % (cfg.micro_batch_size * layout.dp):
-        bad(f"global_batch_size ({cfg.global_batch_size}) must be divisible by micro_batch_size "
-            f"({cfg.micro_batch_size}) x data-parallel size ({layout.dp} = world {world} / (TP x PP x CP))")
+    world_detail = f" ({layout.nnodes} node(s) x {layout.nproc_per_node} device(s))"
+    for problem in (lr_problem(cfg), parallel_problem(cfg, layout.world_size, world_detail)):
+        if problem:
+            bad(problem)
     if cfg.seq_len > cfg.max_pe:
         bad(f"seq_len ({cfg.seq_len}) must be <= max_pe ({cfg.max_pe})")
     if cfg.seq_len > 32768 and cp == 1:

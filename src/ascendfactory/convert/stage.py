@@ -6,6 +6,7 @@ decide_* only stat files and read small json (no torch import): `plan` calls the
 from __future__ import annotations
 
 import json
+import logging
 
 from ascendfactory.ckpt.files import read_tracker
 from ascendfactory.config.paths import RunPaths
@@ -23,6 +24,8 @@ from ascendfactory.convert.target import ours
 from ascendfactory.errors import UserError
 from ascendfactory.layout import plan_layout
 from ascendfactory.modelinfo import read_model_facts
+
+log = logging.getLogger(__name__)
 
 EXPORT_SHARD_SIZE = 5 * 10**9
 
@@ -107,7 +110,7 @@ def run_export(cfg: ExpConfig, paths: RunPaths) -> None:
 
     it = export_iteration(cfg, paths)
     if cfg.export_checkpoint == "best":
-        print(f"export: the best checkpoint, iteration {it} (named by {paths.best_checkpoint})", flush=True)
+        log.info(f"export: the best checkpoint, iteration {it} (named by {paths.best_checkpoint})")
     # Replaced only when a run of this output_dir made it, or with overwrite_output (pipeline.check_outputs).
     megatron_to_hf(paths.save_dir, paths.hf_save_dir, cfg.model_name_or_path, it, export_dtype(cfg),
                    EXPORT_SHARD_SIZE, replace_ours=True, flag="hf_save_dir")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from ascendfactory.errors import UserError
 from ascendfactory.launch.lock import die_with_parent
+
+log = logging.getLogger(__name__)
 
 TOLERANCE = 1e-4
 
@@ -94,12 +97,12 @@ def verify_conversion(hf_dir, mg_dir, iteration: int | None = None, dtype: str |
                       tolerance: float = TOLERANCE) -> float:
     """Compare, print the result, raise VerificationFailed above `tolerance`; returns the max abs difference.
     dtype: the --dtype of the conversion, so that both sides use the same rounded weights."""
-    print(f"verify: comparing logits of {hf_dir} and {mg_dir}", file=sys.stderr)
+    log.info(f"verify: comparing logits of {hf_dir} and {mg_dir}")
     job = {"hf_dir": str(hf_dir), "mg_dir": str(mg_dir), "iteration": iteration, "dtype": dtype}
     (result,) = compare([job])
     diff = result["max_abs_diff"]
     if not diff <= tolerance:  # also catches NaN
         raise VerificationFailed(f"verify: logits of {mg_dir} ({result['layout']}) differ from {hf_dir} by "
                                  f"{diff:.3g} (max abs, tolerance {tolerance:g}); the conversion is wrong")
-    print(f"verify: OK, max abs logits difference {diff:.3g} ({result['layout']})", file=sys.stderr)
+    log.info(f"verify: OK, max abs logits difference {diff:.3g} ({result['layout']})")
     return diff

@@ -13,11 +13,13 @@ ASCENDFACTORY_GIGATOKEN=0 turns gigatoken off.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from itertools import chain
 
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 VERIFY_FIRST_TOKENS = 100_000
 VERIFY_EVERY = 200
@@ -43,7 +45,7 @@ def _load_gigatoken(backend, tokenizer_path: str):
         # from the loaded tokenizer, not the folder: tokens added at load time (tokenizer_config) are included
         return gigatoken.Tokenizer(backend)
     except Exception as e:  # any tokenizer it does not support
-        print(f"preprocess: gigatoken cannot load {tokenizer_path} ({e}); using the HF tokenizer", file=sys.stderr)
+        log.warning(f"preprocess: gigatoken cannot load {tokenizer_path} ({e}); using the HF tokenizer")
         return None
 
 
@@ -93,8 +95,7 @@ class TextEncoder:
             want = self.hf.encode(texts[i], add_special_tokens=self.special_tokens).ids
             got = self.prefix + flat[starts[i]:starts[i + 1]].tolist() + self.suffix
             if got != want:
-                print("preprocess: gigatoken differs from the HF tokenizer on a document; using the HF tokenizer",
-                      file=sys.stderr)
+                log.warning("preprocess: gigatoken differs from the HF tokenizer on a document; using the HF tokenizer")
                 self.giga = None
                 return None
             self.verified_tokens += len(want)

@@ -32,7 +32,7 @@ chunks go to N forked processes, at most 2N chunks in flight. Packing holds a wi
 
 from __future__ import annotations
 
-import sys
+import logging
 from collections import deque
 
 import numpy as np
@@ -50,6 +50,8 @@ from ascendfactory.data.readers import discover, iter_chunks, total_bytes
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import byte_level_token_lengths, load_tokenizer
 from ascendfactory.errors import UserError, disk_full_as_error, is_disk_full
+
+log = logging.getLogger(__name__)
 
 PROGRESS_EVERY_S = 5.0
 SHOWN_SKIPS = 5
@@ -101,8 +103,7 @@ def preprocess_command(input, tokenizer_name_or_path, output_prefix, handler_nam
         except BaseException:
             outputs.abort()  # also removes outputs committed just before a failed summary: no summary, no outputs
             raise
-    print("preprocess done: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f"; data prefix {prefix}",
-          file=sys.stderr)
+    log.info("preprocess done: " + ", ".join(f"{k} {v}" for k, v in summary.items()) + f"; data prefix {prefix}")
     return summary
 
 
@@ -205,7 +206,7 @@ def _run(job: Job, files, kind, outputs: OutputSet, pack: bool, pad_id, workers:
                 raise UserError(f"{loc}: {msg} (fix the record or {names['skip_bad_records']})")
             skipped += 1
             if skipped <= SHOWN_SKIPS:
-                print(f"preprocess: skipped {loc}: {msg}", file=sys.stderr)
+                log.info(f"preprocess: skipped {loc}: {msg}")
         if isinstance(res, PretrainChunk):
             for w, tokens, lengths in zip(writers, res.tokens, res.lengths):
                 w.add_documents(tokens, lengths)

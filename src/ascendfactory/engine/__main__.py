@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import logging
 import os
 import signal
 import sys
@@ -11,9 +12,12 @@ import warnings
 
 from torch.distributed.elastic.multiprocessing.errors import record
 
+from ascendfactory import logs
 from ascendfactory.engine.faults import Diverged
 from ascendfactory.errors import EXIT_FAILURE, EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
+
+log = logging.getLogger("ascendfactory.engine")  # not __name__: "__main__" under -m
 
 
 def _record_reason(message: str) -> None:
@@ -33,6 +37,9 @@ def run() -> int:
     parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
     parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
     ns = parser.parse_args()
+    # Every rank's lines go to its log file (the trainer adds it); only rank 0's, and every rank's errors, to the
+    # console: the ranks share torchrun's output.
+    logs.setup(rank=int(os.environ.get("RANK", "0")))
     # Known, harmless notices from megatron-core / torch that would otherwise repeat in every rank's log.
     warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed")
     warnings.filterwarnings("ignore", message=r".*full scope is deprecated")
@@ -46,11 +53,11 @@ def run() -> int:
     except UserError as e:
         if ns.debug:
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        log.error(str(e))
         _record_reason(str(e))
         return EXIT_USER_ERROR
     except Diverged as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
+        log.error(str(e))
         _record_reason(str(e))
         return EXIT_FAILURE
 

@@ -4,15 +4,15 @@ A save writes every file under `<save_dir>/.tmp_iter_XXXXXXX/`, fsyncs them, wri
 (files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model),
 renames the folder to `iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore
 leaves either no new folder or a complete one; the previous checkpoint is never touched until a newer one is
-complete.
+complete. The Checkpointer holds the policy: when to save, what to keep, the save on a stop request.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 import zlib
 from dataclasses import dataclass
@@ -22,22 +22,27 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory.ckpt import files as L
+from ascendfactory.ckpt.files import problem_of
 from ascendfactory.ckpt.lora import LORA_A, is_lora_key, without_adapters
 from ascendfactory.ckpt.reader import CheckpointLayout, load_file, read_checkpoint_layout, resume_problem
 from ascendfactory.engine import device
-from ascendfactory.engine.faults import kill_point
-from ascendfactory.errors import UserError
+from ascendfactory.engine.faults import StopRequest, kill_point
+from ascendfactory.errors import EXIT_PREEMPTED, UserError
+from ascendfactory.fsutil import fsync_dir, probe_writable
+from ascendfactory.logs import TRAIN
 
-MANIFEST = L.MANIFEST
 DISTRIB_OPTIM_FILE = "distrib_optim.pt"
 TMP_PREFIX = ".tmp_"
+log = logging.getLogger(__name__)
+train_log = logging.getLogger(TRAIN)  # the trainer's lines: "saved checkpoint iteration", the stop request
 
 
 @dataclass(frozen=True)
-class Layout:
-    """This rank's place. dp / dp_rank count model replicas as megatron-core's DDP and distributed optimizer do:
-    the DP x CP ranks holding the same TP/PP shard. MoE: ep_rank holds its share of the experts; the expert-DP ranks
-    (edp_rank) hold the same TP/PP/EP rank file, and rank 0 of them writes it (without EP: DP rank 0)."""
+class RankPlace:
+    """This rank's place in the checkpoint. dp / dp_rank count model replicas as megatron-core's DDP and
+    distributed optimizer do: the DP x CP ranks holding the same TP/PP shard. MoE: ep_rank holds its share of the
+    experts; the expert-DP ranks (edp_rank) hold the same TP/PP/EP rank file, and rank 0 of them writes it (without
+    EP: DP rank 0)."""
 
     tp: int
     pp: int
@@ -56,47 +61,24 @@ class Layout:
     def rank_dir(self, iter_path: Path) -> Path:
         return iter_path / L.rank_dir_name(self.tp_rank, self.pp_rank, self.pp, self.ep_rank, self.ep)
 
+    def rank_file(self, ckpt_dir: Path, iteration: int) -> Path:
+        return self.rank_dir(ckpt_dir / L.iter_dir_name(iteration)) / L.MODEL_FILE
 
-def warn(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
+
+@dataclass
+class TrainState:
+    """What a checkpoint holds: the model (megatron-core's module, not the DDP wrapper), optimizer, LR scheduler,
+    the args written into every file, and the position in the run."""
+
+    model: torch.nn.Module
+    optimizer: object
+    scheduler: object
+    args: dict
+    iteration: int = 0
+    consumed: int = 0
 
 
 # ---------------------------------------------------------------- validation and discovery
-
-
-def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] | None = None) -> str | None:
-    """Why this iteration folder cannot be loaded, or None when it is complete. With share=(i, n), the files
-    i, i+n, ... (sorted) are also read and compared with their manifest checksums (manifests from before the
-    checksums have none: sizes only)."""
-    manifest = iter_path / MANIFEST
-    if not manifest.is_file():
-        if require_manifest:
-            return f"{manifest} missing (incomplete checkpoint)"
-        return None if any(iter_path.glob(f"mp_rank_*/{L.MODEL_FILE}")) else f"no mp_rank_*/{L.MODEL_FILE}"
-    try:
-        content = json.loads(manifest.read_text())
-        files, sums = content["files"], content.get("crc32", {})
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        return f"{manifest} unreadable ({e})"
-    for rel, size in files.items():
-        p = iter_path / rel
-        if not p.is_file():
-            return f"{p} missing"
-        if p.stat().st_size != size:
-            return f"{p} has {p.stat().st_size} bytes, manifest says {size}"
-    for rel in sorted(sums)[share[0]::share[1]] if share else ():
-        if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
-            return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
-    return None
-
-
-def _crc32_of(path: Path) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            crc = zlib.crc32(chunk, crc)
-    return crc
 
 
 def _first_problem(problem: str | None) -> str | None:
@@ -121,7 +103,7 @@ def newest_valid(save_dir: Path, run_id: str | None = None, check_content: bool 
             problem = _first_problem(problem)
         if problem is None:
             return it
-        warn(f"auto-resume skips {save_dir / L.iter_dir_name(it)}: {problem}")
+        log.warning(f"auto-resume skips {save_dir / L.iter_dir_name(it)}: {problem}")
     return None
 
 
@@ -136,12 +118,12 @@ def resume_point(save_dir: Path, run_id: str | None = None) -> int | None:
         except UserError:
             named = None
         if named != it:
-            warn(f"{save_dir / L.TRACKER} named iteration {named}; now {it}, the newest intact checkpoint")
+            log.warning(f"{save_dir / L.TRACKER} named iteration {named}; now {it}, the newest intact checkpoint")
             L.write_tracker(save_dir, it)
     return it
 
 
-def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[int],
+def check_loadable(ckpt_dir: Path, iteration: int, place: RankPlace, run_split: list[int],
                    require_manifest: bool) -> CheckpointLayout:
     """The checkpoint (complete, run's TP/PP, run's layers per PP stage: each stage's file numbers its own
     layers from 0, so another split cannot be loaded), read before the model is built; UserError otherwise."""
@@ -150,16 +132,16 @@ def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[
     problem = problem_of(iter_path, require_manifest)
     if problem:
         raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
-    if (ck.tp, ck.pp) != (lay.tp, lay.pp):
+    if (ck.tp, ck.pp) != (place.tp, place.pp):
         raise UserError(
-            f"{iter_path}: checkpoint layout TP{ck.tp} PP{ck.pp} differs from the run's TP{lay.tp} PP{lay.pp}; "
+            f"{iter_path}: checkpoint layout TP{ck.tp} PP{ck.pp} differs from the run's TP{place.tp} PP{place.pp}; "
             f"set tensor-model-parallel-size={ck.tp} pipeline-model-parallel-size={ck.pp} or convert the weights "
             "again"
         )
-    if ck.ep != lay.ep:
+    if ck.ep != place.ep:
         raise UserError(f"{iter_path}: checkpoint has EP{ck.ep}, but the run uses expert_model_parallel_size "
-                        f"{lay.ep}; set expert_model_parallel_size: {ck.ep} or convert the weights again with "
-                        f"--ep {lay.ep}")
+                        f"{place.ep}; set expert_model_parallel_size: {ck.ep} or convert the weights again with "
+                        f"--ep {place.ep}")
     if list(ck.layers) != list(run_split):
         ours, theirs = (",".join(map(str, split)) for split in (run_split, ck.layers))
         raise UserError(
@@ -169,19 +151,208 @@ def check_loadable(ckpt_dir: Path, iteration: int, lay: Layout, run_split: list[
     return ck
 
 
-# ---------------------------------------------------------------- save
+# ---------------------------------------------------------------- the policy
 
 
-def check_writable(save_dir: Path) -> None:
-    """Fail before training rather than at the first save."""
-    probe = save_dir / f".write_probe_{os.getpid()}"
-    try:
-        save_dir.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as e:
-        raise UserError(f"{save_dir}: not writable ({e.strerror}); checkpoints go to <output_dir>/saved_checkpoints, "
-                        "fix its permissions or choose another output_dir") from None
+class Checkpointer:
+    """This run's checkpoints: where (save_dir, this rank's place), when (every `interval` iterations, the last
+    one, and at once on a stop request, within the grace period), what stays (this run's newest `keep`; 0 or
+    less: all), whose (run_id, in every manifest: the keep policy and a restart count only this run's), and
+    loading the checkpoint to start from."""
+
+    def __init__(self, save_dir: Path, place: RankPlace, *, interval: int, keep: int, run_id: str,
+                 source_model: str, distributed_optimizer: bool, stop: StopRequest, grace_period: float):
+        self.save_dir, self.place = save_dir, place
+        self.interval, self.keep, self.run_id = interval, keep, run_id
+        self.source_model, self.distributed_optimizer = source_model, distributed_optimizer
+        self.stop, self.grace_period = stop, grace_period
+        self.protect: int | None = None  # an iteration the keep policy leaves (the best checkpoint so far)
+        try:  # fail before training rather than at the first save
+            probe_writable(save_dir, ".write_probe")
+        except OSError as e:
+            raise UserError(f"{save_dir}: not writable ({e.strerror}); checkpoints go to "
+                            "<output_dir>/saved_checkpoints, fix its permissions or choose another "
+                            "output_dir") from None
+
+    def resume_point(self, own_run_only: bool) -> int | None:
+        """Collective: the newest intact checkpoint in save_dir (own_run_only: of this run)."""
+        return resume_point(self.save_dir, self.run_id if own_run_only else None)
+
+    def newest(self) -> int | None:
+        return newest_valid(self.save_dir) if self.save_dir.is_dir() else None
+
+    def due(self, iteration: int, last: bool, stopping: bool) -> bool:
+        return iteration % self.interval == 0 or last or stopping
+
+    def maybe_save(self, state: TrainState, last: bool, stopping: bool) -> bool:
+        """Collective. Saves when the policy says so; True when it did."""
+        if not self.due(state.iteration, last, stopping):
+            return False
+        t0 = time.perf_counter()
+        self.save(state)
+        train_log.info(f"saved checkpoint iteration {state.iteration} to "
+                       f"{self.save_dir / L.iter_dir_name(state.iteration)} in {time.perf_counter() - t0:.2f}s")
+        return True
+
+    def preempted(self, iteration: int) -> int:
+        """After the save a stop request forced: says so, and returns the exit code that tells the platform."""
+        train_log.info(f"stop requested ({self.stop.signal_name or 'by another rank'}): checkpoint iteration "
+                       f"{iteration} saved {self.stop.elapsed():.1f}s after the signal (grace period "
+                       f"{self.grace_period:.0f}s); exiting with code {EXIT_PREEMPTED}")
+        if self.stop.elapsed() > self.grace_period:
+            train_log.warning(f"the save finished after the {self.grace_period:.0f}s grace period")
+        return EXIT_PREEMPTED
+
+    def save(self, state: TrainState) -> None:
+        """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
+        save_dir, place, iteration = self.save_dir, self.place, state.iteration
+        rank = dist.get_rank()
+        tmp = save_dir / f"{TMP_PREFIX}{L.iter_dir_name(iteration)}"
+        # Rank 0 looks once; any rank's write error names it.
+        found = [newest_valid(save_dir) if rank == 0 else None]
+        dist.broadcast_object_list(found, src=0)
+        previous = found[0]
+
+        err = None
+        if rank == 0:
+            try:
+                save_dir.mkdir(parents=True, exist_ok=True)
+                if tmp.exists():  # left by a crash mid-save: never a checkpoint, only a partial copy
+                    shutil.rmtree(tmp)
+                tmp.mkdir()
+            except OSError as e:
+                err = _save_error(save_dir, iteration, e, previous)
+        _agree(err)
+
+        rng = [None] * place.dp
+        from megatron.core import parallel_state as ps
+
+        dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
+        err, sums = None, {}
+        rank_dir = place.rank_dir(tmp)
+        rel = str(rank_dir.relative_to(tmp))
+        try:
+            if place.writer:
+                rank_dir.mkdir(parents=True, exist_ok=True)
+            if self.distributed_optimizer:
+                shards = _distributed_optimizer_state(state.optimizer)
+                if place.writer:
+                    sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
+            if place.writer:
+                content = {
+                    "args": {**state.args, "consumed_train_samples": state.consumed, "iteration": iteration},
+                    "checkpoint_version": L.CHECKPOINT_VERSION,
+                    "iteration": iteration,
+                    "model": state.model.state_dict(),
+                    "optimizer": state.optimizer.state_dict(),
+                    "opt_param_scheduler": state.scheduler.state_dict(),
+                    "rng_state": rng,
+                }
+                sums[f"{rel}/{L.MODEL_FILE}"] = _write_torch(content, rank_dir / L.MODEL_FILE)
+        except OSError as e:
+            err = _save_error(save_dir, iteration, e, previous, rank_dir)
+        try:
+            _agree(err)
+        except UserError:
+            if rank == 0:  # a partial copy only; the run stops here
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        kill_point("save_files", iteration, rank)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, sums)
+        sums = {k: v for part in every for k, v in part.items()}
+
+        err = None
+        if rank == 0:
+            try:
+                self._publish(tmp, state, sums)
+                kill_point("save_tracker", iteration, rank)
+                L.write_tracker(save_dir, iteration)
+                if self.keep > 0:
+                    self._keep_newest()
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                err = _save_error(save_dir, iteration, e, previous)
+        _agree(err)
+        kill_point("after_save", iteration, rank)
+
+    def _publish(self, tmp: Path, state: TrainState, sums: dict[str, int]) -> None:
+        final = self.save_dir / L.iter_dir_name(state.iteration)
+        files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+        manifest = {
+            "iteration": state.iteration,
+            "consumed_samples": state.consumed,
+            "tp": self.place.tp,
+            "pp": self.place.pp,
+            "dp": self.place.dp,
+            "ep": self.place.ep,
+            "source_model": self.source_model,
+            "run_id": self.run_id,
+            "files": files,
+            "crc32": sums,
+        }
+        with open(tmp / L.MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
+            fsync_dir(d)
+        if final.exists():
+            # A damaged folder of the same iteration (auto-resume skipped it): kept aside for a person.
+            aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
+            os.replace(final, aside)
+            log.warning(f"{final} existed and was not loadable; moved to {aside}")
+        os.replace(tmp, final)
+        fsync_dir(self.save_dir)
+
+    def _keep_newest(self) -> None:
+        """Delete this run's complete checkpoints beyond its newest `keep`; damaged folders are left for a person,
+        another run's checkpoints (in save_dir before this run) are never counted nor deleted, and neither is the
+        `protect` iteration (the best checkpoint, export_checkpoint: best)."""
+        save_dir = self.save_dir
+        complete = [it for it in L.iterations_on_disk(save_dir)
+                    if L.manifest_run_id(save_dir / L.iter_dir_name(it)) == self.run_id
+                    and problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
+        for it in (i for i in complete[self.keep:] if i != self.protect):
+            shutil.rmtree(save_dir / L.iter_dir_name(it))
+            log.info(f"save_total_limit={self.keep}: removed {save_dir / L.iter_dir_name(it)}")
+
+    def load(self, ckpt_dir: Path, iteration: int, state: TrainState, full: bool) -> int | None:
+        """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
+        returns the consumed_train_samples its args record, if any."""
+        f = self.place.rank_file(ckpt_dir, iteration)
+        content, err = None, None
+        try:
+            content = load_file(f)
+        except UserError as e:
+            err = str(e)
+        _agree(err)  # a rank that stopped alone would leave the others waiting in a collective
+        args = content.get("args") or {}
+        args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
+        weights = _fit_adapters(content["model"], state.model, full, args, f)
+        missing, unexpected = state.model.load_state_dict(dict(weights), strict=False)
+        # Weights only into a LoRA run from a checkpoint without (matching) adapters: they start fresh.
+        missing = [k for k in missing if not k.endswith("_extra_state") and (full or not is_lora_key(k))]
+        unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
+        if missing or unexpected:
+            raise UserError(f"{f}: weights do not fit the model built from config.json "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); convert the weights again")
+        if full:
+            if problem := resume_problem(content, f):
+                raise UserError(problem)
+            state.optimizer.load_state_dict(content["optimizer"])
+            if self.distributed_optimizer:
+                _load_distributed_optimizer_shards(state.optimizer, f.parent / DISTRIB_OPTIM_FILE)
+            state.scheduler.load_state_dict(content["opt_param_scheduler"])
+            rng = content["rng_state"]
+            device.set_rng_state(rng[self.place.dp_rank] if len(rng) == self.place.dp else rng[0])
+        else:
+            # The fp32 main copy inside the optimizer was taken from the random init: refresh it.
+            state.optimizer.reload_model_params()
+        return args.get("consumed_train_samples")
+
+
+# ---------------------------------------------------------------- save and load mechanics
 
 
 def _agree(error: str | None) -> None:
@@ -238,164 +409,6 @@ def _save_error(save_dir: Path, iteration: int, e: OSError, previous: int | None
     where = e.filename or path or save_dir
     return (f"cannot write checkpoint iteration {iteration} to {save_dir}: {e.strerror or e} ({where}); "
             f"free disk space or make the directory writable ({prev})")
-
-
-def save(save_dir: Path, iteration: int, lay: Layout, model_state: dict, optimizer, scheduler,
-         args: dict, consumed: int, source_model: str, distributed_optimizer: bool,
-         keep: int, run_id: str | None = None, protect: int | None = None) -> None:
-    """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
-    rank = dist.get_rank()
-    iter_name = L.iter_dir_name(iteration)
-    tmp = save_dir / f"{TMP_PREFIX}{iter_name}"
-    final = save_dir / iter_name
-    # Rank 0 looks once; any rank's write error names it.
-    found = [newest_valid(save_dir) if rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)
-    previous = found[0]
-
-    err = None
-    if rank == 0:
-        try:
-            save_dir.mkdir(parents=True, exist_ok=True)
-            if tmp.exists():  # left by a crash mid-save: never a checkpoint, only a partial copy
-                shutil.rmtree(tmp)
-            tmp.mkdir()
-        except OSError as e:
-            err = _save_error(save_dir, iteration, e, previous)
-    _agree(err)
-
-    rng = [None] * lay.dp
-    from megatron.core import parallel_state as ps
-
-    dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
-    err, sums = None, {}
-    rank_dir = lay.rank_dir(tmp)
-    rel = str(rank_dir.relative_to(tmp))
-    try:
-        if lay.writer:
-            rank_dir.mkdir(parents=True, exist_ok=True)
-        if distributed_optimizer:
-            shards = _distributed_optimizer_state(optimizer)
-            if lay.writer:
-                sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
-        if lay.writer:
-            state = {
-                "args": {**args, "consumed_train_samples": consumed, "iteration": iteration},
-                "checkpoint_version": L.CHECKPOINT_VERSION,
-                "iteration": iteration,
-                "model": model_state,
-                "optimizer": optimizer.state_dict(),
-                "opt_param_scheduler": scheduler.state_dict(),
-                "rng_state": rng,
-            }
-            sums[f"{rel}/{L.MODEL_FILE}"] = _write_torch(state, rank_dir / L.MODEL_FILE)
-    except OSError as e:
-        err = _save_error(save_dir, iteration, e, previous, rank_dir)
-    try:
-        _agree(err)
-    except UserError:
-        if rank == 0:  # a partial copy only; the run stops here
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    kill_point("save_files", iteration, rank)
-    every = [None] * dist.get_world_size()
-    dist.all_gather_object(every, sums)
-    sums = {k: v for part in every for k, v in part.items()}
-
-    err = None
-    if rank == 0:
-        try:
-            _publish(save_dir, tmp, final, iteration, lay, consumed, source_model, run_id, sums)
-            kill_point("save_tracker", iteration, rank)
-            L.write_tracker(save_dir, iteration)
-            if keep > 0:
-                _keep_newest(save_dir, keep, run_id, protect)
-        except OSError as e:
-            shutil.rmtree(tmp, ignore_errors=True)
-            err = _save_error(save_dir, iteration, e, previous)
-    _agree(err)
-    kill_point("after_save", iteration, rank)
-
-
-def _publish(save_dir: Path, tmp: Path, final: Path, iteration: int, lay: Layout, consumed: int,
-             source_model: str, run_id: str | None, sums: dict[str, int]) -> None:
-    files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {
-        "iteration": iteration,
-        "consumed_samples": consumed,
-        "tp": lay.tp,
-        "pp": lay.pp,
-        "dp": lay.dp,
-        "ep": lay.ep,
-        "source_model": source_model,
-        "run_id": run_id,
-        "files": files,
-        "crc32": sums,
-    }
-    with open(tmp / MANIFEST, "w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    for d in [p for p in tmp.rglob("*") if p.is_dir()] + [tmp]:
-        L.fsync_dir(d)
-    if final.exists():
-        # A damaged folder of the same iteration (auto-resume skipped it): kept aside for a person.
-        aside = final.with_name(f"{final.name}.replaced-{int(time.time())}")
-        os.replace(final, aside)
-        warn(f"{final} existed and was not loadable; moved to {aside}")
-    os.replace(tmp, final)
-    L.fsync_dir(save_dir)
-
-
-def _keep_newest(save_dir: Path, keep: int, run_id: str | None, protect: int | None = None) -> None:
-    """Delete this run's complete checkpoints beyond its newest `keep`; damaged folders are left for a person,
-    another run's checkpoints (in save_dir before this run) are never counted nor deleted, and neither is the
-    `protect` iteration (the best checkpoint, export_checkpoint: best)."""
-    complete = [it for it in L.iterations_on_disk(save_dir)
-                if L.manifest_run_id(save_dir / L.iter_dir_name(it)) == run_id
-                and problem_of(save_dir / L.iter_dir_name(it), require_manifest=True) is None]
-    for it in (i for i in complete[keep:] if i != protect):
-        shutil.rmtree(save_dir / L.iter_dir_name(it))
-        print(f"save_total_limit={keep}: removed {save_dir / L.iter_dir_name(it)}", file=sys.stderr, flush=True)
-
-
-# ---------------------------------------------------------------- load
-
-
-def load(ckpt_dir: Path, iteration: int, lay: Layout, model, optimizer, scheduler, full: bool,
-         distributed_optimizer: bool) -> int | None:
-    """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
-    returns the consumed_train_samples its args record, if any."""
-    f = L.rank_file(ckpt_dir, iteration, lay.tp_rank, lay.pp_rank, lay.pp, lay.ep_rank, lay.ep)
-    state, err = None, None
-    try:
-        state = load_file(f)
-    except UserError as e:
-        err = str(e)
-    _agree(err)  # a rank that stopped alone would leave the others waiting in a collective
-    args = state.get("args") or {}
-    args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
-    weights = _fit_adapters(state["model"], model, full, args, f)
-    missing, unexpected = model.load_state_dict(dict(weights), strict=False)
-    # Weights only into a LoRA run from a checkpoint without (matching) adapters: they start fresh.
-    missing = [k for k in missing if not k.endswith("_extra_state") and (full or not is_lora_key(k))]
-    unexpected = [k for k in unexpected if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise UserError(f"{f}: weights do not fit the model built from config.json "
-                        f"(missing {missing[:3]}, unexpected {unexpected[:3]}); convert the weights again")
-    if full:
-        if problem := resume_problem(state, f):
-            raise UserError(problem)
-        optimizer.load_state_dict(state["optimizer"])
-        if distributed_optimizer:
-            _load_distributed_optimizer_shards(optimizer, f.parent / DISTRIB_OPTIM_FILE)
-        scheduler.load_state_dict(state["opt_param_scheduler"])
-        rng = state["rng_state"]
-        device.set_rng_state(rng[lay.dp_rank] if len(rng) == lay.dp else rng[0])
-    else:
-        # The fp32 main copy inside the optimizer was taken from the random init: refresh it.
-        optimizer.reload_model_params()
-    return args.get("consumed_train_samples")
 
 
 def _fit_adapters(weights: dict, model, full: bool, args: dict, f: Path):

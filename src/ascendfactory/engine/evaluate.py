@@ -8,13 +8,14 @@ trains bit-identically to one without; it reads only the weights, so a resumed r
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 
+from ascendfactory import logs, validation
 from ascendfactory.ckpt import files as L
-from ascendfactory import validation
 from ascendfactory.data.stage import eval_data_dir, find_data_prefix
 from ascendfactory.engine import device
 from ascendfactory.engine.data import (
@@ -26,6 +27,8 @@ from ascendfactory.engine.data import (
 )
 from ascendfactory.engine.metrics import validation_line
 from ascendfactory.errors import UserError
+
+log = logging.getLogger(logs.TRAIN)
 
 
 def loss_totals(losses: list[dict], tp_rank: int, torch_device) -> torch.Tensor:
@@ -91,7 +94,7 @@ class Evaluator:
         self.track_best = cfg.export_checkpoint == "best"
         self.best = self._resumed_best() if self.track_best else None
         self.last: dict | None = None  # the newest evaluation's row
-        trainer.log.info(f"validation: {n} samples, {self.batches} global batch(es) of {cfg.global_batch_size} per "
+        log.info(f"validation: {n} samples, {self.batches} global batch(es) of {cfg.global_batch_size} per "
                          f"evaluation, at iteration 0, every {self.interval} iterations and at the end")
 
     @classmethod
@@ -107,7 +110,7 @@ class Evaluator:
         except (OSError, ValueError, KeyError, TypeError):
             return None
         save_dir = self.t.paths.save_dir
-        return best if 0 < it <= self.t.iteration and (save_dir / L.iter_dir_name(it)).is_dir() else None
+        return best if 0 < it <= self.t.state.iteration and (save_dir / L.iter_dir_name(it)).is_dir() else None
 
     def due(self, iteration: int) -> bool:
         return iteration % self.interval == 0 or iteration == self.t.train_iters
@@ -128,15 +131,14 @@ class Evaluator:
         finally:
             t.model.train()
             device.set_rng_state(rng)
-        total = loss_totals(losses, t.layout.tp_rank, t.dev.torch_device)
+        total = loss_totals(losses, t.place.tp_rank, t.dev.torch_device)
         dist.all_reduce(total)
         loss = (total[0] / total[1].clamp(min=1)).item()
         # Megatron's PPL, capped so that a diverged model prints a number
         row = {"iteration": iteration, "val_loss": loss, "val_ppl": math.exp(min(20.0, loss)),
                "val_tokens": int(total[1].item())}
-        t.log.info(validation_line(row))
-        if metrics:
-            metrics.record_eval(row)
+        log.info(validation_line(row))
+        metrics.record_eval(row)
         self.last = row
         return row
 
@@ -161,5 +163,5 @@ class Evaluator:
         self.best = best
         if self.t.rank == 0:
             L.write_text_atomic(self.best_file, json.dumps(best, indent=1))
-        self.t.log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
+        self.log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
                         f"{best['path']}; recorded in {self.best_file}")

@@ -3,32 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import sys
-import time
 from pathlib import Path
 
+from ascendfactory.logs import TRAIN
 from ascendfactory.modelinfo import ModelFacts
 
-
-class Log:
-    """Every rank writes `<logs_dir>/train_rank_XXX.log`; rank 0 also prints to stdout."""
-
-    def __init__(self, logs_dir: Path, rank: int):
-        logs_dir.mkdir(parents=True, exist_ok=True)
-        self.rank = rank
-        self.file = open(logs_dir / f"train_rank_{rank:03d}.log", "a", buffering=1)
-
-    def info(self, msg: str) -> None:
-        line = f"[{time.strftime('%Y-%m-%d %H:%M:%S')}] {msg}"
-        self.file.write(line + "\n")
-        if self.rank == 0:
-            print(line, flush=True)
-
-    def warn(self, msg: str) -> None:
-        self.file.write(f"warning: {msg}\n")
-        if self.rank == 0:
-            print(f"warning: {msg}", file=sys.stderr, flush=True)
+log = logging.getLogger(TRAIN)
 
 
 def flops_per_token(facts: ModelFacts, seq_len: int, frozen_weights: bool = False) -> float:
@@ -45,12 +27,17 @@ def flops_per_token(facts: ModelFacts, seq_len: int, frozen_weights: bool = Fals
 
 
 class Metrics:
-    """Rank 0's record of logged iterations: metrics.jsonl (appended, one object per line) and TensorBoard."""
+    """When and what the run logs: Megatron's line every `log_interval` iterations, at the last one and at a
+    diverged one, on every rank (its log file; the console shows rank 0's), and rank 0's record of those rows:
+    metrics.jsonl (appended, one object per line), TensorBoard, and the loss plot at the end."""
 
-    def __init__(self, logs_dir: Path):
+    def __init__(self, logs_dir: Path, rank: int, log_interval: int, train_iters: int, global_batch_size: int):
+        self.interval, self.train_iters, self.gbs = log_interval, train_iters, global_batch_size
         self.path = logs_dir / "metrics.jsonl"
+        self.file = self.tb = None
+        if rank != 0:
+            return
         self.file = open(self.path, "a", buffering=1)
-        self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -58,7 +45,13 @@ class Metrics:
         except ImportError:
             pass
 
-    def record(self, row: dict) -> None:
+    def should_log(self, iteration: int, diverged: bool = False) -> bool:
+        return iteration % self.interval == 0 or iteration == self.train_iters or diverged
+
+    def log(self, row: dict, loss_scale: float | None = None, skipped: int = 0) -> None:
+        log.info(format_line(row, self.train_iters, self.gbs, loss_scale, skipped))
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         if self.tb is not None:
             for k, v in row.items():
@@ -67,15 +60,23 @@ class Metrics:
 
     def record_eval(self, row: dict) -> None:
         """A validation row (iteration, val_loss, val_ppl, val_tokens); TensorBoard tags as Megatron's."""
+        if self.file is None:
+            return
         self.file.write(json.dumps(row) + "\n")
         if self.tb is not None:
             self.tb.add_scalar("lm loss validation", row["val_loss"], row["iteration"])
             self.tb.add_scalar("lm loss validation ppl", row["val_ppl"], row["iteration"])
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.tb is not None:
             self.tb.close()
+
+    def plot(self, png: Path) -> None:
+        """Rank 0: the loss curve of every row metrics.jsonl holds (earlier attempts' too)."""
+        if self.file is not None and plot_loss(self.path, png):
+            log.info(f"loss curve: {png}")
 
 
 def format_line(row: dict, train_iters: int, gbs: int, loss_scale: float | None = None, skipped: int = 0) -> str:

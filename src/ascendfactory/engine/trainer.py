@@ -3,6 +3,7 @@ megatron-core's forward/backward schedules (1F1B when PP > 1). No device branche
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -14,22 +15,27 @@ import torch
 import torch.distributed as dist
 
 from ascendfactory.ckpt import files as L
-from ascendfactory.config.loader import load_resolved
 from ascendfactory.ckpt.reader import trust_checkpoints
+from ascendfactory.config.loader import load_resolved
+from ascendfactory.config.rules import lr_problem, parallel_problem
 from ascendfactory.config.paths import RunPaths, run_id, run_paths
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data.stage import find_data_prefix
-from ascendfactory.engine import checkpoint, device, moe
+from ascendfactory import logs
+from ascendfactory.engine import device, moe
+from ascendfactory.engine.checkpoint import Checkpointer, RankPlace, TrainState, check_loadable
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
 from ascendfactory.engine.evaluate import Evaluator, loss_totals, pretrain_split
 from ascendfactory.engine.faults import Diverged, StopRequest, kill_point
 from ascendfactory.engine.lora import LoRASpec, apply_lora
-from ascendfactory.engine.metrics import Log, Metrics, flops_per_token, format_line, plot_loss
+from ascendfactory.engine.metrics import Metrics, flops_per_token
 from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
 from ascendfactory.engine.training_math import seq_len_problem, seq_unit, warmup_iters, warmup_problem
-from ascendfactory.errors import EXIT_OK, EXIT_PREEMPTED, UserError
+from ascendfactory.errors import EXIT_OK, UserError, UserErrors
 from ascendfactory.layout import padded_vocab_size, parse_layer_list, stage_layers
 from ascendfactory.modelinfo import read_model_facts
+
+log = logging.getLogger(logs.TRAIN)
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,7 @@ class Source:
     require_manifest: bool = False
 
 
-def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
+def choose_source(cfg: ExpConfig, paths: RunPaths, checkpointer: Checkpointer) -> Source:
     """train_auto_resume (or a torchrun restart after a worker died): the newest valid checkpoint in save_dir
     first; otherwise ckpt_load_type decides. A restart without auto-resume takes only this run's own checkpoints
     (another run's may be in save_dir: the restart must not continue that one)."""
@@ -50,7 +56,7 @@ def choose_source(cfg: ExpConfig, paths: RunPaths, log: Log) -> Source:
     if restart:
         log.info(f"torchrun restart {restart}: resuming from the newest valid checkpoint in {paths.save_dir}")
     if cfg.train_auto_resume or restart:
-        it = checkpoint.resume_point(paths.save_dir, None if cfg.train_auto_resume else run_id(cfg))
+        it = checkpointer.resume_point(own_run_only=not cfg.train_auto_resume)
         if it is not None:
             return Source("resume", paths.save_dir, it, require_manifest=True)
         log.info(f"train_auto_resume: no complete checkpoint in {paths.save_dir}; using ckpt_load_type "
@@ -104,6 +110,22 @@ def init_distributed(backend: str) -> None:
                             rank=rank, world_size=world)
 
 
+@dataclass(frozen=True)
+class Step:
+    """One optimizer step as every rank sees it (loss and stop request all-reduced)."""
+
+    loss: float
+    grad_norm: float | None
+    seconds: float
+    tokens: float  # per device
+    stopping: bool
+    load_balancing_loss: float | None = None  # MoE
+
+    @property
+    def diverged(self) -> bool:
+        return not math.isfinite(self.loss) or (self.grad_norm is not None and not math.isfinite(self.grad_norm))
+
+
 class Trainer:
     def __init__(self, cfg: ExpConfig):
         self.cfg = cfg
@@ -112,7 +134,7 @@ class Trainer:
         self.precision = self.dev.default_precision if cfg.precision == "auto" else cfg.precision
         init_distributed(self.dev.backend)
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
-        self.log = Log(self.paths.logs_dir, self.rank)
+        logs.to_file(self.paths.logs_dir / f"train_rank_{self.rank:03d}.log")
         self.stop = StopRequest()
         self.stop.install()
 
@@ -122,47 +144,45 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         cfg = self.cfg
-        for key in ("save_interval", "log_interval"):
-            if getattr(cfg, key) <= 0:
-                raise UserError(f"{key}: must be > 0 (got {getattr(cfg, key)})")
-        if self.world % (cfg.tp * cfg.pp * cfg.cp):
-            raise UserError(f"tensor x pipeline x context parallel size ({cfg.tp}x{cfg.pp}x{cfg.cp}) must divide "
-                            f"the {self.world} processes")
-        if problem := seq_len_problem(cfg):
-            raise UserError(problem)
+        # The rules `plan` checks, again against the world torchrun gave (value ranges are the schema's).
+        if problems := [p for p in (parallel_problem(cfg, self.world), seq_len_problem(cfg), lr_problem(cfg)) if p]:
+            raise UserErrors(problems)
         ps.initialize_model_parallel(cfg.tp, cfg.pp, context_parallel_size=cfg.cp, **moe.parallel_state_kwargs(cfg))
         self.dp = ps.get_data_parallel_world_size()
         self.cp_group = ps.get_context_parallel_group()
-        if cfg.global_batch_size % (cfg.micro_batch_size * self.dp):
-            raise UserError(f"global-batch-size {cfg.global_batch_size} must be divisible by micro-batch-size x DP "
-                            f"({cfg.micro_batch_size} x {self.dp})")
         self.num_micro = cfg.global_batch_size // (cfg.micro_batch_size * self.dp)
         # Model replicas, as megatron-core's DDP and distributed optimizer see them: DP x CP ranks.
-        self.layout = checkpoint.Layout(cfg.tp, cfg.pp, ps.get_data_parallel_world_size(with_context_parallel=True),
-                                        ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
-                                        ps.get_data_parallel_rank(with_context_parallel=True), cfg.ep,
-                                        ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank())
+        self.place = RankPlace(cfg.tp, cfg.pp, ps.get_data_parallel_world_size(with_context_parallel=True),
+                               ps.get_tensor_model_parallel_rank(), ps.get_pipeline_model_parallel_rank(),
+                               ps.get_data_parallel_rank(with_context_parallel=True), cfg.ep,
+                               ps.get_expert_model_parallel_rank(), ps.get_expert_data_parallel_rank())
         _seed_all(cfg.seed)
 
-        checkpoint.check_writable(self.paths.save_dir)
+        self.checkpointer = Checkpointer(
+            self.paths.save_dir, self.place, interval=cfg.save_interval, keep=cfg.save_total_limit,
+            run_id=run_id(cfg), source_model=cfg.model_name_or_path,
+            distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=cfg.save_grace_period)
         self.facts = read_model_facts(cfg.model_name_or_path)
         self.num_layer_list = parse_layer_list(cfg.num_layer_list)
         self.layer_split = stage_layers(self.facts.num_layers, cfg.pp, self.num_layer_list,
                                         keys=("num_layer_list", "pipeline_model_parallel_size"))
-        self.source = choose_source(cfg, self.paths, self.log)
+        self.source = choose_source(cfg, self.paths, self.checkpointer)
         src = self.source
         if src.ckpt_dir is not None:
-            ck = checkpoint.check_loadable(src.ckpt_dir, src.iteration, self.layout, self.layer_split,
-                                           src.require_manifest)
+            ck = check_loadable(src.ckpt_dir, src.iteration, self.place, self.layer_split, src.require_manifest)
             self.padded_vocab = ck.padded_vocab_size
         else:  # `or 1`: TP ranks need equal vocabulary slices even without the option
             self.padded_vocab = padded_vocab_size(self.facts.vocab_size, cfg.tp, cfg.make_vocab_size_divisible_by or 1)
         self._open_data()
         self._build_model()
         self._build_optimizer()
-        self.iteration, self.consumed, self.skipped = 0, 0, 0
+        self.state = TrainState(_core(self.model), self.optimizer, self.scheduler, self._checkpoint_args())
+        self.skipped = 0
         self._load()
-        self.batches = MicroBatches(self.data, self.consumed, cfg.micro_batch_size, ps.get_data_parallel_rank(),
+        self.metrics = Metrics(self.paths.logs_dir, self.rank, cfg.log_interval, self.train_iters,
+                               cfg.global_batch_size)
+        self.flops_per_token = flops_per_token(self.facts, cfg.seq_len, frozen_weights=self.lora is not None)
+        self.batches = MicroBatches(self.data, self.state.consumed, cfg.micro_batch_size, ps.get_data_parallel_rank(),
                                     self.dp, cfg.seq_len, fixed_len=cfg.pp > 1, multiple=math.lcm(16, seq_unit(cfg)))
         self.evaluator = Evaluator.open(self)
 
@@ -191,7 +211,7 @@ class Trainer:
         par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split), cfg.ep)
         overrides, ignored = transformer_overrides(cfg.extra_args)
         if ignored:
-            self.log.info(f"warning: extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; "
+            log.warning(f"extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; "
                           "ignored")
         self.tconfig = transformer_config(self.facts, par, self.precision,
                                           use_cpu_initialization=self.dev.cpu_initialization,
@@ -204,7 +224,7 @@ class Trainer:
         if cfg.finetuning_type == "lora":
             self.lora = LoRASpec(cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules), cfg.lora_dropout)
             trainable, total = apply_lora(core, self.lora, cfg.seed, cfg.tp, ps.get_tensor_model_parallel_rank())
-            self.log.info(f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
+            log.info(f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
                           f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%) "
                           "on this rank, the rest frozen")
         core.to(self.dev.torch_device)
@@ -223,8 +243,6 @@ class Trainer:
         from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
         cfg = self.cfg
-        if cfg.min_lr > cfg.lr:
-            raise UserError(f"min_lr {cfg.min_lr} is larger than lr {cfg.lr}; lower min_lr")
         ocfg = OptimizerConfig(
             optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
             adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps, clip_grad=cfg.clip_grad,
@@ -236,7 +254,7 @@ class Trainer:
         self.optimizer = get_megatron_optimizer(ocfg, [self.model])
         self.tconfig.grad_scale_func = self.optimizer.scale_loss if self.precision == "fp16" else None
         gbs = cfg.global_batch_size
-        if problem := warmup_problem(cfg, self.train_iters):
+        if problem := warmup_problem(cfg, self.train_iters):  # with `epochs`, known only now
             raise UserError(problem)
         warmup = warmup_iters(cfg, self.train_iters)
         self.scheduler = OptimizerParamScheduler(
@@ -246,23 +264,61 @@ class Trainer:
             wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True, override_opt_param_scheduler=False,
         )
 
+    def _checkpoint_args(self) -> dict:
+        cfg = self.cfg
+        return L.checkpoint_args(
+            cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
+            self.facts.vocab_size, self.padded_vocab, cfg.ep, self.facts.num_experts, data_parallel_size=self.dp,
+            seq_length=cfg.seq_len,
+            micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
+            train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
+            **(self.lora.checkpoint_args() if self.lora else {}),
+        )
+
     def _load(self) -> None:
-        src = self.source
+        src, st = self.source, self.state
         if src.what == "random":
-            self.log.info("weights: random init (ckpt_load_type 0), iteration 0")
+            log.info("weights: random init (ckpt_load_type 0), iteration 0")
             return
         full = src.what == "resume"
-        consumed = checkpoint.load(src.ckpt_dir, src.iteration, self.layout, _core(self.model), self.optimizer,
-                                   self.scheduler, full, self.ddp_config.use_distributed_optimizer)
+        consumed = self.checkpointer.load(src.ckpt_dir, src.iteration, st, full)
         if full:
-            self.iteration = src.iteration
-            self.consumed = int(consumed or src.iteration * self.cfg.global_batch_size)
+            st.iteration = src.iteration
+            st.consumed = int(consumed or src.iteration * self.cfg.global_batch_size)
         how = ("resumed (weights, optimizer, scheduler, RNG, data position)" if full
                else "weights only (fresh optimizer and schedule)")
-        self.log.info(f"weights: {how} from {src.ckpt_dir / L.iter_dir_name(src.iteration)}, checkpoint iteration "
-                      f"{src.iteration}; starting at iteration {self.iteration}, consumed samples {self.consumed}")
+        log.info(f"weights: {how} from {src.ckpt_dir / L.iter_dir_name(src.iteration)}, checkpoint iteration "
+                 f"{src.iteration}; starting at iteration {st.iteration}, consumed samples {st.consumed}")
 
     # ------------------------------------------------------------ loop
+
+    def run(self) -> int:
+        cfg, st = self.cfg, self.state
+        log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
+                 f"CP{cfg.cp} DP{self.dp}{f' EP{cfg.ep}' if cfg.ep > 1 else ''}, precision {self.precision}, "
+                 f"{self.num_micro} micro-batches of "
+                 f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
+                 f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
+        try:
+            if self.evaluator and st.iteration == 0:  # the validation curve starts from the loaded weights
+                self.evaluator.run(0, self.metrics)
+            while st.iteration < self.train_iters:
+                step = self._train_step()
+                last = st.iteration == self.train_iters
+                if self.metrics.should_log(st.iteration, step.diverged):
+                    self.metrics.log(self._row(step), *self._fp16_state())
+                if step.diverged:
+                    raise self._diverged(step)
+                if self.evaluator and not step.stopping and self.evaluator.due(st.iteration):
+                    self.evaluator.run(st.iteration, self.metrics)
+                self._save_if_due(last, step.stopping)
+                if step.stopping and not last:
+                    return self.checkpointer.preempted(st.iteration)
+        finally:
+            self.metrics.close()
+        self.metrics.plot(self.paths.loss_plot)
+        log.info(f"training done: iteration {st.iteration}, checkpoint in {self.paths.save_dir}")
+        return EXIT_OK
 
     def _forward_step(self, data_iterator, model):
         from megatron.core.utils import get_batch_on_this_cp_rank
@@ -275,9 +331,11 @@ class Trainer:
                     **moe.routing_padding(batch["padding_mask"], self.tconfig))
         return out, partial(_loss_func, batch["loss_mask"], self.cp_group)
 
-    def _train_step(self) -> tuple[torch.Tensor, float | None]:
+    def _train_step(self) -> Step:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        st = self.state
+        t0, tokens0 = time.perf_counter(), self.batches.tokens_read
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         losses = get_forward_backward_func()(
@@ -285,106 +343,58 @@ class Trainer:
             num_microbatches=self.num_micro, seq_length=self.cfg.seq_len,
             micro_batch_size=self.cfg.micro_batch_size, forward_only=False,
         )
-        kill_point("mid_iteration", self.iteration + 1, self.rank)
+        kill_point("mid_iteration", st.iteration + 1, self.rank)
         ok, grad_norm, _ = self.optimizer.step()
         if ok:
             self.scheduler.step(increment=self.cfg.global_batch_size)
         else:  # fp16 overflow: the step was skipped and the loss scale lowered
             self.skipped += 1
-        total = loss_totals(losses, self.layout.tp_rank, self.dev.torch_device)
-        return total, (None if grad_norm is None else float(grad_norm))
+        balance = moe.load_balancing_loss(self.tconfig, self.num_micro)  # collective; None: dense
+        st.iteration += 1
+        st.consumed += self.cfg.global_batch_size
+        # One all-reduce carries the loss of every DP replica and every rank's stop request.
+        total = loss_totals(losses, self.place.tp_rank, self.dev.torch_device)
+        v = torch.cat([total, total.new_tensor([1.0 if self.stop.requested else 0.0])])
+        dist.all_reduce(v)
+        seconds, tokens = time.perf_counter() - t0, (self.batches.tokens_read - tokens0) * self.dp / self.world
+        return Step((v[0] / v[1].clamp(min=1)).item(), None if grad_norm is None else float(grad_norm), seconds,
+                    tokens, stopping=v[2].item() > 0, load_balancing_loss=balance)
 
-    def run(self) -> int:
-        cfg = self.cfg
-        self.log.info(f"training {cfg.stage} on {self.world} {self.dev.kind} process(es): TP{cfg.tp} PP{cfg.pp} "
-                      f"CP{cfg.cp} DP{self.dp}{f' EP{cfg.ep}' if cfg.ep > 1 else ''}, precision {self.precision}, "
-                      f"{self.num_micro} micro-batches of "
-                      f"{cfg.micro_batch_size}, global batch {cfg.global_batch_size}, train_iters {self.train_iters}, "
-                      f"layers per pipeline stage {','.join(map(str, self.layer_split))}")
-        metrics = Metrics(self.paths.logs_dir) if self.rank == 0 else None
-        fpt = flops_per_token(self.facts, cfg.seq_len, frozen_weights=self.lora is not None)
-        try:
-            if self.evaluator and self.iteration == 0:  # the curve starts from the loaded weights
-                self.evaluator.run(0, metrics)
-            while self.iteration < self.train_iters:
-                t0 = time.perf_counter()
-                tokens0 = self.batches.tokens_read
-                loss_sum, grad_norm = self._train_step()
-                balance = moe.load_balancing_loss(self.tconfig, self.num_micro)  # collective; None: dense
-                self.iteration += 1
-                self.consumed += cfg.global_batch_size
-                # One all-reduce carries the loss of every DP replica and every rank's stop request.
-                v = torch.cat([loss_sum, loss_sum.new_tensor([1.0 if self.stop.requested else 0.0])])
-                dist.all_reduce(v)
-                dt = time.perf_counter() - t0
-                stopping = v[2].item() > 0
-                loss = (v[0] / v[1].clamp(min=1)).item()
-                diverged = not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm))
-                if self.iteration % cfg.log_interval == 0 or self.iteration == self.train_iters or diverged:
-                    tokens = (self.batches.tokens_read - tokens0) * self.dp / self.world
-                    row = {
-                        "iteration": self.iteration, "consumed_samples": self.consumed,
-                        "loss": loss, "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]),
-                        "grad_norm": grad_norm, "tokens_per_sec": tokens / dt, "tflops": fpt * tokens / dt / 1e12,
-                        "iter_ms": dt * 1000.0,
-                    }
-                    if balance is not None:
-                        row[moe.LOAD_BALANCING_LOSS] = balance
-                    scale = self.optimizer.get_loss_scale().item() if self.precision == "fp16" else None
-                    self.log.info(format_line(row, self.train_iters, cfg.global_batch_size, scale, self.skipped))
-                    if metrics:
-                        metrics.record(row)
-                if diverged:
-                    raise self._diverged(loss, grad_norm)
-                if self.evaluator and not stopping and self.evaluator.due(self.iteration):
-                    self.evaluator.run(self.iteration, metrics)
-                if self.iteration % cfg.save_interval == 0 or self.iteration == self.train_iters or stopping:
-                    self._save()
-                if stopping and self.iteration < self.train_iters:
-                    self.log.info(f"stop requested ({self.stop.signal_name or 'by another rank'}): checkpoint "
-                                  f"iteration {self.iteration} saved {self.stop.elapsed():.1f}s after the signal "
-                                  f"(grace period {cfg.save_grace_period:.0f}s); exiting with code {EXIT_PREEMPTED}")
-                    if self.stop.elapsed() > cfg.save_grace_period:
-                        self.log.warn(f"the save finished after the {cfg.save_grace_period:.0f}s grace period")
-                    return EXIT_PREEMPTED
-        finally:
-            if metrics:
-                metrics.close()
-        if self.rank == 0 and plot_loss(self.paths.logs_dir / "metrics.jsonl", self.paths.loss_plot):
-            self.log.info(f"loss curve: {self.paths.loss_plot}")
-        self.log.info(f"training done: iteration {self.iteration}, checkpoint in {self.paths.save_dir}")
-        return EXIT_OK
+    def _row(self, step: Step) -> dict:
+        """metrics.jsonl's row (and the log line's values) of the step just done."""
+        row = {
+            "iteration": self.state.iteration, "consumed_samples": self.state.consumed, "loss": step.loss,
+            "lr": self.scheduler.get_lr(self.optimizer.param_groups[0]), "grad_norm": step.grad_norm,
+            "tokens_per_sec": step.tokens / step.seconds,
+            "tflops": self.flops_per_token * step.tokens / step.seconds / 1e12, "iter_ms": step.seconds * 1000.0,
+        }
+        if step.load_balancing_loss is not None:
+            row[moe.LOAD_BALANCING_LOSS] = step.load_balancing_loss
+        return row
 
-    def _diverged(self, loss: float, grad_norm: float | None) -> Diverged:
+    def _save_if_due(self, last: bool, stopping: bool) -> None:
+        """The checkpointer's policy; with export_checkpoint: best the evaluator names the checkpoint to keep."""
+        if self.evaluator:
+            self.checkpointer.protect = self.evaluator.protect(self.state.iteration)
+        if self.checkpointer.maybe_save(self.state, last, stopping) and self.evaluator:
+            self.evaluator.saved(self.state.iteration)
+
+    def _fp16_state(self) -> tuple[float | None, int]:
+        """The loss scale (fp16 only) and the steps skipped on overflow, for Megatron's line."""
+        scale = self.optimizer.get_loss_scale().item() if self.precision == "fp16" else None
+        return scale, self.skipped
+
+    def _diverged(self, step: Step) -> Diverged:
         """Every rank sees the same all-reduced loss and grad norm, so all stop here together, before a save."""
-        newest = checkpoint.newest_valid(self.paths.save_dir) if self.paths.save_dir.is_dir() else None
+        newest = self.checkpointer.newest()
         kept = (f"the newest checkpoint, {self.paths.save_dir / L.iter_dir_name(newest)}, is from before"
                 if newest is not None else "no checkpoint was saved")
+        consumed = self.state.consumed
         gbs = self.cfg.global_batch_size
-        return Diverged(f"iteration {self.iteration}: lm loss {loss}, grad norm {grad_norm}: training diverged; "
-                        f"nothing of this iteration was saved and {kept}. Lower lr (now {self.cfg.lr:g}) or "
-                        f"check the samples {self.consumed - gbs}-{self.consumed - 1} of the data order "
+        return Diverged(f"iteration {self.state.iteration}: lm loss {step.loss}, grad norm {step.grad_norm}: training "
+                        f"diverged; nothing of this iteration was saved and {kept}. Lower lr (now {self.cfg.lr:g}) or "
+                        f"check the samples {consumed - gbs}-{consumed - 1} of the data order "
                         f"(precision {self.precision})")
-
-    def _save(self) -> None:
-        t0 = time.perf_counter()
-        cfg = self.cfg
-        args = L.checkpoint_args(
-            cfg.tp, cfg.pp, self.num_layer_list, cfg.model_name_or_path, self.facts.architecture,
-            self.facts.vocab_size, self.padded_vocab, cfg.ep, self.facts.num_experts, data_parallel_size=self.dp,
-            seq_length=cfg.seq_len,
-            micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
-            train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
-            **(self.lora.checkpoint_args() if self.lora else {}),
-        )
-        checkpoint.save(self.paths.save_dir, self.iteration, self.layout, _core(self.model).state_dict(),
-                        self.optimizer, self.scheduler, args, self.consumed, cfg.model_name_or_path,
-                        self.ddp_config.use_distributed_optimizer, cfg.save_total_limit, run_id(cfg),
-                        protect=self.evaluator.protect(self.iteration) if self.evaluator else None)
-        self.log.info(f"saved checkpoint iteration {self.iteration} to "
-                      f"{self.paths.save_dir / L.iter_dir_name(self.iteration)} in {time.perf_counter() - t0:.2f}s")
-        if self.evaluator:
-            self.evaluator.saved(self.iteration)
 
 
 def _loss_func(loss_mask: torch.Tensor, cp_group, per_token_loss: torch.Tensor):

@@ -11,6 +11,7 @@ run's rules, as scripts_modellink/train.sh starts it:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,9 +21,12 @@ from torch.distributed import run as torchrun
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
+from ascendfactory import logs
 from ascendfactory.errors import EXIT_USER_ERROR
 from ascendfactory.errors import UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
+
+log = logging.getLogger("ascendfactory.launch.agent")  # not __name__: "__main__" under -m
 
 
 class _Agent(LocalElasticAgent):
@@ -50,18 +54,19 @@ def _record_root_cause(e: ChildFailedError) -> None:
 
 
 def main() -> int:
+    logs.setup()
     die_with_parent(signal.SIGTERM)  # a copy of train.sh that does not exec torchrun: stop with its shell
     try:
         share_run_lock()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        log.error(str(e))
         return EXIT_USER_ERROR
     launcher.LocalElasticAgent = _Agent  # torch's launch_agent() builds its agent by this name
     try:
         torchrun.run(torchrun.parse_args(sys.argv[1:]))
     except ChildFailedError as e:
         _record_root_cause(e)
-        print(e, file=sys.stderr)  # torchelastic's failure summary, as torchrun prints it
+        log.info(str(e))  # torchelastic's failure summary, as torchrun prints it
         return 1
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ctypes
 import fcntl
 import json
+import logging
 import os
 import socket
 import sys
@@ -157,8 +158,8 @@ class RunLock:
                     f"{self.path}: output_dir was locked by pid {holder['pid']} on host {holder['host']} (since "
                     f"{holder.get('started', '?')}), which this host cannot check; if that run has ended, clear "
                     f"it with: rm {self.path}")
-            print(f"warning: taking over {self.path}, left by pid {holder['pid']} (since "
-                  f"{holder.get('started', '?')}); no process of that run is left", file=sys.stderr)
+            logging.getLogger(__name__).warning(f"taking over {self.path}, left by pid {holder['pid']} (since "
+                                                f"{holder.get('started', '?')}); no process of that run is left")
             self.path.unlink()
         finally:
             os.close(fd)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import signal
 import socket
@@ -22,6 +23,7 @@ from ascendfactory.config.schema import ExpConfig
 from ascendfactory.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import LOCK_ENV, die_with_parent, lock_path
 from ascendfactory.layout import RunLayout
+from ascendfactory.logs import RUN
 
 
 def default_scripts_dir() -> Path:
@@ -60,7 +62,7 @@ def master_port(layout: RunLayout) -> int:
     with socket.socket() as s:
         s.bind(("", 0))
         port = s.getsockname()[1]
-    print(f"[ascendfactory] master_port {layout.master_port} is busy on this single node; using {port}", flush=True)
+    logging.getLogger(RUN).info(f"master_port {layout.master_port} is busy on this single node; using {port}")
     return port
 
 
