@@ -178,7 +178,8 @@ def test_worker_bad_input_is_not_restarted_and_reported_once(assets, tmp_path):
     """A user error only a worker sees (saved_checkpoints cannot be created: a file is in the way): exit 2 in
     the first attempt, no restart although max_restarts is 2, and one FAILED line with the worker's reason."""
     out = tmp_path / "bad"
-    cfg = write_cfg(assets, out, **{"train-iters": 4})
+    # overwrite_output: the file is the user's own doing in a folder they hand over (else refused before launch)
+    cfg = write_cfg(assets, out, **{"train-iters": 4, "overwrite_output": True})
     out.mkdir()
     (out / "saved_checkpoints").write_text("not a folder")
     r = train(cfg)
