@@ -1,9 +1,9 @@
 """Fixtures shared across test modules."""
 
-from _convert_models import tiny_models  # noqa: F401  (session fixture: one tiny HF model per family)
-
 import os
 import tempfile
+
+from _convert_models import tiny_models  # noqa: F401  (session fixture: one tiny HF model per family)
 
 # the tests' tokenizer cache (data/tokenizer.py): one per session, never the user's ~/.cache
 os.environ.setdefault("ASCENDFACTORY_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="ascendfactory-test-tokcache-"))

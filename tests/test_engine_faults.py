@@ -14,9 +14,9 @@ import subprocess
 import sys
 import time
 
+import _engine as E
 import pytest
 
-import _engine as E
 from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow

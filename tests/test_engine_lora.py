@@ -10,10 +10,10 @@ import shutil
 import subprocess
 import sys
 
+import _engine as E
 import pytest
 import torch
 
-import _engine as E
 from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow
@@ -111,7 +111,7 @@ def test_adapters_alone_train_alike_in_every_layout_and_export_reproduces_them(e
     # shards fold like the whole matrices).
     exported = {}
     for layout, out in runs.items():
-        hf = tmp_path / f"hf_{layout if layout == 'cp2' else '%d%d' % layout}"
+        hf = tmp_path / f"hf_{layout if layout == 'cp2' else ''.join(map(str, layout))}"
         megatron_to_hf(out / "saved_checkpoints", hf, env["model"])
         exported[layout] = {k: v for f in sorted(hf.glob("*.safetensors")) for k, v in load_file(f).items()}
     assert verify_conversion(tmp_path / "hf_11", runs[(1, 1)] / "saved_checkpoints") < 1e-4

@@ -7,10 +7,10 @@ import math
 import re
 import shutil
 
+import _engine as E
 import pytest
 import torch
 
-import _engine as E
 from ascendfactory.ckpt import files as L
 
 pytestmark = pytest.mark.slow
@@ -130,8 +130,8 @@ def test_uneven_pipeline_split_trains_saves_exports_like_pp1(env, tmp_path):
     same losses as PP1; the saves record the split and export to the PP1 run's HF weights."""
     from safetensors.torch import load_file
 
-    from ascendfactory.convert.mg2hf import megatron_to_hf
     from ascendfactory.ckpt.reader import load_rank, read_checkpoint_layout
+    from ascendfactory.convert.mg2hf import megatron_to_hf
 
     ref_out = _packed_run(env, 1, 1)[0]
     out, res = _packed_run(env, 1, 2, "3,1")

@@ -19,8 +19,8 @@ import pytest
 import torch
 import yaml
 
-from ascendfactory.ckpt import files as L
 from ascendfactory import tiny
+from ascendfactory.ckpt import files as L
 
 VAL_LINE = re.compile(r" validation loss at iteration (\d+) \| lm loss value: (\S+) \| lm loss PPL: (\S+) \|")
 VAL_KEYS = {"iteration", "val_loss", "val_ppl", "val_tokens"}

@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import save_file
 
 from ascendfactory.ckpt.files import layout_of, rank_dir_name, rank_file
-from ascendfactory.families import ARCHITECTURES, FAMILIES, LAYER, Rule, hf_linear_owners, stage_items
 from ascendfactory.convert.hfread import SafetensorsReader
+from ascendfactory.families import ARCHITECTURES, FAMILIES, LAYER, Rule, hf_linear_owners, stage_items
 from ascendfactory.layout import ShardPlan as Layout
+from ascendfactory.modelinfo import facts_from_config, read_model_facts
 from ascendfactory.sharding import (
     COLUMN_PARALLEL,
     FUSED_GATE_UP,
@@ -25,7 +26,6 @@ from ascendfactory.sharding import (
     ROW_PARALLEL,
     VOCAB_ROWS,
 )
-from ascendfactory.modelinfo import facts_from_config, read_model_facts
 from ascendfactory.tiny import tiny_config
 
 # nh 4 heads, ng 2 kv groups, head dim 4: q 16 rows, k / v 8 rows; H 8, F 12, vocab 10 (padded to 12 at TP 2)
@@ -161,7 +161,7 @@ def test_expert_rows_expand_over_ep_ranks_and_roundtrip(tmp_path):
                               [f"{x}.gate_proj.weight", f"{x}.up_proj.weight"]),
                              (f"{mg}.experts.local_experts.{k}.linear_fc2.weight", [f"{x}.down_proj.weight"])]
             assert [(mg, names) for _, mg, names in items] == want
-            for rule, mg, names in items:
+            for rule, _, names in items:
                 shards = [rule.kind.shard(names, read, FACTS, layout, t) for t in range(tp)]
                 for name, t in rule.kind.merge(names, shards, FACTS, 10).items():
                     if name in back:  # the router is replicated over the EP ranks

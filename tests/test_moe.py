@@ -17,8 +17,8 @@ from test_convert_roundtrip import assert_identical, hf_tensors
 
 from ascendfactory.ckpt.files import rank_file
 from ascendfactory.convert.api import hf_to_megatron, megatron_to_hf, read_checkpoint_layout
-from ascendfactory.families import FAMILIES
 from ascendfactory.convert.verify import TOLERANCE, compare
+from ascendfactory.families import FAMILIES
 from ascendfactory.modelinfo import facts_from_config, read_model_facts
 from ascendfactory.tiny import make_tiny_model, tiny_config, write_instruction_data
 

@@ -11,10 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import _engine as E
 import pytest
 import yaml
 
-import _engine as E
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock
 

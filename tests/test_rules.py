@@ -6,9 +6,9 @@ import re
 import pytest
 
 from ascendfactory.config.loader import resolve
-from ascendfactory.pipeline import check
 from ascendfactory.errors import UserError, UserErrors
 from ascendfactory.launch.cluster import cluster_layout
+from ascendfactory.pipeline import check
 
 QWEN2_7B = {"architectures": ["Qwen2ForCausalLM"], "num_attention_heads": 28, "num_key_value_heads": 4,
             "num_hidden_layers": 28, "hidden_size": 3584, "intermediate_size": 18944, "vocab_size": 152064}

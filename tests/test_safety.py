@@ -12,11 +12,11 @@ import sys
 import zlib
 from pathlib import Path
 
+import _engine as E
 import pytest
 import torch
 import yaml
 
-import _engine as E
 from ascendfactory.ckpt import files as L
 from ascendfactory.convert.api import hf_to_megatron
 

@@ -10,12 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import _engine as E
 import pytest
 import yaml
 
-import _engine as E
-from ascendfactory.ckpt import files as L
 from ascendfactory import tiny
+from ascendfactory.ckpt import files as L
 
 ITERS = 6  # the earlier run: checkpoints iter_0000003 and iter_0000006
 
@@ -185,7 +185,8 @@ def test_save_total_limit_deletes_only_this_runs_checkpoints(finished, tmp_path)
     assert sorted(p.name for p in save.glob("iter_*")) == ["iter_0000003", "iter_0000004", "iter_0000006"]
     assert {it: snapshot(save / it) for it in theirs} == theirs
     assert L.read_tracker(save) == 4
-    assert None != L.manifest_run_id(save / "iter_0000004") != L.manifest_run_id(save / "iter_0000006")
+    ours, theirs_id = L.manifest_run_id(save / "iter_0000004"), L.manifest_run_id(save / "iter_0000006")
+    assert ours is not None and ours != theirs_id
 
 
 @pytest.mark.slow

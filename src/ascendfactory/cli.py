@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import List, Optional
 
 import typer
 
@@ -38,9 +37,9 @@ def train(
     cfgs_yaml: str = typer.Argument(..., help="experiment YAML file"),
     model_name: str = typer.Argument(..., help="model block, e.g. qwen2-7b"),
     exp_name: str = typer.Argument(..., help="experiment block, e.g. 4096-sft-full"),
-    master_addr: Optional[str] = typer.Option(None, "--master_addr", "--master-addr"),
-    num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
-    rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
+    master_addr: str | None = typer.Option(None, "--master_addr", "--master-addr"),
+    num_nodes: int | None = typer.Option(None, "--num_nodes", "--num-nodes"),
+    rank: int | None = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
 ):
     """Resolve and validate the experiment, write exp-config.yaml, run the pipeline."""
     from ascendfactory.pipeline import run_train
@@ -54,9 +53,9 @@ def plan(
     cfgs_yaml: str = typer.Argument(...),
     model_name: str = typer.Argument(...),
     exp_name: str = typer.Argument(...),
-    master_addr: Optional[str] = typer.Option(None, "--master_addr", "--master-addr"),
-    num_nodes: Optional[int] = typer.Option(None, "--num_nodes", "--num-nodes"),
-    rank: Optional[int] = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
+    master_addr: str | None = typer.Option(None, "--master_addr", "--master-addr"),
+    num_nodes: int | None = typer.Option(None, "--num_nodes", "--num-nodes"),
+    rank: int | None = typer.Option(None, "--rank", "--node_rank", "--node-rank"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Resolve + validate + show what `train` would do. Runs nothing, writes nothing."""
@@ -86,8 +85,8 @@ def preprocess(
     seq_length: int = typer.Option(4096, "--seq-length"),
     pack: bool = typer.Option(False, "--pack"),
     append_eod: bool = typer.Option(False, "--append-eod"),
-    json_keys: List[str] = typer.Option(["text"], "--json-keys"),
-    map_keys: Optional[str] = typer.Option(None, "--map-keys", help="JSON mapping of column/role names"),
+    json_keys: list[str] = typer.Option(["text"], "--json-keys"),
+    map_keys: str | None = typer.Option(None, "--map-keys", help="JSON mapping of column/role names"),
     workers: int = typer.Option(1, "--workers"),
     skip_bad_records: bool = typer.Option(False, "--skip-bad-records"),
     max_record_mb: float = typer.Option(16, "--max-record-mb", help="a longer record is a bad record"),
@@ -121,10 +120,10 @@ def convert_hf2mg(
     tp: int = typer.Option(1, "--tp"),
     pp: int = typer.Option(1, "--pp"),
     ep: int = typer.Option(1, "--ep", help="expert parallel size (MoE): each EP rank holds num_experts / EP"),
-    num_layer_list: Optional[str] = typer.Option(None, "--num-layer-list",
+    num_layer_list: str | None = typer.Option(None, "--num-layer-list",
                                                  help="layers per PP stage, e.g. 6,10 (default: even split)"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the HF dtype)"),
-    make_vocab_size_divisible_by: Optional[int] = typer.Option(
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the HF dtype)"),
+    make_vocab_size_divisible_by: int | None = typer.Option(
         None, "--make-vocab-size-divisible-by", help="pad the vocab with zero rows to a multiple of N x TP"),
     verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
 ):
@@ -140,18 +139,18 @@ def convert_mg2hf(
     mg_dir: str = typer.Option(..., "--mg-dir"),
     hf_dir: str = typer.Option(..., "--hf-dir"),
     hf_config_dir: str = typer.Option(..., "--hf-config-dir"),
-    iteration: Optional[int] = typer.Option(None, "--iteration", help="default: the tracker's iteration"),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the checkpoint's)"),
+    iteration: int | None = typer.Option(None, "--iteration", help="default: the tracker's iteration"),
+    dtype: str | None = typer.Option(None, "--dtype", help="bf16|fp16|fp32 (default: the checkpoint's)"),
     shard_size: str = typer.Option("5GB", "--shard-size", help="largest safetensors file, e.g. 5GB, 500MB"),
     verify: bool = typer.Option(False, "--verify", help="compare HF and megatron-core logits afterwards (CPU)"),
-    peft_dir: Optional[str] = typer.Option(None, "--peft-dir",
+    peft_dir: str | None = typer.Option(None, "--peft-dir",
                                            help="a LoRA checkpoint's adapters, also as a PEFT adapter folder here"),
     trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
                                           help="load types beyond tensors and Megatron args: runs code from the files"),
 ):
     """Megatron checkpoint (any TP/PP/EP) -> HF safetensors (LoRA adapters folded in)."""
-    from ascendfactory.convert.api import mg2hf_command
     from ascendfactory.ckpt.reader import trust_checkpoints
+    from ascendfactory.convert.api import mg2hf_command
 
     trust_checkpoints(trust_checkpoint)
 

@@ -9,10 +9,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ascendfactory.errors import UserError
 
 # The family records (traits, mapping table, tiny test model), by config.json architecture name.
 from ascendfactory.families import ARCHITECTURES, Family, supported_architectures
-from ascendfactory.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,8 @@ def facts_from_config(cfg: dict, source: str = "config.json") -> ModelFacts:
         rope_params = cfg.get("rope_parameters") or {}
         if rope_theta is None:
             rope_theta = rope_params.get("rope_theta", 10000.0)
-        scaling = cfg.get("rope_scaling") or (rope_params if rope_params.get("rope_type") not in (None, "default") else None)
+        scaling = cfg.get("rope_scaling") or (
+            rope_params if rope_params.get("rope_type") not in (None, "default") else None)
         return ModelFacts(
             architecture=arch,
             hidden_size=hidden,

@@ -317,7 +317,8 @@ def _prepare_output_dir(paths: RunPaths) -> None:
     try:
         probe_writable(paths.state_dir)
     except OSError as e:
-        raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable folder")
+        raise UserError(f"output_dir {paths.output_dir} is not writable ({e.strerror}); choose a writable "
+                        "folder") from None
 
 
 def _record_run(cfg: ExpConfig, paths: RunPaths) -> None:
@@ -383,7 +384,8 @@ def _tell_ahead(ahead: Foresight) -> None:
 
     log.info(f"validation: {validation.describe_line(ahead.validation)}")
     if ahead.memory:
-        log.info(f"memory estimate: {memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)}")
+        summary = memory.summary_line(ahead.memory, ahead.device_memory, ahead.device_memory_source)
+        log.info(f"memory estimate: {summary}")
     if ahead.memory_warning:
         log.info(f"warning: {ahead.memory_warning}")
 

@@ -108,7 +108,8 @@ def describe(cfg, data_prefix: str | None) -> dict:
         key = "eval_dataset" if cfg.eval_dataset else "eval_processed_data_dir"
         return {"source": f"{key} {getattr(cfg, key)}", **info}
     if cfg.stage == "pt":
-        info["source"] = f"{100 * valid_fraction(cfg):g}% of the pretraining documents ({'split' if cfg.split else 'val_size'})"
+        key = "split" if cfg.split else "val_size"
+        info["source"] = f"{100 * valid_fraction(cfg):g}% of the pretraining documents ({key})"
         return info
     info["source"] = f"val_size {cfg.val_size} of the training samples, drawn from seed {cfg.seed}"
     if data_prefix is not None:

@@ -9,15 +9,15 @@ import torch
 
 from ascendfactory.ckpt.files import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
 from ascendfactory.convert.chatglm import open_reader
-from ascendfactory.families import Rule, hf_shape, model_items, rules_for
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
 from ascendfactory.convert.options import ITERATION, dtype_name, torch_dtype
-from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
-from ascendfactory.progress import Progress
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError, disk_full_as_error
+from ascendfactory.families import Rule, hf_shape, model_items, rules_for
+from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
 from ascendfactory.modelinfo import ModelFacts
+from ascendfactory.progress import Progress
 
 
 def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: ShardPlan) -> None:

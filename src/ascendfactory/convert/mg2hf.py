@@ -15,15 +15,15 @@ import torch
 
 from ascendfactory.ckpt.reader import CheckpointLayout, model_state, read_checkpoint_layout
 from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan
-from ascendfactory.families import hf_shape, is_expert, merged_items, rules_for
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.options import dtype_name, torch_dtype
-from ascendfactory.layout import ShardPlan
-from ascendfactory.progress import Progress
 from ascendfactory.convert.stwriter import ShardedWriter, parse_size
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError, disk_full_as_error
+from ascendfactory.families import hf_shape, is_expert, merged_items, rules_for
+from ascendfactory.layout import ShardPlan
 from ascendfactory.modelinfo import ModelFacts, is_chatglm_dir, read_model_facts
+from ascendfactory.progress import Progress
 
 DEFAULT_SHARD_SIZE = "5GB"
 # Copied from --hf-config-dir: everything but weights (config, generation config, tokenizer files, templates).

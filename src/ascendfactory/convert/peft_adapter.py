@@ -15,11 +15,11 @@ import json
 from ascendfactory.ckpt.lora import LORA_A, LORA_B
 from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout
 from ascendfactory.convert import chatglm
-from ascendfactory.families import merged_items, rules_for
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
-from ascendfactory.layout import ShardPlan
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError
+from ascendfactory.families import merged_items, rules_for
+from ascendfactory.layout import ShardPlan
 from ascendfactory.modelinfo import is_chatglm_dir, read_model_facts
 from ascendfactory.progress import Progress
 

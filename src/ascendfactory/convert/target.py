@@ -7,9 +7,9 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ascendfactory.convert.fingerprint import MARKER, read_marker, write_marker
 from ascendfactory.errors import UserError

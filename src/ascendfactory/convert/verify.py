@@ -34,9 +34,8 @@ def reference_logits(hf_dir, dtype: str | None = None, n_tokens: int = 12, batch
     import torch
     import transformers
 
-    from ascendfactory.convert.options import torch_dtype
-
     from ascendfactory.convert import chatglm
+    from ascendfactory.convert.options import torch_dtype
     from ascendfactory.modelinfo import is_chatglm_dir
 
     if is_chatglm_dir(hf_dir):  # its own modeling code is remote code: GLM's with the same weights

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from ascendfactory.data.names import FLAGS
 from ascendfactory.config.schema import HANDLERS, PRETRAIN
+from ascendfactory.data.names import FLAGS
 from ascendfactory.errors import UserError
 
 # roles of a normalized conversation; the first two kinds prompt, the last two are supervised

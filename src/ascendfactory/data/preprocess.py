@@ -37,7 +37,6 @@ from collections import deque
 
 import numpy as np
 
-from ascendfactory.progress import Progress
 from ascendfactory.config.schema import PRETRAIN
 from ascendfactory.data import outputs as out
 from ascendfactory.data.encode import InstructionChunk, Job, PretrainChunk, encode_chunk
@@ -50,6 +49,7 @@ from ascendfactory.data.readers import discover, iter_chunks, total_bytes
 from ascendfactory.data.templates import Renderer
 from ascendfactory.data.tokenizer import byte_level_token_lengths, load_tokenizer
 from ascendfactory.errors import UserError, disk_full_as_error, is_disk_full
+from ascendfactory.progress import Progress
 
 log = logging.getLogger(__name__)
 

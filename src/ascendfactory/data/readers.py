@@ -10,10 +10,10 @@ reading at most the limit and skipping the rest, so memory stays bounded whateve
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ascendfactory.errors import UserError
 

@@ -33,7 +33,7 @@ class LoRASpec:
         return self.alpha / self.r
 
     @classmethod
-    def from_args(cls, args: dict) -> "LoRASpec":
+    def from_args(cls, args: dict) -> LoRASpec:
         return cls(int(args["lora_r"]), float(args["lora_alpha"]), tuple(args["lora_target_modules"]),
                    float(args.get("lora_dropout", 0.0)))
 

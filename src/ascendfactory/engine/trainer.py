@@ -14,14 +14,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ascendfactory import logs
 from ascendfactory.ckpt import files as L
 from ascendfactory.ckpt.reader import trust_checkpoints
 from ascendfactory.config.loader import load_resolved
-from ascendfactory.config.rules import lr_problem, parallel_problem
 from ascendfactory.config.paths import RunPaths, run_id, run_paths
+from ascendfactory.config.rules import lr_problem, parallel_problem
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.data.stage import find_data_prefix
-from ascendfactory import logs
 from ascendfactory.engine import device, moe
 from ascendfactory.engine.checkpoint import Checkpointer, RankPlace, TrainState, check_loadable
 from ascendfactory.engine.data import MicroBatches, PretrainData, SFTData, eod_id
@@ -82,7 +82,8 @@ def _seed_all(seed: int) -> None:
     import random
 
     import numpy as np
-    from megatron.core import parallel_state as ps, tensor_parallel
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
 
     # Megatron's rule: stages differ so their layers do not start identical.
     seed = seed + 100 * ps.get_pipeline_model_parallel_rank()
@@ -203,8 +204,11 @@ class Trainer:
 
     def _build_model(self) -> None:
         from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.distributed import (
+            DistributedDataParallel,
+            DistributedDataParallelConfig,
+            finalize_model_grads,
+        )
         from megatron.core.transformer.module import Float16Module
 
         cfg = self.cfg

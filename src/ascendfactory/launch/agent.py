@@ -22,8 +22,7 @@ from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElas
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
 from ascendfactory import logs
-from ascendfactory.errors import EXIT_USER_ERROR
-from ascendfactory.errors import UserError
+from ascendfactory.errors import EXIT_USER_ERROR, UserError
 from ascendfactory.launch.lock import die_with_parent, share_run_lock
 
 log = logging.getLogger("ascendfactory.launch.agent")  # not __name__: "__main__" under -m
