@@ -163,5 +163,5 @@ class Evaluator:
         self.best = best
         if self.t.rank == 0:
             L.write_text_atomic(self.best_file, json.dumps(best, indent=1))
-        self.log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
+        log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
                         f"{best['path']}; recorded in {self.best_file}")
