@@ -95,7 +95,7 @@ class Evaluator:
         self.best = self._resumed_best() if self.track_best else None
         self.last: dict | None = None  # the newest evaluation's row
         log.info(f"validation: {n} samples, {self.batches} global batch(es) of {cfg.global_batch_size} per "
-                         f"evaluation, at iteration 0, every {self.interval} iterations and at the end")
+                 f"evaluation, at iteration 0, every {self.interval} iterations and at the end")
 
     @classmethod
     def open(cls, trainer) -> Evaluator | None:
@@ -164,4 +164,4 @@ class Evaluator:
         if self.t.rank == 0:
             L.write_text_atomic(self.best_file, json.dumps(best, indent=1))
         log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
-                        f"{best['path']}; recorded in {self.best_file}")
+                 f"{best['path']}; recorded in {self.best_file}")
