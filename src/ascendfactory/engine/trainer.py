@@ -215,8 +215,7 @@ class Trainer:
         par = Parallel(cfg.tp, cfg.pp, cfg.cp, cfg.sequence_parallel, tuple(self.layer_split), cfg.ep)
         overrides, ignored = transformer_overrides(cfg.extra_args)
         if ignored:
-            log.warning(f"extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; "
-                          "ignored")
+            log.warning(f"extra_args {', '.join(ignored)}: not megatron-core TransformerConfig fields; ignored")
         self.tconfig = transformer_config(self.facts, par, self.precision,
                                           use_cpu_initialization=self.dev.cpu_initialization,
                                           **{**moe.config_overrides(cfg, self.facts, self.dev), **overrides})
@@ -229,8 +228,8 @@ class Trainer:
             self.lora = LoRASpec(cfg.lora_r, cfg.lora_alpha, tuple(cfg.lora_target_modules), cfg.lora_dropout)
             trainable, total = apply_lora(core, self.lora, cfg.seed, cfg.tp, ps.get_tensor_model_parallel_rank())
             log.info(f"LoRA r {self.lora.r}, alpha {self.lora.alpha:g} on {', '.join(self.lora.targets)}: "
-                          f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%) "
-                          "on this rank, the rest frozen")
+                     f"{trainable:,} trainable parameters of {total:,} ({100 * trainable / total:.2f}%) "
+                     "on this rank, the rest frozen")
         core.to(self.dev.torch_device)
         if self.precision != "fp32":
             core = Float16Module(self.tconfig, core)
