@@ -96,6 +96,7 @@ if attempt == 0:
     time.sleep(60)
 with open(f"{sys.argv[1]}/rank{rank}.txt", "w") as f:  # own file: the ranks share torchrun's stdout
     f.write(f"attempt {attempt} sum {t.item()}")
+dist.destroy_process_group()  # as the trainer does: gloo's threads are joined before the interpreter exits
 """
 
 
