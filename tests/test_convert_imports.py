@@ -6,9 +6,12 @@ import argparse
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from ascendfactory.ckpt.files import rank_file
+
+pytestmark = pytest.mark.slow  # fresh interpreters per case: the full suite only
 
 
 def _run(code: str, *args) -> str:

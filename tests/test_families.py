@@ -229,6 +229,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow  # builds megatron-core models in a subprocess
 def test_traits_reach_megatron_core(tiny_models):
     """rope fraction and interleave come from the record: a half-rope record rotates half of each head dim."""
     import socket

@@ -17,6 +17,8 @@ import yaml
 from ascendfactory import tiny
 from ascendfactory.ckpt import files as L
 
+pytestmark = pytest.mark.slow  # CLI subprocesses (plan / train) per case: the full suite only
+
 ITERS = 6  # the earlier run: checkpoints iter_0000003 and iter_0000006
 
 
