@@ -27,6 +27,7 @@ from ascendfactory.engine.data import (
 )
 from ascendfactory.engine.metrics import validation_line
 from ascendfactory.errors import UserError
+from ascendfactory.fsutil import write_text_atomic
 
 log = logging.getLogger(logs.TRAIN)
 
@@ -162,6 +163,6 @@ class Evaluator:
             return
         self.best = best
         if self.t.rank == 0:
-            L.write_text_atomic(self.best_file, json.dumps(best, indent=1))
+            write_text_atomic(self.best_file, json.dumps(best, indent=1))
         log.info(f"best checkpoint: iteration {iteration} (validation loss {best['val_loss']:.6E}), "
                  f"{best['path']}; recorded in {self.best_file}")
