@@ -128,7 +128,8 @@ def test_killed_worker_is_restarted_and_resumes(assets, tmp_path):
     cfg = write_cfg(assets, out, pack=True, convert_mg2hf_at_last=False)
     r = train(cfg, env={"ASCENDFACTORY_TEST_KILL_AT": "mid_iteration:6:1"})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "SIGKILL" in r.stdout or "exitcode: -9" in r.stdout
+    # the worker's own line after torchrun restarted it (torchrun's "exitcode: -9" log line is not ours to assert)
+    assert "torchrun restart 1: resuming" in r.stdout, r.stdout[-4000:]
     log = (out / "logs" / "train_rank_000.log").read_text()
     assert "iter_0000004" in log  # the restarted workers resumed from the iteration-4 checkpoint
     its = [m["iteration"] for m in metrics(out)]
