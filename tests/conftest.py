@@ -1,9 +1,13 @@
 """Fixtures shared across test modules."""
 
+import atexit
 import os
+import shutil
 import tempfile
 
 from _convert_models import tiny_models  # noqa: F401  (session fixture: one tiny HF model per family)
 
 # the tests' tokenizer cache (data/tokenizer.py): one per session, never the user's ~/.cache
-os.environ.setdefault("ASCENDFACTORY_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="ascendfactory-test-tokcache-"))
+if "ASCENDFACTORY_TOKENIZER_CACHE" not in os.environ:
+    os.environ["ASCENDFACTORY_TOKENIZER_CACHE"] = tempfile.mkdtemp(prefix="ascendfactory-test-tokcache-")
+    atexit.register(shutil.rmtree, os.environ["ASCENDFACTORY_TOKENIZER_CACHE"], ignore_errors=True)
