@@ -112,6 +112,16 @@ def write_config(out: Path, model_dir: Path, data_dir: Path, **kw) -> Path:
     return path
 
 
+def write_cli_cfg(assets: Path, out: Path, base: dict, **exp) -> Path:
+    """A cfgs.yaml for `ascendfactory-cli train <it> tiny exp`: the tiny model and alpaca data of the e2e assets."""
+    cfg = {"base": base, "tiny": {"model_name_or_path": str(assets / "model"),
+                                  "dataset": str(assets / "data" / "alpaca.jsonl"), "output_dir": str(out),
+                                  "exp": exp}}
+    path = out.parent / f"{out.name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
 def engine_cmd(config: Path, nproc: int, *torchrun_args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), *torchrun_args, "-m", "ascendfactory.engine", "--config", str(config)]

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import _engine as E
 import pytest
-import yaml
 
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock
@@ -37,12 +36,7 @@ def write_cfg(assets: Path, out: Path, **exp) -> Path:
             "global-batch-size": 8, "lr": 2e-3, "min-lr": 2e-4, "train-iters": 8, "save-interval": 4,
             "log_interval": 1, "prompt_type": "qwen", "tensor-model-parallel-size": 1, "train_auto_resume": True,
             "max_restarts": 1}
-    cfg = {"base": base, "tiny": {"model_name_or_path": str(assets / "model"),
-                                  "dataset": str(assets / "data" / "alpaca.jsonl"), "output_dir": str(out),
-                                  "exp": exp}}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return E.write_cli_cfg(assets, out, base, **exp)
 
 
 def train(cfg: Path, *args, env=None, **kw):

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import _engine as E
 import pytest
-import yaml
 
 from ascendfactory import tiny
 from ascendfactory.launch.lock import RunLock, lock_path
@@ -34,12 +33,7 @@ def write_cfg(assets: Path, out: Path, **exp) -> Path:
             "global-batch-size": 4, "train-iters": 400, "save-interval": 1000, "log_interval": 1,
             "prompt_type": "qwen", "tensor-model-parallel-size": 1, "ckpt_load_type": 0,
             "convert_mg2hf_at_last": False, "train_auto_resume": True, "max_restarts": 2}
-    cfg = {"base": base, "tiny": {"model_name_or_path": str(assets / "model"),
-                                  "dataset": str(assets / "data" / "alpaca.jsonl"), "output_dir": str(out),
-                                  "exp": exp}}
-    path = out.parent / f"{out.name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return E.write_cli_cfg(assets, out, base, **exp)
 
 
 def train_cmd(cfg: Path) -> list[str]:
