@@ -49,22 +49,21 @@ def test_convert_stage_skips(tiny_models, tmp_path):
     assert decide_convert(cfg, paths)[0]
 
 
-def test_decisions_are_fast_and_torch_free(tiny_models, tmp_path):
+def test_decisions_are_torch_free(tiny_models, tmp_path):
     cfg = make_cfg(tiny_models["llama"], tmp_path / "out")
     code = (
-        "import json, sys, time\n"
+        "import json, sys\n"
         "from ascendfactory.config.schema import ExpConfig\n"
         "from ascendfactory.config.paths import run_paths\n"
         "from ascendfactory.convert.stage import decide_convert, decide_export\n"
         f"cfg = ExpConfig.model_validate(json.loads({cfg.model_dump_json()!r}))\n"
-        "t = time.perf_counter()\n"
         "d = decide_convert(cfg, run_paths(cfg)), decide_export(cfg, run_paths(cfg))\n"
-        "print(json.dumps({'s': time.perf_counter() - t, 'torch': 'torch' in sys.modules, 'd': d}))\n"
+        "print(json.dumps({'torch': 'torch' in sys.modules, 'd': d}))\n"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
-    assert out["torch"] is False and out["s"] < 0.5 and out["d"][0][0] and out["d"][1][0], out
+    assert out["torch"] is False and out["d"][0][0] and out["d"][1][0], out
 
 
 def test_export_stage(tiny_models, tmp_path):
