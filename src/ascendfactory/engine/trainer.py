@@ -162,7 +162,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.paths.save_dir, self.place, interval=cfg.save_interval, keep=cfg.save_total_limit,
             run_id=run_id(cfg), source_model=cfg.model_name_or_path,
-            distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=cfg.save_grace_period)
+            distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=cfg.save_grace_period,
+            ckpt_format=cfg.ckpt_format, async_save=cfg.async_save)
         self.facts = read_model_facts(cfg.model_name_or_path)
         self.num_layer_list = parse_layer_list(cfg.num_layer_list)
         self.layer_split = stage_layers(self.facts.num_layers, cfg.pp, self.num_layer_list,
@@ -170,8 +171,8 @@ class Trainer:
         self.source = choose_source(cfg, self.paths, self.checkpointer)
         src = self.source
         if src.ckpt_dir is not None:
-            ck = check_loadable(src.ckpt_dir, src.iteration, self.place, self.layer_split, src.require_manifest)
-            self.padded_vocab = ck.padded_vocab_size
+            self.padded_vocab = check_loadable(src.ckpt_dir, src.iteration, self.place, self.layer_split,
+                                               src.require_manifest, src.what == "resume", cfg.ckpt_format)
         else:  # `or 1`: TP ranks need equal vocabulary slices even without the option
             self.padded_vocab = padded_vocab_size(self.facts.vocab_size, cfg.tp, cfg.make_vocab_size_divisible_by or 1)
         self._open_data()
