@@ -28,7 +28,7 @@ train_log = logging.getLogger(TRAIN)
 
 COMMON_FILE = "common.pt"  # megatron-core's COMMON_STATE_FNAME
 # Optimizer state that loads into any TP / PP / DP / CP layout (megatron-core gathers it per parameter).
-_OPTIMIZER_META = {"distrib_optim_sharding_type": "fully_reshardable"}
+_OPTIMIZER_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
 def _model_metadata() -> dict:
@@ -112,6 +112,8 @@ class DistWriter:
             "args": {**state.args, "consumed_train_samples": state.consumed, "iteration": state.iteration},
             "iteration": state.iteration,
             "layout": _layout(lay),
+            "distributed_optimizer": _distributed(state.optimizer),
+            "optimizers": _count(state.optimizer),
             "opt_param_scheduler": state.scheduler.state_dict(),
         })
         _writer_queue_dies_with_rank()
@@ -130,6 +132,12 @@ class DistWriter:
         """Collective: publishes the asynchronous saves whose files are all written (blocking: waits for them)."""
         if self.queue is not None:
             self.queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _distributed(optimizer) -> bool:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return any(isinstance(o, DistributedOptimizer) for o in getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def _own_share(tmp: Path) -> dict[str, int]:
@@ -191,16 +199,30 @@ def _fresh_adam_state(optimizer) -> None:
                 st.setdefault("exp_avg_sq", torch.zeros_like(p.data))
 
 
-def _load_optimizer(optimizer, state) -> None:
+def _load_optimizer(optimizer, state, saved_count: int) -> None:
     """optimizer.load_state_dict, with the distributed optimizer's shards loaded apart: megatron-core's
     fully-reshardable loader copies every state key, `step` included, which torch's Adam (no Apex / TE) holds
-    but the shards do not carry."""
+    but the shards do not carry. `saved_count`: the optimizers the checkpoint's run chained."""
     import torch
 
     opts = getattr(optimizer, "chained_optimizers", [optimizer])
     parts = [state] if len(opts) == 1 else [state[i] for i in range(len(opts))]
     shards = [p.pop("param_state", None) for p in parts]
     kinds = [p.pop("param_state_sharding_type", None) for p in parts]
+    if saved_count != len(opts):
+        # EP changed: megatron-core keeps the experts' parameters in an optimizer of their own only at EP > 1, so
+        # the saved param groups do not map onto this run's. Its own groups (the same config) are kept, with the
+        # saved Adam step count; the per-parameter state is in the shards, keyed by parameter name.
+        if any(shard is None for shard in shards):
+            raise UserError("a torch_dist checkpoint resumes into another expert_model_parallel_size only with "
+                            "use_distributed_optimizer: true; set it, or resume at the checkpoint's EP")
+        step = next(g["step"] for g in _find(state, "param_groups") if "step" in g)
+        kinds = [_find(state, "param_state_sharding_type")] * len(opts)
+        own = [o.state_dict() for o in opts]
+        for sd in own:
+            for group in sd["optimizer"]["param_groups"]:
+                group["step"] = step
+        state = own[0] if len(opts) == 1 else dict(enumerate(own))
     optimizer.load_state_dict(state)
     with steps_set_aside(optimizer), torch.no_grad():  # fp32: the shards are views of the model's parameters
         for o, shard, kind in zip(opts, shards, kinds, strict=True):
@@ -210,6 +232,20 @@ def _load_optimizer(optimizer, state) -> None:
                 raise UserError(f"optimizer state saved as {kind!r}: only 'fully_reshardable' (ours) is read; "
                                 "use ckpt_load_type 1 for its weights")
             o.load_parameter_state_from_fully_reshardable(shard)
+
+
+def _find(tree: dict, key: str):
+    """The first value of `key` in nested dicts (the saved optimizers' common part)."""
+    if key in tree:
+        return tree[key]
+    for v in tree.values():
+        if isinstance(v, dict) and (found := _find(v, key)) is not None:
+            return found
+    return None
+
+
+def _count(optimizer) -> int:
+    return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
 def read_common(iter_path: Path) -> dict:
@@ -242,7 +278,7 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
         loaded = dist_checkpointing.load(content, str(iter_path), common_strategy=_SafeCommonLoad())
     state.model.load_state_dict(loaded["model"])
     if full:
-        _load_optimizer(state.optimizer, loaded["optimizer"])
+        _load_optimizer(state.optimizer, loaded["optimizer"], common.get("optimizers", _count(state.optimizer)))
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
         if same_ranks:
             device.set_rng_state(loaded["rng_state"][lay.dp_rank])
