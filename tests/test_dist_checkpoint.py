@@ -32,6 +32,10 @@ def test_rules_take_a_torch_dist_checkpoint_of_any_layout(tmp_path):
     assert problems(tmp_path, model_dir, **kw) == [
         "ckpt_format = 'torch_dist': the HF export and LoRA read legacy checkpoints only so far; set "
         "ckpt_format: legacy (or convert_mg2hf_at_last: false with finetuning_type: full)"]
+    # Only megatron-core's distributed checkpoints save asynchronously.
+    assert problems(tmp_path, model_dir, convert_mg2hf_at_last=False, async_save=True) == [
+        "async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "
+        "set ckpt_format: torch_dist or async_save: false"]
 
 
 def test_legacy_full_resume_into_another_layout_refused_naming_convert_reshard(tmp_path):
@@ -136,6 +140,20 @@ def test_torch_dist_same_layout_round_trip_equals_legacy(env):
     _same(legacy, again, 1e-6, "torch_dist resume vs uninterrupted legacy")
     lr = {r["iteration"]: r["lr"] for r in E.metrics(runs["legacy"])}
     assert all(r["lr"] == pytest.approx(lr[r["iteration"]], rel=1e-9) for r in E.metrics(resumed))
+
+
+@slow
+def test_lora_run_takes_torch_dist_weights(env):
+    """ckpt_load_type 1 from a torch_dist checkpoint into a LoRA run: the base weights load (resharded, DP2 -> 1),
+    the adapters start fresh, so the first loss is the trained model's, not a random one's."""
+    out = env["root"] / "lora_from_dist"
+    cfg = E.write_config(out, env["model"], env["sft"], train_iters=2, finetuning_type="lora", lora_r=4,
+                         lora_alpha=8, ckpt_load_type=1,
+                         user_converted_ckpt_path=str(env["TP1PP1DP2"] / "saved_checkpoints"))
+    _ok(res := E.run_engine(cfg, 1))
+    assert "weights only (fresh optimizer and schedule)" in res.stdout
+    trained = E.losses(env["TP1PP1DP2"])
+    assert E.losses(out)[1] == pytest.approx(trained[6], abs=0.5) and E.losses(out)[1] < trained[1] - 0.5
 
 
 @slow

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ascendfactory.ckpt.files import _crc32_of, problem_of
+from ascendfactory.ckpt.lora import is_lora_key
 from ascendfactory.ckpt.reader import load_file, resume_problem
 from ascendfactory.engine import device
 from ascendfactory.engine.checkpoint import RankPlace, TrainState, _agree, steps_set_aside
@@ -27,7 +28,9 @@ from ascendfactory.logs import TRAIN
 train_log = logging.getLogger(TRAIN)
 
 COMMON_FILE = "common.pt"  # megatron-core's COMMON_STATE_FNAME
-# Optimizer state that loads into any TP / PP / DP / CP layout (megatron-core gathers it per parameter).
+# Optimizer state that loads into any TP / PP / DP / CP layout (megatron-core gathers it per parameter), keyed by
+# parameter name alone: without the chained_<i> prefix EP can change too (megatron-core gives the experts an
+# optimizer of their own only at EP > 1).
 _OPTIMIZER_META = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
 
 
@@ -274,9 +277,14 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
         _fresh_adam_state(state.optimizer)
     content = _sharded_state(state.model, state.optimizer if full else None, lay, loading=True,
                              rng=[None] * lay.dp if full and same_ranks else None)
+    # Weights only into a LoRA run: its adapters start fresh, as from a legacy checkpoint (a full resume of
+    # LoRA needs the format's LoRA support: config/rules.py).
+    fresh = [k for k in content["model"] if is_lora_key(k)] if not full else []
+    for k in fresh:
+        del content["model"][k]
     with _safe_sharded_objects(iter_path):
         loaded = dist_checkpointing.load(content, str(iter_path), common_strategy=_SafeCommonLoad())
-    state.model.load_state_dict(loaded["model"])
+    state.model.load_state_dict(loaded["model"], strict=not fresh)
     if full:
         _load_optimizer(state.optimizer, loaded["optimizer"], common.get("optimizers", _count(state.optimizer)))
         state.scheduler.load_state_dict(loaded["opt_param_scheduler"])
