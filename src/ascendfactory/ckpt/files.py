@@ -19,6 +19,7 @@ from ascendfactory.fsutil import write_text_atomic
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save; problem_of reads it
+DIST_METADATA = "metadata.json"  # megatron-core's marker of a distributed (ckpt_format torch_dist) checkpoint
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -132,7 +133,8 @@ def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] |
     if not manifest.is_file():
         if require_manifest:
             return f"{manifest} missing (incomplete checkpoint)"
-        return None if any(iter_path.glob(f"mp_rank_*/{MODEL_FILE}")) else f"no mp_rank_*/{MODEL_FILE}"
+        found = any(iter_path.glob(f"mp_rank_*/{MODEL_FILE}")) or is_torch_dist(iter_path)
+        return None if found else f"no mp_rank_*/{MODEL_FILE}"
     try:
         content = json.loads(manifest.read_text())
         files, sums = content["files"], content.get("crc32", {})
@@ -148,6 +150,31 @@ def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] |
         if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
             return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
     return None
+
+
+def is_torch_dist(iter_path: str | Path) -> bool:
+    """A megatron-core distributed checkpoint iteration (by content: its metadata.json), not a legacy one."""
+    return (Path(iter_path) / DIST_METADATA).is_file()
+
+
+def layout_name(tp: int, pp: int, ep: int | None = None) -> str:
+    return f"TP{tp} PP{pp}" + (f" EP{ep}" if ep else "")
+
+
+def legacy_resume_refusal(where: str, ckpt_dir: str | Path, have: tuple[int, int, int], want: tuple[int, int, int],
+                          ckpt_format: str) -> str:
+    """One line: a full resume (optimizer state) from a legacy checkpoint at `have` (tp, pp, ep) into a run at
+    `want` cannot be resharded on load; the `convert reshard` command that makes it loadable."""
+    ep_counts = have[2] > 1 or want[2] > 1
+    tp, pp, ep = want
+    dst = f"{ckpt_dir}_tp{tp}pp{pp}" + (f"ep{ep}" if ep_counts else "")
+    cmd = (f"ascendfactory-cli convert reshard --mg-dir {ckpt_dir} --out-dir {dst} --tp {tp} --pp {pp}"
+           + (f" --ep {ep}" if ep_counts else "")
+           + (" --ckpt-format torch_dist" if ckpt_format == "torch_dist" else ""))
+    ours, theirs = (layout_name(t, p, e if ep_counts else None) for t, p, e in (want, have))
+    return (f"{where}: checkpoint layout {theirs} differs from the run's {ours}; a legacy checkpoint resumes (with "
+            f"its optimizer state) only into its own layout: convert it with `{cmd}` and resume from {dst} "
+            f"(ckpt_load_type: 2, user_converted_ckpt_path: {dst}, train_auto_resume: false), or run at {theirs}")
 
 
 def _crc32_of(path: Path) -> int:

@@ -100,21 +100,26 @@ def _only_allowed_globals(megatron: bool):
 _REFUSED_RE = re.compile(r"GLOBAL ([\w.]+)")
 
 
-def load_file(path: Path, mmap: bool = False, megatron: bool = False):
+def load_file(path, mmap: bool = False, megatron: bool = False, name: str | None = None):
     """A checkpoint file's content, unpickled safely (weights_only + the allow-list) unless trust_checkpoints()
-    is on; UserError naming the file for a refused type or a damaged file."""
+    is on; UserError naming the file for a refused type or a damaged file. `path` may be an open binary file
+    (megatron-core's distributed checkpoints hand over their objects so), then named `name` in errors."""
     kw = {"map_location": "cpu", "mmap": mmap}
+    src = path if hasattr(path, "read") else str(path)
     try:
         if _trusted:
-            return torch.load(str(path), weights_only=False, **kw)  # trust_checkpoint: the user vouched for it
+            return torch.load(src, weights_only=False, **kw)  # trust_checkpoint: the user vouched for it
         if not hasattr(torch.serialization, "add_safe_globals"):  # torch < 2.4: only torch's built-in list
-            return torch.load(str(path), weights_only=True, **kw)
+            return torch.load(src, weights_only=True, **kw)
         with _only_allowed_globals(megatron):
-            return torch.load(str(path), weights_only=True, **kw)
+            return torch.load(src, weights_only=True, **kw)
     except pickle.UnpicklingError as e:
+        path = name or path
         if refused := _REFUSED_RE.search(str(e)):
             if refused.group(1) == _MEGATRON_ENUM and not megatron:
-                return load_file(path, mmap, megatron=True)
+                if hasattr(src, "seek"):
+                    src.seek(0)
+                return load_file(src, mmap, megatron=True, name=name)
             old = ("" if hasattr(torch.serialization, "add_safe_globals") else
                    f" (torch {torch.__version__} cannot allow Megatron args or RNG states; torch >= 2.4 can)")
             raise UserError(
@@ -125,9 +130,9 @@ def load_file(path: Path, mmap: bool = False, megatron: bool = False):
     except RuntimeError as e:
         if mmap and "mmap" in str(e):
             raise  # the caller reads it whole
-        raise _damaged(path, e) from None
+        raise _damaged(name or path, e) from None
     except Exception as e:  # truncated zip, pickle errors: the file is damaged
-        raise _damaged(path, e) from None
+        raise _damaged(name or path, e) from None
 
 
 def _damaged(path: Path, e: Exception) -> UserError:

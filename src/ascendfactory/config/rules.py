@@ -8,6 +8,7 @@ from `<model_name_or_path>/config.json`; when it cannot be read, the rules needi
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -122,6 +123,14 @@ def check(res: Resolved, layout: RunLayout) -> Report:
         bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
     if cfg.prompt_type not in PROMPT_TYPES:
         bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
+    # Nothing but the trainer reads torch_dist checkpoints on this branch (the readers come with the export's
+    # support of the format): this one rule goes when they do.
+    if cfg.ckpt_format == "torch_dist" and (cfg.convert_mg2hf_at_last or cfg.finetuning_type == "lora"):
+        bad("ckpt_format = 'torch_dist': the HF export and LoRA read legacy checkpoints only so far; set "
+            "ckpt_format: legacy (or convert_mg2hf_at_last: false with finetuning_type: full)")
+    if cfg.async_save and cfg.ckpt_format != "torch_dist":
+        bad("async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "
+            "set ckpt_format: torch_dist or async_save: false")
     if cfg.ckpt_load_type == 2 and not cfg.user_converted_ckpt_path:
         save_dir = run_paths(cfg).save_dir
         if not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(save_dir)):
@@ -203,7 +212,18 @@ def _check_model(cfg, layer_list, r: Report) -> None:
 
 
 def _check_checkpoint_layout(cfg, r: Report) -> None:
-    """A given checkpoint must have the run's TP/PP (read from its folder names: no torch needed)."""
+    """The checkpoint to start from fits the run's layout (read from folder names and manifests: no torch
+    needed). A torch_dist one always does (megatron-core reshards it on load). A legacy one needs the run's
+    TP/PP (EP): a full resume (ckpt_load_type 2, auto-resume) from another is refused naming the command that
+    converts it."""
+    run = (cfg.tp, cfg.pp, cfg.ep)
+    if cfg.train_auto_resume and (found := _newest_complete(run_paths(cfg).save_dir)):
+        iter_path, manifest = found
+        have = tuple(manifest.get(k) for k in ("tp", "pp", "ep"))  # None: a manifest of an older version
+        if not ckpt_files.is_torch_dist(iter_path) and None not in have and have != run:
+            r.problems.append(ckpt_files.legacy_resume_refusal(
+                f"train_auto_resume: {iter_path}", iter_path.parent, have, run, cfg.ckpt_format))
+        return
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
     ckpt = Path(cfg.user_converted_ckpt_path)
@@ -212,6 +232,8 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         iter_path = ckpt / ckpt_files.iter_dir_name(it)
         if not iter_path.is_dir():
             raise UserError(f"{ckpt / ckpt_files.TRACKER} names iteration {it}, but {iter_path} does not exist")
+        if ckpt_files.is_torch_dist(iter_path):
+            return
         expert_parallel = False
         if ckpt_files.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
             from ascendfactory.ckpt.reader import expert_parallel as is_ep
@@ -221,6 +243,10 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return
+    if cfg.ckpt_load_type == 2 and (tp, pp, ep) != run:
+        r.problems.append(ckpt_files.legacy_resume_refusal(
+            f"user_converted_ckpt_path {ckpt}", ckpt, (tp, pp, ep), run, cfg.ckpt_format))
+        return
     if (tp, pp) != (cfg.tp, cfg.pp):
         r.problems.append(f"user_converted_ckpt_path {ckpt} has TP{tp} PP{pp}, but the run uses "
                           f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}; "
@@ -229,3 +255,16 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         r.problems.append(f"user_converted_ckpt_path {ckpt} has EP{ep}, but the run uses "
                           f"expert_model_parallel_size {cfg.ep}; convert again with --ep {cfg.ep} or set "
                           f"expert_model_parallel_size: {ep}")
+
+
+def _newest_complete(save_dir: Path) -> tuple[Path, dict] | None:
+    """The iteration auto-resume would take (newest with a complete manifest; checksums are the engine's) and
+    its manifest."""
+    for it in ckpt_files.iterations_on_disk(save_dir):
+        iter_path = save_dir / ckpt_files.iter_dir_name(it)
+        if ckpt_files.problem_of(iter_path, require_manifest=True) is None:
+            try:
+                return iter_path, json.loads((iter_path / ckpt_files.MANIFEST).read_text())
+            except (OSError, ValueError):
+                continue
+    return None

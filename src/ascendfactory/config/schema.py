@@ -112,6 +112,8 @@ class ExpConfig(BaseModel):
     # saving and logging
     save_interval: Size = 1000
     save_total_limit: int = 0  # 0 / negative: keep all
+    ckpt_format: Literal["legacy", "torch_dist"] = "legacy"  # torch_dist: megatron-core dist_checkpointing
+    async_save: bool = False  # torch_dist: shards written in the background (megatron-core's async save)
     log_interval: Size = 1
     save_grace_period: NonNegative = 60.0
     max_restarts: int = Field(3, ge=0)

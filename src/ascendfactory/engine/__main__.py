@@ -36,6 +36,8 @@ def run() -> int:
     parser = argparse.ArgumentParser(prog="python -m ascendfactory.engine")
     parser.add_argument("--config", required=True, help="the resolved <output_dir>/exp-config.yaml")
     parser.add_argument("--debug", action="store_true", help="tracebacks for user errors too")
+    parser.add_argument("--reshard-to", help="load the checkpoint in full, save it here, train nothing "
+                        "(engine/reshard.py)")
     ns = parser.parse_args()
     # Every rank's lines go to its log file (the trainer adds it); only rank 0's, and every rank's errors, to the
     # console: the ranks share torchrun's output.
@@ -49,7 +51,7 @@ def run() -> int:
 
     try:
         share_run_lock()
-        return main(ns.config)
+        return main(ns.config, ns.reshard_to)
     except UserError as e:
         if ns.debug:
             traceback.print_exc()

@@ -9,6 +9,8 @@ complete. The Checkpointer holds the policy: when to save, what to keep, the sav
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -24,7 +26,7 @@ import torch.distributed as dist
 from ascendfactory.ckpt import files as L
 from ascendfactory.ckpt.files import problem_of
 from ascendfactory.ckpt.lora import LORA_A, is_lora_key, without_adapters
-from ascendfactory.ckpt.reader import CheckpointLayout, load_file, read_checkpoint_layout, resume_problem
+from ascendfactory.ckpt.reader import load_file, read_checkpoint_layout, resume_problem
 from ascendfactory.engine import device
 from ascendfactory.engine.faults import StopRequest, kill_point
 from ascendfactory.errors import EXIT_PREEMPTED, UserError
@@ -124,14 +126,22 @@ def resume_point(save_dir: Path, run_id: str | None = None) -> int | None:
 
 
 def check_loadable(ckpt_dir: Path, iteration: int, place: RankPlace, run_split: list[int],
-                   require_manifest: bool) -> CheckpointLayout:
-    """The checkpoint (complete, run's TP/PP, run's layers per PP stage: each stage's file numbers its own
-    layers from 0, so another split cannot be loaded), read before the model is built; UserError otherwise."""
-    ck = read_checkpoint_layout(ckpt_dir, iteration)
+                   require_manifest: bool, full: bool, ckpt_format: str = "legacy") -> int:
+    """The checkpoint, read before the model is built; returns its padded vocabulary size. torch_dist: complete
+    (any layout: megatron-core reshards it). Legacy: complete, run's TP/PP/EP, run's layers per PP stage (each
+    stage's file numbers its own layers from 0, so another split cannot be loaded). UserError otherwise."""
     iter_path = ckpt_dir / L.iter_dir_name(iteration)
+    if L.is_torch_dist(iter_path):
+        from ascendfactory.engine.dist_checkpoint import check_loadable as check_dist
+
+        return check_dist(iter_path, require_manifest)
+    ck = read_checkpoint_layout(ckpt_dir, iteration)
     problem = problem_of(iter_path, require_manifest)
     if problem:
         raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
+    if full and (ck.tp, ck.pp, ck.ep) != (place.tp, place.pp, place.ep):
+        raise UserError(L.legacy_resume_refusal(str(iter_path), ckpt_dir, (ck.tp, ck.pp, ck.ep),
+                                                (place.tp, place.pp, place.ep), ckpt_format))
     if (ck.tp, ck.pp) != (place.tp, place.pp):
         raise UserError(
             f"{iter_path}: checkpoint layout TP{ck.tp} PP{ck.pp} differs from the run's TP{place.tp} PP{place.pp}; "
@@ -148,7 +158,7 @@ def check_loadable(ckpt_dir: Path, iteration: int, place: RankPlace, run_split: 
             f"num_layer_list: the run splits the layers {ours} over its pipeline stages but {iter_path} holds "
             f"{theirs}; set num_layer_list: {theirs} or convert the weights again with --num-layer-list {ours}"
         )
-    return ck
+    return ck.padded_vocab_size
 
 
 # ---------------------------------------------------------------- the policy
@@ -161,8 +171,16 @@ class Checkpointer:
     loading the checkpoint to start from."""
 
     def __init__(self, save_dir: Path, place: RankPlace, *, interval: int, keep: int, run_id: str,
-                 source_model: str, distributed_optimizer: bool, stop: StopRequest, grace_period: float):
+                 source_model: str, distributed_optimizer: bool, stop: StopRequest, grace_period: float,
+                 ckpt_format: str = "legacy", async_save: bool = False):
         self.save_dir, self.place = save_dir, place
+        # What writes a save's files (ckpt_format); publishing them is the same for both formats.
+        if ckpt_format == "torch_dist":
+            from ascendfactory.engine.dist_checkpoint import DistWriter
+
+            self.writer = DistWriter(place, async_save)
+        else:
+            self.writer = LegacyWriter(place, distributed_optimizer)
         self.interval, self.keep, self.run_id = interval, keep, run_id
         self.source_model, self.distributed_optimizer = source_model, distributed_optimizer
         self.stop, self.grace_period = stop, grace_period
@@ -186,12 +204,12 @@ class Checkpointer:
 
     def maybe_save(self, state: TrainState, last: bool, stopping: bool) -> bool:
         """Collective. Saves when the policy says so; True when it did."""
+        self.writer.finalize(blocking=False)  # publishes an asynchronous save whose files are written
         if not self.due(state.iteration, last, stopping):
             return False
-        t0 = time.perf_counter()
         self.save(state)
-        train_log.info(f"saved checkpoint iteration {state.iteration} to "
-                       f"{self.save_dir / L.iter_dir_name(state.iteration)} in {time.perf_counter() - t0:.2f}s")
+        if last or stopping:  # the run ends: its last save is published before the exit
+            self.writer.finalize(blocking=True)
         return True
 
     def preempted(self, iteration: int) -> int:
@@ -204,8 +222,11 @@ class Checkpointer:
         return EXIT_PREEMPTED
 
     def save(self, state: TrainState) -> None:
-        """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write."""
-        save_dir, place, iteration = self.save_dir, self.place, state.iteration
+        """Collective over all ranks. Raises UserError (on every rank) when the disk refuses the write. With
+        async_save the files are written in the background and published by a later finalize."""
+        self.writer.finalize(blocking=True)  # one save at a time: an earlier asynchronous one is published first
+        t0 = time.perf_counter()
+        save_dir, iteration = self.save_dir, state.iteration
         rank = dist.get_rank()
         tmp = save_dir / f"{TMP_PREFIX}{L.iter_dir_name(iteration)}"
         # Rank 0 looks once; any rank's write error names it.
@@ -224,39 +245,29 @@ class Checkpointer:
                 err = _save_error(save_dir, iteration, e, previous)
         _agree(err)
 
-        rng = [None] * place.dp
-        from megatron.core import parallel_state as ps
-
-        dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
         err, sums = None, {}
-        rank_dir = place.rank_dir(tmp)
-        rel = str(rank_dir.relative_to(tmp))
         try:
-            if place.writer:
-                rank_dir.mkdir(parents=True, exist_ok=True)
-            if self.distributed_optimizer:
-                shards = _distributed_optimizer_state(state.optimizer)
-                if place.writer:
-                    sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
-            if place.writer:
-                content = {
-                    "args": {**state.args, "consumed_train_samples": state.consumed, "iteration": iteration},
-                    "checkpoint_version": L.CHECKPOINT_VERSION,
-                    "iteration": iteration,
-                    "model": state.model.state_dict(),
-                    "optimizer": state.optimizer.state_dict(),
-                    "opt_param_scheduler": state.scheduler.state_dict(),
-                    "rng_state": rng,
-                }
-                sums[f"{rel}/{L.MODEL_FILE}"] = _write_torch(content, rank_dir / L.MODEL_FILE)
+            sums = self.writer.write(tmp, state)
         except OSError as e:
-            err = _save_error(save_dir, iteration, e, previous, rank_dir)
+            err = _save_error(save_dir, iteration, e, previous, tmp)
         try:
             _agree(err)
         except UserError:
             if rank == 0:  # a partial copy only; the run stops here
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
+        publish = functools.partial(self._complete, tmp, iteration, state.consumed, previous, t0)
+        if sums is None:  # asynchronous: the writer publishes once megatron-core's writer processes are done
+            self.writer.when_written(publish)
+            train_log.info(f"checkpoint iteration {iteration}: writing in the background (async_save)")
+        else:
+            publish(sums)
+
+    def _complete(self, tmp: Path, iteration: int, consumed: int, previous: int | None, t0: float,
+                  sums: dict[str, int]) -> None:
+        """Collective: every rank's files are written (`sums`: this rank's {file: crc32}); manifest, rename,
+        tracker, save_total_limit."""
+        rank = dist.get_rank()
         kill_point("save_files", iteration, rank)
         every = [None] * dist.get_world_size()
         dist.all_gather_object(every, sums)
@@ -265,23 +276,25 @@ class Checkpointer:
         err = None
         if rank == 0:
             try:
-                self._publish(tmp, state, sums)
+                self._publish(tmp, iteration, consumed, sums)
                 kill_point("save_tracker", iteration, rank)
-                L.write_tracker(save_dir, iteration)
+                L.write_tracker(self.save_dir, iteration)
                 if self.keep > 0:
                     self._keep_newest()
             except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                err = _save_error(save_dir, iteration, e, previous)
+                err = _save_error(self.save_dir, iteration, e, previous)
         _agree(err)
         kill_point("after_save", iteration, rank)
+        train_log.info(f"saved checkpoint iteration {iteration} to "
+                       f"{self.save_dir / L.iter_dir_name(iteration)} in {time.perf_counter() - t0:.2f}s")
 
-    def _publish(self, tmp: Path, state: TrainState, sums: dict[str, int]) -> None:
-        final = self.save_dir / L.iter_dir_name(state.iteration)
+    def _publish(self, tmp: Path, iteration: int, consumed: int, sums: dict[str, int]) -> None:
+        final = self.save_dir / L.iter_dir_name(iteration)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
-            "iteration": state.iteration,
-            "consumed_samples": state.consumed,
+            "iteration": iteration,
+            "consumed_samples": consumed,
             "tp": self.place.tp,
             "pp": self.place.pp,
             "dp": self.place.dp,
@@ -320,6 +333,10 @@ class Checkpointer:
     def load(self, ckpt_dir: Path, iteration: int, state: TrainState, full: bool) -> int | None:
         """Load weights (and with `full` the optimizer, scheduler, RNG) of a checkpoint check_loadable() accepted;
         returns the consumed_train_samples its args record, if any."""
+        if L.is_torch_dist(ckpt_dir / L.iter_dir_name(iteration)):
+            from ascendfactory.engine import dist_checkpoint
+
+            return dist_checkpoint.load(ckpt_dir / L.iter_dir_name(iteration), self.place, state, full)
         f = self.place.rank_file(ckpt_dir, iteration)
         content, err = None, None
         try:
@@ -353,6 +370,47 @@ class Checkpointer:
 
 
 # ---------------------------------------------------------------- save and load mechanics
+
+
+class LegacyWriter:
+    """ckpt_format legacy: mp_rank_*/model_optim_rng.pt (+ distrib_optim.pt), written by DP rank 0 of each TP/PP
+    (EP) slice; synchronous."""
+
+    def __init__(self, place: RankPlace, distributed_optimizer: bool):
+        self.place, self.distributed_optimizer = place, distributed_optimizer
+
+    def write(self, tmp: Path, state: TrainState) -> dict[str, int]:
+        """Collective: this rank's files in tmp; returns their {file: crc32}."""
+        place = self.place
+        rng = [None] * place.dp
+        from megatron.core import parallel_state as ps
+
+        dist.all_gather_object(rng, device.rng_state(), group=ps.get_data_parallel_group(with_context_parallel=True))
+        sums = {}
+        rank_dir = place.rank_dir(tmp)
+        rel = str(rank_dir.relative_to(tmp))
+        if place.writer:
+            rank_dir.mkdir(parents=True, exist_ok=True)
+        if self.distributed_optimizer:
+            shards = _distributed_optimizer_state(state.optimizer)
+            if place.writer:
+                sums[f"{rel}/{DISTRIB_OPTIM_FILE}"] = _write_torch(shards, rank_dir / DISTRIB_OPTIM_FILE)
+        if place.writer:
+            content = {
+                "args": {**state.args, "consumed_train_samples": state.consumed, "iteration": state.iteration},
+                "checkpoint_version": L.CHECKPOINT_VERSION,
+                "iteration": state.iteration,
+                "model": state.model.state_dict(),
+                "optimizer": state.optimizer.state_dict(),
+                "opt_param_scheduler": state.scheduler.state_dict(),
+                "rng_state": rng,
+            }
+            sums[f"{rel}/{L.MODEL_FILE}"] = _write_torch(content, rank_dir / L.MODEL_FILE)
+        return sums
+
+    def finalize(self, blocking: bool) -> None:
+        """Nothing pending: every save completes in write()."""
+
 
 
 def _agree(error: str | None) -> None:
@@ -451,13 +509,20 @@ def _load_distributed_optimizer_shards(optimizer, path: Path) -> None:
             err = str(e)
     _agree(err)
     states = [content] if len(opts) == 1 else content
-    inner = [o.optimizer for o in opts]
+    # In fp32 the optimizer's shards are views of the model's own (grad-requiring) parameters.
+    with steps_set_aside(optimizer), torch.no_grad():
+        for i, o in enumerate(sharded):
+            o.load_parameter_state_from_dp_zero(states[i] if content is not None else None)
+
+
+@contextlib.contextmanager
+def steps_set_aside(optimizer):
+    """Around megatron-core's loaders of the distributed optimizer's shards (which copy every state key, but the
+    shards carry no `step`): torch Adam's per-param `step` set aside, then given back as one copy per param."""
+    inner = [o.optimizer for o in getattr(optimizer, "chained_optimizers", [optimizer])]
     steps = [{p: st.pop("step") for p, st in o.state.items() if "step" in st} for o in inner]
     try:
-        # In fp32 the optimizer's shards are views of the model's own (grad-requiring) parameters.
-        with torch.no_grad():
-            for i, o in enumerate(sharded):
-                o.load_parameter_state_from_dp_zero(states[i] if content is not None else None)
+        yield
     finally:
         for o, saved in zip(inner, steps, strict=True):
             for p, step in saved.items():

@@ -141,7 +141,8 @@ class Trainer:
 
     # ------------------------------------------------------------ setup
 
-    def setup(self) -> None:
+    def setup(self, data: bool = True) -> None:
+        """data=False (a reshard): no dataset; train_iters as the config says."""
         from megatron.core import parallel_state as ps
 
         cfg = self.cfg
@@ -162,7 +163,8 @@ class Trainer:
         self.checkpointer = Checkpointer(
             self.paths.save_dir, self.place, interval=cfg.save_interval, keep=cfg.save_total_limit,
             run_id=run_id(cfg), source_model=cfg.model_name_or_path,
-            distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=cfg.save_grace_period)
+            distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=cfg.save_grace_period,
+            ckpt_format=cfg.ckpt_format, async_save=cfg.async_save)
         self.facts = read_model_facts(cfg.model_name_or_path)
         self.num_layer_list = parse_layer_list(cfg.num_layer_list)
         self.layer_split = stage_layers(self.facts.num_layers, cfg.pp, self.num_layer_list,
@@ -170,16 +172,21 @@ class Trainer:
         self.source = choose_source(cfg, self.paths, self.checkpointer)
         src = self.source
         if src.ckpt_dir is not None:
-            ck = check_loadable(src.ckpt_dir, src.iteration, self.place, self.layer_split, src.require_manifest)
-            self.padded_vocab = ck.padded_vocab_size
+            self.padded_vocab = check_loadable(src.ckpt_dir, src.iteration, self.place, self.layer_split,
+                                               src.require_manifest, src.what == "resume", cfg.ckpt_format)
         else:  # `or 1`: TP ranks need equal vocabulary slices even without the option
             self.padded_vocab = padded_vocab_size(self.facts.vocab_size, cfg.tp, cfg.make_vocab_size_divisible_by or 1)
-        self._open_data()
+        if data:
+            self._open_data()
+        else:
+            self.train_iters = cfg.train_iters
         self._build_model()
         self._build_optimizer()
         self.state = TrainState(_core(self.model), self.optimizer, self.scheduler, self._checkpoint_args())
         self.skipped = 0
         self._load()
+        if not data:
+            return
         self.metrics = Metrics(self.paths.logs_dir, self.rank, cfg.log_interval, self.train_iters,
                                cfg.global_batch_size)
         self.flops_per_token = flops_per_token(self.facts, cfg.seq_len, frozen_weights=self.lora is not None)
@@ -323,6 +330,14 @@ class Trainer:
         log.info(f"training done: iteration {st.iteration}, checkpoint in {self.paths.save_dir}")
         return EXIT_OK
 
+    def reshard(self, dst: Path) -> int:
+        """Collective: the loaded state saved into dst in this run's layout and ckpt_format (engine/reshard.py)."""
+        cfg = self.cfg
+        Checkpointer(dst, self.place, interval=1, keep=0, run_id=run_id(cfg), source_model=cfg.model_name_or_path,
+                     distributed_optimizer=cfg.use_distributed_optimizer, stop=self.stop, grace_period=0.0,
+                     ckpt_format=cfg.ckpt_format).save(self.state)
+        return EXIT_OK
+
     def _forward_step(self, data_iterator, model):
         from megatron.core.utils import get_batch_on_this_cp_rank
 
@@ -426,12 +441,15 @@ def transformer_overrides(extra_args: dict) -> tuple[dict, list[str]]:
     return ({k: v for k, v in extra_args.items() if k in known}, sorted(k for k in extra_args if k not in known))
 
 
-def main(config_path: str) -> int:
+def main(config_path: str, reshard_to: str | None = None) -> int:
     cfg = load_resolved(config_path)
     trust_checkpoints(cfg.trust_checkpoint)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     trainer = Trainer(cfg)
     try:
+        if reshard_to:
+            trainer.setup(data=False)
+            return trainer.reshard(Path(reshard_to))
         trainer.setup()
         return trainer.run()
     finally:
