@@ -19,6 +19,7 @@ from ascendfactory.fsutil import write_text_atomic
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save; problem_of reads it
+DIST_METADATA = "metadata.json"  # megatron-core's marker of a distributed (torch_dist) checkpoint iteration
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -39,6 +40,11 @@ def rank_file(ckpt_dir: str | Path, iteration: int, tp_rank: int, pp_rank: int, 
               ep_size: int = 1) -> Path:
     return (Path(ckpt_dir) / iter_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size)
             / MODEL_FILE)
+
+
+def is_torch_dist(iter_path: str | Path) -> bool:
+    """A megatron-core distributed checkpoint (ckpt_format torch_dist), told by content: its metadata.json."""
+    return (Path(iter_path) / DIST_METADATA).is_file()
 
 
 def iterations_on_disk(ckpt_dir: str | Path) -> list[int]:
