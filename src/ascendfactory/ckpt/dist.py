@@ -26,11 +26,10 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt.files import DIST_METADATA
+from ascendfactory.ckpt.files import DCP_INDEX, DIST_METADATA
 from ascendfactory.errors import UserError
 
 COMMON_FILE = "common.pt"  # megatron-core's COMMON_STATE_FNAME
-DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of the shards
 # metadata.json as megatron-core writes it for this backend
 BACKEND = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
            "common_backend_version": 1}
@@ -304,11 +303,6 @@ def write(iter_path: Path, entries: list[tuple[str, torch.Size, torch.dtype]], f
     with open(iter_path / COMMON_FILE, "wb") as f:  # a Python file: a full disk surfaces as its OSError
         torch.save(common, f)
     write_metadata(iter_path)
-
-
-def is_complete(iter_path: Path) -> bool:
-    """Written to the end (write_metadata comes last)."""
-    return (Path(iter_path) / DIST_METADATA).is_file() and (Path(iter_path) / DCP_INDEX).is_file()
 
 
 def write_metadata(iter_path: Path) -> None:

@@ -58,12 +58,28 @@ class CheckpointLayout:
         """model_state of one rank; of a torch_dist checkpoint its global tensors, read when accessed."""
         if self.format != "torch_dist":
             return model_state(self.file(tp_rank, pp_rank, ep_rank), fold_adapters)
-        from ascendfactory.ckpt.dist import DistIndex, DistState, read_common
+        from ascendfactory.ckpt.dist import DistIndex, DistState
 
-        it_dir = self.file(0, 0)
-        state = DistState(DistIndex(it_dir))
-        return without_adapters(state, _args_dict(read_common(it_dir).get("args")), it_dir) if fold_adapters \
-            else state
+        state = DistState(DistIndex(self.file(0, 0)))
+        return without_adapters(state, self.args(), self.file(0, 0)) if fold_adapters else state
+
+    def resume_problem(self) -> str | None:
+        """Why it cannot be resumed from (ckpt_load_type 2), e.g. converted weights: no training state."""
+        if self.format != "torch_dist":
+            return resume_problem(load_rank(self.file(0, 0)), self.file(0, 0))
+        from ascendfactory.ckpt.dist import read_common, read_index
+
+        # the optimizer and RNG states are sharded (in the index), the scheduler in common.pt
+        sharded = {k.split(".")[0].split("/")[0] for k in read_index(self.file(0, 0)).state_dict_metadata}
+        return resume_problem({**read_common(self.file(0, 0)), **dict.fromkeys(sharded)}, self.file(0, 0))
+
+    def args(self) -> dict:
+        """The args the checkpoint records (its first rank file's; a torch_dist one's common.pt)."""
+        if self.format != "torch_dist":
+            return rank_args(self.file(0, 0))
+        from ascendfactory.ckpt.dist import read_common
+
+        return _args_dict(read_common(self.file(0, 0)).get("args"))
 
     def describe(self) -> str:
         if self.saved:

@@ -203,29 +203,27 @@ def _check_model(cfg, layer_list, r: Report) -> None:
 
 
 def _check_checkpoint_layout(cfg, r: Report) -> None:
-    """A given checkpoint must have the run's TP/PP (read from its folder names: no torch needed)."""
+    """A given legacy checkpoint must have the run's TP/PP/EP for a full resume (read from its folder names: no
+    torch needed); its weights alone (ckpt_load_type 1) are resharded into the run's layout by the convert stage,
+    and a torch_dist one loads into any layout."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
     ckpt = Path(cfg.user_converted_ckpt_path)
     try:
-        it = ckpt_files.read_tracker(ckpt)
-        iter_path = ckpt / ckpt_files.iter_dir_name(it)
-        if not iter_path.is_dir():
-            raise UserError(f"{ckpt / ckpt_files.TRACKER} names iteration {it}, but {iter_path} does not exist")
-        expert_parallel = False
-        if ckpt_files.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
-            from ascendfactory.ckpt.reader import expert_parallel as is_ep
-
-            expert_parallel = is_ep(iter_path)
-        tp, pp, ep = ckpt_files.layout_of(iter_path, expert_parallel=expert_parallel)
+        saved = ckpt_files.saved_layout(ckpt)
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return
+    if saved is None or cfg.ckpt_load_type == 1:
+        return
+    tp, pp, ep = saved
+    ep_flag = f" --ep {cfg.ep}" if max(ep, cfg.ep) > 1 else ""
+    fix = (f"; a full resume of a legacy checkpoint needs its layout: set the run's to it, or start from its "
+           f"weights with ckpt_load_type 1 (resharded on load; `ascendfactory-cli convert reshard --mg-dir {ckpt} "
+           f"--out-dir DST --tp {cfg.tp} --pp {cfg.pp}{ep_flag}` converts them)")
     if (tp, pp) != (cfg.tp, cfg.pp):
         r.problems.append(f"user_converted_ckpt_path {ckpt} has TP{tp} PP{pp}, but the run uses "
-                          f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}; "
-                          "convert again with that layout or change the run's layout")
+                          f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}{fix}")
     if ep != cfg.ep:
         r.problems.append(f"user_converted_ckpt_path {ckpt} has EP{ep}, but the run uses "
-                          f"expert_model_parallel_size {cfg.ep}; convert again with --ep {cfg.ep} or set "
-                          f"expert_model_parallel_size: {ep}")
+                          f"expert_model_parallel_size {cfg.ep}{fix}")

@@ -43,6 +43,14 @@ def conversion_fingerprint(hf_dir, layout: ShardPlan, dtype: str | None) -> dict
                        padded_vocab_size=layout.padded_vocab_size, **ep)
 
 
+def reshard_fingerprint(mg_dir, iteration: int, layout: tuple, ckpt_format: str, config_dir) -> dict:
+    """reshard: one iteration of a Megatron checkpoint, the target layout (TP, PP, EP, layers per stage) and
+    format, and the model config."""
+    tp, pp, ep, layers = layout
+    return fingerprint(Path(mg_dir) / iter_dir_name(iteration), iteration=iteration, tp=tp, pp=pp, ep=ep,
+                       num_layer_list=list(layers), ckpt_format=ckpt_format, config=str(Path(config_dir).resolve()))
+
+
 def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None, shard_size: int) -> dict:
     """mg2hf: one iteration of a Megatron checkpoint, the config it is exported with, and the output options."""
     it_dir = Path(mg_dir) / iter_dir_name(iteration)

@@ -18,10 +18,11 @@ from ascendfactory.ckpt.files import (
     TRACKER,
     checkpoint_args,
     iter_dir_name,
+    problem_of,
     write_tracker,
 )
-from ascendfactory.ckpt.reader import CheckpointLayout, load_rank, read_checkpoint_layout
-from ascendfactory.convert.fingerprint import conversion_complete, fingerprint
+from ascendfactory.ckpt.reader import CheckpointLayout, read_checkpoint_layout
+from ascendfactory.convert.fingerprint import conversion_complete, reshard_fingerprint
 from ascendfactory.convert.hf2mg import write_ranks
 from ascendfactory.convert.mg2hf import _check_against, _merged
 from ascendfactory.convert.options import ITERATION
@@ -118,18 +119,10 @@ def target_layout(facts: ModelFacts, padded_vocab: int, tp: int, pp: int, ep: in
     return ShardPlan(tp, pp, tuple(layers), padded_vocab, padded_vocab, ep)
 
 
-def training_state(ck: CheckpointLayout) -> bool:
-    """Whether the checkpoint holds optimizer state (a training save), which a weights-only reshard drops."""
-    it_dir = ck.path / iter_dir_name(ck.iteration)
-    if ck.format == "torch_dist":
-        return any(k.startswith("optimizer") for k in dist.read_index(it_dir).state_dict_metadata)
-    return any(it_dir.glob("*/distrib_optim.pt")) or "optimizer" in load_rank(ck.file(0, 0, 0))
-
-
 def _complete(target: Path, layout: ShardPlan, ckpt_format: str) -> bool:
     if ckpt_format == "legacy":
         return conversion_complete(target, layout)
-    return (target / TRACKER).is_file() and dist.is_complete(target / iter_dir_name(ITERATION))
+    return (target / TRACKER).is_file() and problem_of(target / iter_dir_name(ITERATION), False) is None
 
 
 def reshard(mg_dir, out_dir, tp: int, pp: int, ep: int = 1, num_layer_list=None, ckpt_format: str = "legacy",
@@ -145,13 +138,12 @@ def reshard(mg_dir, out_dir, tp: int, pp: int, ep: int = 1, num_layer_list=None,
     it_dir = ck.path / iter_dir_name(ck.iteration)
     if Path(out_dir).resolve() == Path(mg_dir).resolve():
         raise UserError(f"{flag} {out_dir}: is the source checkpoint; choose another folder")
-    fp = fingerprint(it_dir, iteration=ck.iteration, tp=tp, pp=pp, ep=ep, num_layer_list=list(layout.layers),
-                     ckpt_format=ckpt_format, config=str(config_dir.resolve()))
+    fp = reshard_fingerprint(ck.path, ck.iteration, (tp, pp, ep, layout.layers), ckpt_format, config_dir)
     log = Progress("reshard")
     if up_to_date(out_dir, fp, flag, replace_ours, lambda d: _complete(Path(d), layout, ckpt_format)):
         log.say(f"{out_dir} already holds this conversion; nothing to do")
         return False
-    if training_state(ck):
+    if ck.resume_problem() is None:
         log.say(f"{it_dir} holds optimizer state: not carried, the result holds the weights only "
                 "(load it with ckpt_load_type 1)")
     source = _Source(ck, facts, config_dir)
