@@ -1,6 +1,6 @@
 """torch_dist test checkpoints written by megatron-core itself (tests/_dist_worker.py under torchrun, gloo), with
-the legacy checkpoints they were saved from; built once per test session (shared by test_dist_read.py and
-test_convert_reshard.py)."""
+the legacy checkpoints they were saved from; built once per test session (a session fixture of conftest.py,
+for test_dist_read.py and test_convert_reshard.py)."""
 
 from __future__ import annotations
 
@@ -9,15 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
-
 import _engine as E
-from ascendfactory.convert.api import hf_to_megatron
-from ascendfactory.tiny import make_tiny_model
+import pytest
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-_BUILT: dict[str, Path] = {}
 
 
 def run_worker(jobs: list[dict], nproc: int, work: Path) -> None:
@@ -35,21 +30,22 @@ def dist_ckpts(tmp_path_factory) -> dict[str, Path]:
     layer between MoE ones) at TP2 EP2. `<kind>_hf`, `<kind>_legacy` (hf2mg) and `<kind>_dist` (megatron-core's
     dist_checkpointing.save of the GPTModel holding the legacy weights: layers stacked for the dense model, one
     key per layer for the MoE one)."""
-    if not _BUILT:
-        root = tmp_path_factory.mktemp("dist_ckpts")
-        made = {
-            "dense_hf": make_tiny_model(root / "qwen2", "qwen2", seed=1, tie_word_embeddings=True),
-            "moe_hf": make_tiny_model(root / "qwen3_moe", "qwen3_moe", seed=1, mlp_only_layers=[1]),
-        }
-        hf_to_megatron(made["dense_hf"], root / "dense_legacy", 2, 2, make_vocab_size_divisible_by=4)
-        hf_to_megatron(made["moe_hf"], root / "moe_legacy", 2, 1, ep=2)
-        for kind in ("dense", "moe"):
-            made[f"{kind}_legacy"] = root / f"{kind}_legacy"
-            made[f"{kind}_dist"] = root / f"{kind}_dist"
-        run_worker([{"mode": "save", "legacy": made[f"{k}_legacy"], "hf_dir": made[f"{k}_hf"],
-                     "out": made[f"{k}_dist"]} for k in ("dense", "moe")], 4, root)
-        _BUILT.update(made)
-    return dict(_BUILT)
+    from ascendfactory.convert.api import hf_to_megatron
+    from ascendfactory.tiny import make_tiny_model
+
+    root = tmp_path_factory.mktemp("dist_ckpts")
+    made = {
+        "dense_hf": make_tiny_model(root / "qwen2", "qwen2", seed=1, tie_word_embeddings=True),
+        "moe_hf": make_tiny_model(root / "qwen3_moe", "qwen3_moe", seed=1, mlp_only_layers=[1]),
+    }
+    hf_to_megatron(made["dense_hf"], root / "dense_legacy", 2, 2, make_vocab_size_divisible_by=4)
+    hf_to_megatron(made["moe_hf"], root / "moe_legacy", 2, 1, ep=2)
+    for kind in ("dense", "moe"):
+        made[f"{kind}_legacy"] = root / f"{kind}_legacy"
+        made[f"{kind}_dist"] = root / f"{kind}_dist"
+    run_worker([{"mode": "save", "legacy": made[f"{k}_legacy"], "hf_dir": made[f"{k}_hf"],
+                 "out": made[f"{k}_dist"]} for k in ("dense", "moe")], 4, root)
+    return made
 
 
 def rank_states(mg_dir) -> dict:
@@ -63,6 +59,8 @@ def rank_states(mg_dir) -> dict:
 
 def assert_same_tensors(a: dict, b: dict, where="") -> None:
     """Same names, dtypes and bytes."""
+    import torch
+
     assert a.keys() == b.keys(), (where, a.keys() ^ b.keys())
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), (where, k)

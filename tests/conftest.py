@@ -4,6 +4,7 @@ import os
 import tempfile
 
 from _convert_models import tiny_models  # noqa: F401  (session fixture: one tiny HF model per family)
+from _dist_ckpts import dist_ckpts  # noqa: F401  (session fixture: torch_dist checkpoints saved by megatron-core)
 
 # the tests' tokenizer cache (data/tokenizer.py): one per session, never the user's ~/.cache
 os.environ.setdefault("ASCENDFACTORY_TOKENIZER_CACHE", tempfile.mkdtemp(prefix="ascendfactory-test-tokcache-"))

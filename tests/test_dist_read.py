@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from _dist_ckpts import assert_same_tensors, dist_ckpts, hf_tensors  # noqa: F401  (dist_ckpts: fixture)
+from _dist_ckpts import assert_same_tensors, hf_tensors
 
 from ascendfactory.ckpt import dist
 from ascendfactory.ckpt.files import DCP_INDEX, iter_dir_name, problem_of
