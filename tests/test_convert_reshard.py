@@ -19,6 +19,7 @@ from ascendfactory.config.loader import load_resolved
 from ascendfactory.config.paths import run_paths
 from ascendfactory.convert import stage as convert_stage
 from ascendfactory.convert.api import megatron_to_hf
+from ascendfactory.pipeline import decide_train
 
 slow = pytest.mark.slow
 
@@ -142,6 +143,12 @@ def test_weights_only_load_of_another_layout_is_resharded(dist_ckpts, tmp_path):
     cfg = load_resolved(config)
     paths = run_paths(cfg)
     assert paths.converted_ckpt_dir == out / "resharded_TP1PP1"
+    assert decide_train(cfg, paths)[1].endswith(
+        f"; a legacy checkpoint at TP2 PP2, resharded by the convert stage from {d['dense_legacy']}")
+    mcore = cfg.model_copy(update={"user_converted_ckpt_path": str(d["dense_dist"])})
+    assert run_paths(mcore).converted_ckpt_dir == d["dense_dist"]  # megatron-core reshards it on load
+    assert decide_train(mcore, run_paths(mcore))[1].endswith(
+        "; a torch_dist checkpoint: megatron-core reshards it into the run's layout on load")
     run, reason = convert_stage.decide_convert(cfg, paths)
     assert run and reason == (f"weights of {d['dense_legacy']} (TP2 PP2) resharded -> {out / 'resharded_TP1PP1'} "
                               "(ckpt_load_type 1)")

@@ -84,6 +84,18 @@ def test_manifest_check_and_crafted_index(dist_ckpts, tmp_path, capsys):
     assert not (tmp_path / "hf").exists()
 
 
+@slow
+def test_damaged_shard_file_is_an_error(dist_ckpts, tmp_path):
+    """A .distcp file cut short: the tensor read from it is an error naming the checkpoint, nothing exported."""
+    src = tmp_path / "ck"
+    shutil.copytree(dist_ckpts["dense_dist"], src)
+    shard = sorted((src / iter_dir_name(1)).glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(UserError, match=r"iter_0000001: tensor .* unreadable .*; the checkpoint is damaged"):
+        megatron_to_hf(src, tmp_path / "hf", dist_ckpts["dense_hf"])
+    assert not (tmp_path / "hf").exists()
+
+
 def test_sharded_keys_round_trip():
     """Our names <-> megatron-core's keys: the TE norm names of the local spec, stacked layers, experts."""
     cases = {

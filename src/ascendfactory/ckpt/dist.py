@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import pickle
 import re
 import warnings
@@ -43,9 +44,8 @@ _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
 _MODEL_KEYS = ("embedding.", "decoder.", "output_layer.")  # the rest: optimizer state, RNG objects
 _DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                 "torch.distributed.checkpoint.filesystem")
-
-
-_PATHS = {("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")}  # torch's writer records its folder
+# torch's writer records its folder (a path: rebuilding one runs no code); pathlib._local from Python 3.13
+_PATHS = {(m, n) for m in ("pathlib", "pathlib._local") for n in ("PosixPath", "PurePosixPath")}
 
 
 class _IndexUnpickler(pickle.Unpickler):
@@ -143,6 +143,10 @@ class DistIndex:
         out = torch.empty((1,) * len(prefix) + rest, dtype=self.dtype(key))
         chunk = ChunkStorageMetadata(offsets=torch.Size((*prefix, *(0,) * len(rest))), sizes=torch.Size(out.shape))
         items = create_read_items_for_chunk_list(key, self.tensors[key], [chunk])
+        # the saved chunks do not overlap (torch checks it when saving): they cover the region or some are missing
+        if sum(math.prod(item.lengths) for item in items) != out.numel():
+            raise UserError(f"{self.path / DCP_INDEX}: tensor {key} has chunks missing at {list(prefix)}; the "
+                            "checkpoint is damaged")
         try:
             self._reader.read_data(LoadPlan(items), _Region(out)).wait()
         except (OSError, RuntimeError, pickle.UnpicklingError, AssertionError) as e:

@@ -31,7 +31,7 @@ DEFAULT_SHARD_SIZE = "5GB"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
-def _check_against(facts: ModelFacts, ck: CheckpointLayout, config_dir) -> None:
+def check_against(facts: ModelFacts, ck: CheckpointLayout, config_dir) -> None:
     if sum(ck.layers) != facts.num_layers:
         raise UserError(f"{config_dir}/config.json: num_hidden_layers={facts.num_layers} but the checkpoint "
                         f"holds {sum(ck.layers)} layers ({ck.describe()}); pass the config of the trained model")
@@ -66,7 +66,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     size = parse_size(shard_size)
     dtype = dtype_name(dtype)
     ck = read_checkpoint_layout(mg_dir, iteration)
-    _check_against(facts, ck, hf_config_dir)
+    check_against(facts, ck, hf_config_dir)
     out_dtype = torch_dtype(dtype, ck.dtype)
     fp = export_fingerprint(mg_dir, ck.iteration, hf_config_dir, dtype, size)
     log = Progress("mg2hf")
@@ -92,7 +92,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
             for (e, _), group in groupby(merged_items(facts, rules, layout, p), key=_group):
                 states = [ck.state(t, p, e) for t in range(ck.tp)]
                 for _, rule, mg_name, names in group:
-                    for name, tensor in _merged(rule, mg_name, names, states, ck, p, e, facts,
+                    for name, tensor in merge_row(rule, mg_name, names, states, ck, p, e, facts,
                                                 hf_config_dir).items():
                         writer.write(name, tensor)
                         n_done += 1
@@ -112,7 +112,7 @@ def _group(item) -> tuple[int, list[str]]:
     return ep_rank, mg_name.split(".")[:7 if is_expert(rule) else 3]
 
 
-def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
+def merge_row(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
             ep_rank: int, facts: ModelFacts, config_dir, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
     """The HF tensors of one row from its TP shards; vocab_size: the vocabulary rows kept (default config.json's:
     the padding dropped)."""

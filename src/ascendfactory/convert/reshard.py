@@ -24,7 +24,7 @@ from ascendfactory.ckpt.files import (
 from ascendfactory.ckpt.reader import CheckpointLayout, read_checkpoint_layout
 from ascendfactory.convert.fingerprint import conversion_complete, reshard_fingerprint
 from ascendfactory.convert.hf2mg import write_ranks
-from ascendfactory.convert.mg2hf import _check_against, _merged
+from ascendfactory.convert.mg2hf import check_against, merge_row
 from ascendfactory.convert.options import ITERATION
 from ascendfactory.convert.target import staged, up_to_date
 from ascendfactory.errors import UserError, disk_full_as_error
@@ -77,7 +77,7 @@ class _Source:
         states = self._states(p, e, meta)
         if meta:
             states = [{mg_name: _meta(sd, mg_name)} if mg_name in sd else {} for sd in states]
-        return _merged(rule, mg_name, names, states, self.ck, p, e, self.facts, self.config_dir,
+        return merge_row(rule, mg_name, names, states, self.ck, p, e, self.facts, self.config_dir,
                        vocab_size=self.ck.padded_vocab_size)
 
 
@@ -101,10 +101,10 @@ def _facts(ck: CheckpointLayout, hf_config_dir) -> tuple[ModelFacts, Path]:
             "its args name no source model"
         if hf_config_dir:
             where = f"{hf_config_dir}/config.json missing"
-        raise UserError(f"{ck.file(0, 0).parent if ck.format == 'legacy' else ck.file(0, 0)}: {where}; pass "
-                        "--hf-config-dir with the model's config.json")
+        raise UserError(f"{ck.path / iter_dir_name(ck.iteration)}: {where}; pass --hf-config-dir with the model's "
+                        "config.json")
     facts = read_model_facts(config_dir)
-    _check_against(facts, ck, config_dir)
+    check_against(facts, ck, config_dir)
     return facts, config_dir
 
 
