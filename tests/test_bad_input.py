@@ -180,8 +180,8 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
         exp["user_converted_ckpt_path"] = str(make_ckpt(user / "ck_missing_iter", 1, tracker="20"))
         return [], "names iteration 20"
     if case == "ckpt_layout":
-        exp["user_converted_ckpt_path"] = str(make_ckpt(user / "ck_tp2", 2))
-        return [], "has TP2 PP1, but the run uses tensor_model_parallel_size 1"
+        exp.update({"user_converted_ckpt_path": str(make_ckpt(user / "ck_tp2", 2)), "ckpt_load_type": 2})
+        return [], "checkpoint layout TP2 PP1 differs from the run's TP1 PP1"
     if case == "ckpt_layer_split":
         ck = user / "ck_31"
         if not ck.exists():

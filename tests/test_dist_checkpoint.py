@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import _engine as E
 import pytest
@@ -27,11 +29,11 @@ def test_rules_take_a_torch_dist_checkpoint_of_any_layout(tmp_path):
     (ck / "iter_0000001" / L.DIST_METADATA).write_text('{"sharded_backend": "torch_dist"}')
     L.write_tracker(ck, 1)
     kw = dict(ckpt_load_type=2, user_converted_ckpt_path=str(ck), ckpt_format="torch_dist")
-    assert problems(tmp_path, model_dir, convert_mg2hf_at_last=False, **kw) == []
-    # What does not read torch_dist checkpoints yet is refused before anything runs.
-    assert problems(tmp_path, model_dir, **kw) == [
-        "ckpt_format = 'torch_dist': the HF export and LoRA read legacy checkpoints only so far; set "
-        "ckpt_format: legacy (or convert_mg2hf_at_last: false with finetuning_type: full)"]
+    assert problems(tmp_path, model_dir, **kw) == []  # the export reads torch_dist too
+    # LoRA saves stay legacy (the adapters' TP shards have no distributed layout yet): refused before anything runs.
+    assert problems(tmp_path, model_dir, finetuning_type="lora", **kw) == [
+        "ckpt_format = 'torch_dist': LoRA runs save legacy checkpoints only so far (the adapters' TP shards have "
+        "no distributed-checkpoint layout yet); set ckpt_format: legacy"]
     # Only megatron-core's distributed checkpoints save asynchronously.
     assert problems(tmp_path, model_dir, convert_mg2hf_at_last=False, async_save=True) == [
         "async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "
@@ -40,8 +42,8 @@ def test_rules_take_a_torch_dist_checkpoint_of_any_layout(tmp_path):
 
 def test_legacy_full_resume_into_another_layout_refused_naming_convert_reshard(tmp_path):
     """ckpt_load_type 2 from a legacy TP1 checkpoint, and auto-resume from a legacy TP1 PP1 save, into a TP2 run:
-    one line naming both layouts and the `convert reshard` command, before anything runs; weights only keeps its
-    own rule; a torch_dist save in save_dir auto-resumes into any layout."""
+    one line naming both layouts and the `convert reshard` command, before anything runs; weights only is
+    resharded on load (not refused); a torch_dist save in save_dir auto-resumes into any layout."""
     from test_rules import QWEN2_7B, check, cluster_layout, problems, resolved
 
     model_dir = tmp_path / "Qwen2-7B"
@@ -57,8 +59,7 @@ def test_legacy_full_resume_into_another_layout_refused_naming_convert_reshard(t
         f"`ascendfactory-cli convert reshard --mg-dir {ck} --out-dir {ck}_tp2pp1 --tp 2 --pp 1` and resume from "
         f"{ck}_tp2pp1 (ckpt_load_type: 2, user_converted_ckpt_path: {ck}_tp2pp1, train_auto_resume: false), or "
         "run at TP1 PP1"]
-    weights_only = problems(tmp_path, model_dir, ckpt_load_type=1, user_converted_ckpt_path=str(ck), **tp2)
-    assert len(weights_only) == 1 and "convert reshard" not in weights_only[0]
+    assert problems(tmp_path, model_dir, ckpt_load_type=1, user_converted_ckpt_path=str(ck), **tp2) == []
 
     cfg = resolved(tmp_path, model_dir, nproc_per_node=8, train_auto_resume=True, ckpt_format="torch_dist",
                    ckpt_load_type=0, **tp2).cfg
@@ -214,16 +215,18 @@ def test_resume_torch_dist_into_another_layout(env):
 
 @slow
 def test_reshard_full_legacy_to_torch_dist_and_to_legacy_tp1pp2(env, tmp_path):
-    """engine/reshard.py on the legacy DP2 run's iteration-4 checkpoint (distributed optimizer): into torch_dist
-    (one run) resumed at TP2, and into legacy TP1 PP2 (through torch_dist, two runs) resumed at PP2, each with
-    ckpt_load_type 2 continuing as the uninterrupted run."""
-    from ascendfactory.engine.reshard import reshard_full
-
+    """`convert reshard` (engine/reshard.py for a training checkpoint) on the legacy DP2 run's iteration-4
+    checkpoint (distributed optimizer): into torch_dist (one run) resumed at TP2, and into legacy TP1 PP2 (through
+    torch_dist, two runs) resumed at PP2, each with ckpt_load_type 2 continuing as the uninterrupted run."""
     src = tmp_path / "src"
     shutil.copytree(env["legacy"] / "saved_checkpoints" / "iter_0000004", src / "iter_0000004")
     L.write_tracker(src, 4)
-    reshard_full(src, tmp_path / "dist", 1, 2, 1, "torch_dist")
-    reshard_full(src, tmp_path / "pp2", 1, 2, 1, "legacy")
+    for dst, fmt in [("dist", "torch_dist"), ("pp2", "legacy")]:
+        r = subprocess.run([sys.executable, "-m", "ascendfactory", "convert", "reshard", "--mg-dir", str(src),
+                            "--out-dir", str(tmp_path / dst), "--tp", "1", "--pp", "2", "--ckpt-format", fmt],
+                           capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        assert "holds optimizer state: resharding it in full" in r.stderr + r.stdout
     assert L.is_torch_dist(tmp_path / "dist" / "iter_0000004")
     assert sorted(p.name for p in (tmp_path / "pp2" / "iter_0000004").glob("mp_rank_*")) == [
         "mp_rank_00_000", "mp_rank_00_001"]
@@ -267,15 +270,16 @@ def test_crafted_dcp_index_refused_real_one_read(tmp_path):
         TensorStorageMetadata,
     )
 
-    from ascendfactory.engine.dist_checkpoint import DCP_METADATA, check_index
+    from ascendfactory.ckpt.dist import read_index
+    from ascendfactory.ckpt.files import DCP_INDEX as DCP_METADATA
     from ascendfactory.errors import UserError
 
     real = Metadata(state_dict_metadata={"w": TensorStorageMetadata(
         TensorProperties(dtype=torch.float32), torch.Size([2]), [ChunkStorageMetadata(torch.Size([0]), torch.Size([2]))])})
     (tmp_path / DCP_METADATA).write_bytes(pickle.dumps(real))
-    check_index(tmp_path)
+    read_index(tmp_path)
     marker = tmp_path / "pwned"
     (tmp_path / DCP_METADATA).write_bytes(pickle.dumps({"index": real, "payload": Payload(marker)}))
     with pytest.raises(UserError, match=rf"{DCP_METADATA}: refused to load type {OPENER}"):
-        check_index(tmp_path)
+        read_index(tmp_path)
     assert not marker.exists()

@@ -215,16 +215,16 @@ def test_ep_rules_exit_2_naming_both(run_cfg, exp, nproc, want):
 
 
 def test_ep_checkpoint_at_another_ep_exit_2(run_cfg, moe_models, tmp_path):
-    """A checkpoint converted at EP 2 given to a run at EP 1 (its lone folder suffix is not a PP rank: the args
-    say), and the other way round."""
+    """A checkpoint converted at EP 2 given to a full resume at EP 1 (its lone folder suffix is not a PP rank: the
+    args say), and the other way round."""
     hf_to_megatron(moe_models["qwen3_moe"], tmp_path / "ep2", 1, 1, ep=2)
-    line = _one_error_line(_run(["plan", run_cfg({"user_converted_ckpt_path": str(tmp_path / "ep2")}), "tiny",
-                                 "exp"]))
-    assert "has EP2, but the run uses expert_model_parallel_size 1" in line and "--ep 1" in line
+    line = _one_error_line(_run(["plan", run_cfg({"user_converted_ckpt_path": str(tmp_path / "ep2"),
+                                                  "ckpt_load_type": 2}), "tiny", "exp"]))
+    assert "checkpoint layout TP1 PP1 EP2 differs from the run's TP1 PP1 EP1" in line and "--ep 1" in line
     hf_to_megatron(moe_models["qwen3_moe"], tmp_path / "ep1", 1, 1)
-    line = _one_error_line(_run(["train", run_cfg({"user_converted_ckpt_path": str(tmp_path / "ep1"), "ep": 2}),
-                                 "tiny", "exp"]))
-    assert "has EP1, but the run uses expert_model_parallel_size 2" in line
+    line = _one_error_line(_run(["train", run_cfg({"user_converted_ckpt_path": str(tmp_path / "ep1"), "ep": 2,
+                                                   "ckpt_load_type": 2}), "tiny", "exp"]))
+    assert "checkpoint layout TP1 PP1 EP1 differs from the run's TP1 PP1 EP2" in line
 
 
 def test_read_facts_of_the_moe_test_models(moe_models):

@@ -162,8 +162,10 @@ def test_checkpoint_layout_must_match(tmp_path, model_dir):
     for r in range(2):
         (ck / "iter_0000001" / f"mp_rank_{r:02d}").mkdir(parents=True)
     (ck / "latest_checkpointed_iteration.txt").write_text("1")
-    one(tmp_path, model_dir, r"has TP2 PP1, but the run uses tensor_model_parallel_size 4",
-        user_converted_ckpt_path=str(ck))
+    one(tmp_path, model_dir, r"checkpoint layout TP2 PP1 differs from the run's TP4 PP1; .*convert reshard --mg-dir",
+        user_converted_ckpt_path=str(ck), ckpt_load_type=2)
+    # weights only: resharded into the run's layout by the convert stage, not refused
+    assert problems(tmp_path, model_dir, user_converted_ckpt_path=str(ck), ckpt_load_type=1) == []
 
 
 def test_all_problems_reported_together(tmp_path, model_dir):

@@ -158,6 +158,34 @@ def convert_mg2hf(
                   shard_size=shard_size, verify=verify, peft_dir=peft_dir)
 
 
+@convert_app.command("reshard")
+def convert_reshard(
+    mg_dir: str = typer.Option(..., "--mg-dir", help="a Megatron checkpoint, legacy or torch_dist (any layout)"),
+    out_dir: str = typer.Option(..., "--out-dir"),
+    tp: int = typer.Option(1, "--tp"),
+    pp: int = typer.Option(1, "--pp"),
+    ep: int = typer.Option(1, "--ep", help="expert parallel size (MoE)"),
+    num_layer_list: str | None = typer.Option(None, "--num-layer-list",
+                                                 help="layers per PP stage, e.g. 6,10 (default: even split)"),
+    ckpt_format: str = typer.Option("legacy", "--ckpt-format", help="legacy|torch_dist"),
+    iteration: int | None = typer.Option(None, "--iteration", help="default: the tracker's iteration"),
+    hf_config_dir: str | None = typer.Option(None, "--hf-config-dir",
+                                                help="the model's config.json (default: its args' source model)"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint",
+                                          help="load types beyond tensors and Megatron args: runs code from the files"),
+    weights_only: bool = typer.Option(False, "--weights-only",
+                                      help="a training checkpoint's weights alone (default: in full, resumable)"),
+):
+    """Megatron checkpoint -> the same checkpoint at another TP/PP/EP and/or format: a training checkpoint in full
+    (optimizer, scheduler, iteration; resume it with ckpt_load_type 2), converted weights as weights."""
+    from ascendfactory.ckpt.reader import trust_checkpoints
+    from ascendfactory.convert.reshard import reshard
+
+    trust_checkpoints(trust_checkpoint)
+    reshard(mg_dir, out_dir, tp, pp, ep, num_layer_list, ckpt_format, hf_config_dir, iteration,
+            weights_only=weights_only)
+
+
 def _flags(master_addr, num_nodes, rank) -> dict:
     return {"master_addr": master_addr, "num_nodes": num_nodes, "rank": rank}
 

@@ -14,7 +14,15 @@ from pathlib import Path
 from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config import rules
 from ascendfactory.config.loader import Resolved, dump_config, resolve
-from ascendfactory.config.paths import STATE_DIR, RunPaths, read_run_state, run_id, run_identity, run_paths
+from ascendfactory.config.paths import (
+    STATE_DIR,
+    RunPaths,
+    read_run_state,
+    reshard_on_load,
+    run_id,
+    run_identity,
+    run_paths,
+)
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.engine.training_math import config_problems as engine_problems
 from ascendfactory.errors import UserError, UserErrors
@@ -87,7 +95,24 @@ def decide_train(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
         1: f"weights from {paths.converted_ckpt_dir} (ckpt_load_type 1: fresh optimizer, iteration 0)",
         2: f"full resume from {paths.converted_ckpt_dir} (ckpt_load_type 2)",
     }.get(cfg.ckpt_load_type, "?")
-    return True, f"{iters}, {source}"
+    return True, f"{iters}, {source}{_given_checkpoint(cfg)}"
+
+
+def _given_checkpoint(cfg: ExpConfig) -> str:
+    """user_converted_ckpt_path's format and layout, and whether it is resharded into the run's (plan shows it)."""
+    if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
+        return ""
+    try:
+        saved = ckpt_files.saved_layout(cfg.user_converted_ckpt_path)
+    except UserError:  # the rules report it
+        return ""
+    if saved is None:
+        return "; a torch_dist checkpoint: megatron-core reshards it into the run's layout on load"
+    tp, pp, ep = saved
+    given = f"; a legacy checkpoint at TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}"
+    if reshard_on_load(cfg):
+        return f"{given}, resharded by the convert stage from {cfg.user_converted_ckpt_path}"
+    return f"{given}, the run's layout: no resharding"
 
 
 def _tracker_iteration(save_dir: Path) -> tuple[int | None, str]:
@@ -182,6 +207,8 @@ def _replaced_targets(cfg: ExpConfig, paths: RunPaths) -> list[tuple[str, Path, 
     out = []
     if cfg.ckpt_load_type != 0 and not cfg.user_converted_ckpt_path:
         out.append(("converted checkpoint dir", paths.converted_ckpt_dir, "output_dir"))
+    elif reshard_on_load(cfg):
+        out.append(("resharded checkpoint dir", paths.converted_ckpt_dir, "output_dir"))
     if cfg.convert_mg2hf_at_last:
         out.append(("hf_save_dir", paths.hf_save_dir, "hf_save_dir"))
         if cfg.finetuning_type == "lora":
@@ -396,16 +423,17 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
     resume needs a training checkpoint, unless auto-resume will take one of the run's own."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
-    from ascendfactory.ckpt.reader import load_rank, read_checkpoint_layout, resume_problem
+    from ascendfactory.ckpt.reader import read_checkpoint_layout
     from ascendfactory.layout import parse_layer_list, stage_layers
 
     ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
                         keys=("num_layer_list", "pipeline_model_parallel_size"))
     given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
     if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir)):
-        first = given.file(0, 0)
-        if problem := resume_problem(load_rank(first), first):
+        if problem := given.resume_problem():
             raise UserError(problem)
+    if given.format == "torch_dist" or reshard_on_load(cfg):
+        return  # loaded into any layout by megatron-core / resharded into the run's by the convert stage
     theirs = list(given.layers)
     if theirs != ours:
         split = ",".join(map(str, theirs))

@@ -1,4 +1,5 @@
-"""Megatron legacy checkpoint layout (SPEC.md section 6), shared by the converter and the trainer.
+"""Megatron checkpoint folders (legacy layout: SPEC.md section 6; torch_dist: section 11, ckpt/dist.py), shared by
+the converter and the trainer.
 
     <dir>/latest_checkpointed_iteration.txt
     <dir>/iter_0000001/mp_rank_{tp:02d}/model_optim_rng.pt            PP = 1
@@ -19,7 +20,8 @@ from ascendfactory.fsutil import write_text_atomic
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_FILE = "model_optim_rng.pt"
 MANIFEST = "manifest.json"  # written by engine/checkpoint.py into every training save; problem_of reads it
-DIST_METADATA = "metadata.json"  # megatron-core's marker of a distributed (ckpt_format torch_dist) checkpoint
+DIST_METADATA = "metadata.json"  # megatron-core's marker of a distributed (torch_dist) checkpoint iteration
+DCP_INDEX = ".metadata"  # torch.distributed.checkpoint's index of a torch_dist checkpoint's shards
 CHECKPOINT_VERSION = 3.0
 _ITER_RE = re.compile(r"^iter_(\d{7})$")
 _RANK_RE = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
@@ -40,6 +42,11 @@ def rank_file(ckpt_dir: str | Path, iteration: int, tp_rank: int, pp_rank: int, 
               ep_size: int = 1) -> Path:
     return (Path(ckpt_dir) / iter_dir_name(iteration) / rank_dir_name(tp_rank, pp_rank, pp_size, ep_rank, ep_size)
             / MODEL_FILE)
+
+
+def is_torch_dist(iter_path: str | Path) -> bool:
+    """A megatron-core distributed checkpoint (ckpt_format torch_dist), told by content: its metadata.json."""
+    return (Path(iter_path) / DIST_METADATA).is_file()
 
 
 def iterations_on_disk(ckpt_dir: str | Path) -> list[int]:
@@ -67,6 +74,25 @@ def layout_of(iter_path: str | Path, expert_parallel: bool = False) -> tuple[int
     if not tps:
         raise UserError(f"{iter_path}: no mp_rank_* folders; not a Megatron checkpoint iteration")
     return max(tps) + 1, max(pps) + 1, max(eps) + 1
+
+
+def saved_layout(ckpt_dir: str | Path) -> tuple[int, int, int] | None:
+    """(TP, PP, EP) of the tracker's iteration of a legacy checkpoint, from its folder names (and its args only
+    when a lone folder suffix leaves PP or EP open: torch then); None for a torch_dist one, which loads into any
+    layout. UserError naming the tracker or folder when it is not a checkpoint."""
+    ckpt_dir = Path(ckpt_dir)
+    it = read_tracker(ckpt_dir)
+    iter_path = ckpt_dir / iter_dir_name(it)
+    if not iter_path.is_dir():
+        raise UserError(f"{ckpt_dir / TRACKER} names iteration {it}, but {iter_path} does not exist")
+    if is_torch_dist(iter_path):
+        return None
+    expert_parallel = False
+    if lone_suffix(iter_path):
+        from ascendfactory.ckpt.reader import expert_parallel as is_ep
+
+        expert_parallel = is_ep(iter_path)
+    return layout_of(iter_path, expert_parallel=expert_parallel)
 
 
 def lone_suffix(iter_path: str | Path) -> bool:
@@ -133,8 +159,9 @@ def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] |
     if not manifest.is_file():
         if require_manifest:
             return f"{manifest} missing (incomplete checkpoint)"
-        found = any(iter_path.glob(f"mp_rank_*/{MODEL_FILE}")) or is_torch_dist(iter_path)
-        return None if found else f"no mp_rank_*/{MODEL_FILE}"
+        if is_torch_dist(iter_path):  # torch_dist: torch's index is written after the shards it lists
+            return None if (iter_path / DCP_INDEX).is_file() else f"{iter_path / DCP_INDEX} missing"
+        return None if any(iter_path.glob(f"mp_rank_*/{MODEL_FILE}")) else f"no mp_rank_*/{MODEL_FILE}"
     try:
         content = json.loads(manifest.read_text())
         files, sums = content["files"], content.get("crc32", {})
@@ -150,11 +177,6 @@ def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] |
         if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
             return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
     return None
-
-
-def is_torch_dist(iter_path: str | Path) -> bool:
-    """A megatron-core distributed checkpoint iteration (by content: its metadata.json), not a legacy one."""
-    return (Path(iter_path) / DIST_METADATA).is_file()
 
 
 def layout_name(tp: int, pp: int, ep: int | None = None) -> str:

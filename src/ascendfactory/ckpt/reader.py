@@ -12,7 +12,15 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt.files import MODEL_FILE, iter_dir_name, layout_of, lone_suffix, rank_file, read_tracker
+from ascendfactory.ckpt.files import (
+    MODEL_FILE,
+    is_torch_dist,
+    iter_dir_name,
+    layout_of,
+    lone_suffix,
+    rank_file,
+    read_tracker,
+)
 from ascendfactory.ckpt.lora import without_adapters
 from ascendfactory.errors import UserError
 
@@ -21,7 +29,9 @@ _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 @dataclass(frozen=True)
 class CheckpointLayout:
-    """What a Megatron checkpoint folder holds; `layers` is read from the tensors, the rest from `args`."""
+    """What a Megatron checkpoint folder holds; `layers` is read from the tensors, the rest from `args`.
+    A torch_dist checkpoint reads as one TP1 PP1 EP1 rank (its global tensors); `saved` is the layout it was
+    saved at (TP, PP, EP, from its args)."""
 
     path: Path
     iteration: int
@@ -34,11 +44,47 @@ class CheckpointLayout:
     padded_vocab_size: int
     dtype: torch.dtype
     ep: int = 1
+    format: str = "legacy"  # or "torch_dist"
+    saved: tuple[int, int, int] | None = None  # torch_dist: (TP, PP, EP) it was saved at
 
     def file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
+        """The rank's file; a torch_dist checkpoint's iteration folder (its one rank)."""
+        if self.format == "torch_dist":
+            return self.path / iter_dir_name(self.iteration)
         return rank_file(self.path, self.iteration, tp_rank, pp_rank, self.pp, ep_rank, self.ep)
 
+    def state(self, tp_rank: int, pp_rank: int, ep_rank: int = 0, fold_adapters: bool = True
+              ) -> Mapping[str, torch.Tensor]:
+        """model_state of one rank; of a torch_dist checkpoint its global tensors, read when accessed."""
+        if self.format != "torch_dist":
+            return model_state(self.file(tp_rank, pp_rank, ep_rank), fold_adapters)
+        from ascendfactory.ckpt.dist import DistIndex, DistState
+
+        state = DistState(DistIndex(self.file(0, 0)))
+        return without_adapters(state, self.args(), self.file(0, 0)) if fold_adapters else state
+
+    def resume_problem(self) -> str | None:
+        """Why it cannot be resumed from (ckpt_load_type 2), e.g. converted weights: no training state."""
+        if self.format != "torch_dist":
+            return resume_problem(load_rank(self.file(0, 0)), self.file(0, 0))
+        from ascendfactory.ckpt.dist import read_common, read_index
+
+        # the optimizer and RNG states are sharded (in the index), the scheduler in common.pt
+        sharded = {k.split(".")[0].split("/")[0] for k in read_index(self.file(0, 0)).state_dict_metadata}
+        return resume_problem({**read_common(self.file(0, 0)), **dict.fromkeys(sharded)}, self.file(0, 0))
+
+    def args(self) -> dict:
+        """The args the checkpoint records (its first rank file's; a torch_dist one's common.pt)."""
+        if self.format != "torch_dist":
+            return rank_args(self.file(0, 0))
+        from ascendfactory.ckpt.dist import read_common
+
+        return _args_dict(read_common(self.file(0, 0)).get("args"))
+
     def describe(self) -> str:
+        if self.saved:
+            tp, pp, ep = self.saved
+            return f"torch_dist saved at TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}, layers {sum(self.layers)}"
         ep = f" EP{self.ep}" if self.ep > 1 else ""
         return f"TP{self.tp} PP{self.pp}{ep} layers {list(self.layers)}"
 
@@ -190,6 +236,8 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
     it_dir = mg_dir / iter_dir_name(it)
     if not it_dir.is_dir():
         raise UserError(f"{it_dir}: iteration folder missing; pick an iteration that exists in {mg_dir}")
+    if is_torch_dist(it_dir):
+        return _dist_layout(mg_dir, it)
     tp, pp, ep = layout_of(it_dir, expert_parallel=expert_parallel(it_dir))
     for p in range(pp):
         for t in range(tp):
@@ -219,6 +267,27 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
         architecture=args.get("architecture"), vocab_size=args.get("vocab_size"),
         padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype, ep=ep,
     )
+
+
+def _dist_layout(mg_dir: Path, it: int) -> CheckpointLayout:
+    from ascendfactory.ckpt.dist import COMMON_FILE, DistIndex, DistState, read_common
+
+    it_dir = mg_dir / iter_dir_name(it)
+    args = _args_dict(read_common(it_dir).get("args"))
+    state = DistState(DistIndex(it_dir))
+    emb = "embedding.word_embeddings.weight"
+    if emb not in state:
+        raise UserError(f"{it_dir}: no {emb} among its tensors; not a GPT checkpoint")
+    rows = state.index.size(emb)[0]
+    saved = tuple(int(args.get(k) or 1) for k in ("tensor_model_parallel_size", "pipeline_model_parallel_size",
+                                                    "expert_model_parallel_size"))
+    if args.get("padded_vocab_size") not in (None, rows):
+        raise UserError(f"{it_dir / COMMON_FILE}: args say padded_vocab_size {args['padded_vocab_size']} but the "
+                        f"embedding has {rows} rows; the checkpoint is damaged")
+    return CheckpointLayout(
+        path=mg_dir, iteration=it, tp=1, pp=1, layers=(state.num_layers(),), source_model=args.get("source_model"),
+        architecture=args.get("architecture"), vocab_size=args.get("vocab_size"), padded_vocab_size=rows,
+        dtype=state.index.dtype(emb), format="torch_dist", saved=saved)
 
 
 def expert_parallel(it_dir: str | Path) -> bool:

@@ -7,7 +7,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config.schema import ExpConfig
+from ascendfactory.errors import UserError
 
 
 @dataclass(frozen=True)
@@ -83,14 +85,27 @@ def read_run_state(paths: RunPaths) -> dict | None:
         return {}  # present but unreadable: still ours, with nothing recorded
 
 
+def reshard_on_load(cfg: ExpConfig) -> bool:
+    """ckpt_load_type 1 from a legacy user_converted_ckpt_path of another TP/PP/EP than the run's: the convert
+    stage reshards its weights into the run's layout (convert/reshard.py) and the run loads them from there."""
+    if cfg.ckpt_load_type != 1 or not cfg.user_converted_ckpt_path:
+        return False
+    try:
+        saved = ckpt_files.saved_layout(cfg.user_converted_ckpt_path)
+    except UserError:  # not a checkpoint: the rules report it
+        return False
+    return saved is not None and saved != (cfg.tp, cfg.pp, cfg.ep)
+
+
 def run_paths(cfg: ExpConfig) -> RunPaths:
     out = Path(cfg.output_dir)
+    layout = f"TP{cfg.tp}PP{cfg.pp}{f'EP{cfg.ep}' if cfg.ep > 1 else ''}"
     return RunPaths(
         output_dir=out,
         processed_data_dir=Path(cfg.processed_data_dir) if cfg.processed_data_dir else out / "preprocessed_data",
-        converted_ckpt_dir=Path(cfg.user_converted_ckpt_path)
-        if cfg.user_converted_ckpt_path
-        else out / f"converted_hf2mg_weight_TP{cfg.tp}PP{cfg.pp}{f'EP{cfg.ep}' if cfg.ep > 1 else ''}",
+        converted_ckpt_dir=out / f"resharded_{layout}" if reshard_on_load(cfg)
+        else Path(cfg.user_converted_ckpt_path) if cfg.user_converted_ckpt_path
+        else out / f"converted_hf2mg_weight_{layout}",
         save_dir=out / "saved_checkpoints",
         hf_save_dir=Path(cfg.hf_save_dir) if cfg.hf_save_dir else out / "converted_mg2hf_weight",
         logs_dir=out / "logs",

@@ -123,11 +123,10 @@ def check(res: Resolved, layout: RunLayout) -> Report:
         bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
     if cfg.prompt_type not in PROMPT_TYPES:
         bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
-    # Nothing but the trainer reads torch_dist checkpoints on this branch (the readers come with the export's
-    # support of the format): this one rule goes when they do.
-    if cfg.ckpt_format == "torch_dist" and (cfg.convert_mg2hf_at_last or cfg.finetuning_type == "lora"):
-        bad("ckpt_format = 'torch_dist': the HF export and LoRA read legacy checkpoints only so far; set "
-            "ckpt_format: legacy (or convert_mg2hf_at_last: false with finetuning_type: full)")
+    # megatron-core would save our LoRA adapters (plain Linears) as identical on every TP rank: keep them legacy
+    if cfg.ckpt_format == "torch_dist" and cfg.finetuning_type == "lora":
+        bad("ckpt_format = 'torch_dist': LoRA runs save legacy checkpoints only so far (the adapters' TP shards "
+            "have no distributed-checkpoint layout yet); set ckpt_format: legacy")
     if cfg.async_save and cfg.ckpt_format != "torch_dist":
         bad("async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "
             "set ckpt_format: torch_dist or async_save: false")
@@ -213,9 +212,9 @@ def _check_model(cfg, layer_list, r: Report) -> None:
 
 def _check_checkpoint_layout(cfg, r: Report) -> None:
     """The checkpoint to start from fits the run's layout (read from folder names and manifests: no torch
-    needed). A torch_dist one always does (megatron-core reshards it on load). A legacy one needs the run's
-    TP/PP (EP): a full resume (ckpt_load_type 2, auto-resume) from another is refused naming the command that
-    converts it."""
+    needed). A torch_dist one always does (megatron-core reshards it on load); a legacy one's weights alone
+    (ckpt_load_type 1) are resharded into the run's layout by the convert stage; a full resume (ckpt_load_type 2,
+    auto-resume) of a legacy one from another TP/PP/EP is refused naming the command that converts it."""
     run = (cfg.tp, cfg.pp, cfg.ep)
     if cfg.train_auto_resume and (found := _newest_complete(run_paths(cfg).save_dir)):
         iter_path, manifest = found
@@ -228,33 +227,13 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
         return
     ckpt = Path(cfg.user_converted_ckpt_path)
     try:
-        it = ckpt_files.read_tracker(ckpt)
-        iter_path = ckpt / ckpt_files.iter_dir_name(it)
-        if not iter_path.is_dir():
-            raise UserError(f"{ckpt / ckpt_files.TRACKER} names iteration {it}, but {iter_path} does not exist")
-        if ckpt_files.is_torch_dist(iter_path):
-            return
-        expert_parallel = False
-        if ckpt_files.lone_suffix(iter_path):  # a PP or an EP rank: only then the args are read (torch)
-            from ascendfactory.ckpt.reader import expert_parallel as is_ep
-
-            expert_parallel = is_ep(iter_path)
-        tp, pp, ep = ckpt_files.layout_of(iter_path, expert_parallel=expert_parallel)
+        saved = ckpt_files.saved_layout(ckpt)
     except UserError as e:
         r.problems.append(f"user_converted_ckpt_path: {e}")
         return
-    if cfg.ckpt_load_type == 2 and (tp, pp, ep) != run:
+    if saved is not None and cfg.ckpt_load_type == 2 and saved != run:
         r.problems.append(ckpt_files.legacy_resume_refusal(
-            f"user_converted_ckpt_path {ckpt}", ckpt, (tp, pp, ep), run, cfg.ckpt_format))
-        return
-    if (tp, pp) != (cfg.tp, cfg.pp):
-        r.problems.append(f"user_converted_ckpt_path {ckpt} has TP{tp} PP{pp}, but the run uses "
-                          f"tensor_model_parallel_size {cfg.tp} and pipeline_model_parallel_size {cfg.pp}; "
-                          "convert again with that layout or change the run's layout")
-    if ep != cfg.ep:
-        r.problems.append(f"user_converted_ckpt_path {ckpt} has EP{ep}, but the run uses "
-                          f"expert_model_parallel_size {cfg.ep}; convert again with --ep {cfg.ep} or set "
-                          f"expert_model_parallel_size: {ep}")
+            f"user_converted_ckpt_path {ckpt}", ckpt, saved, run, cfg.ckpt_format))
 
 
 def _newest_complete(save_dir: Path) -> tuple[Path, dict] | None:

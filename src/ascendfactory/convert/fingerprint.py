@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ascendfactory.ckpt.files import TRACKER, iter_dir_name, layout_of, rank_file
+from ascendfactory.ckpt.files import DIST_METADATA, TRACKER, is_torch_dist, iter_dir_name, layout_of, rank_file
 from ascendfactory.convert.hfread import INDEX
 from ascendfactory.convert.options import ITERATION
 from ascendfactory.fsutil import write_text_atomic
@@ -19,11 +19,13 @@ MARKER = "ascendfactory_convert.json"
 
 
 def source_files(model_dir: str | Path) -> dict[str, list[int]]:
-    """config.json and the weight files of an HF folder (or the rank files of a Megatron one): [size, mtime_ns]."""
+    """config.json and the weight files of an HF folder (or the rank files of a Megatron one, the shards and
+    indexes of a torch_dist one): [size, mtime_ns]."""
     d = Path(model_dir)
     out = {}
     for p in sorted([*d.glob("*"), *d.glob("*/*")]):  # HF files are top-level, rank files one folder down
-        if p.is_file() and (p.name == "config.json" or p.suffix in (".safetensors", ".pt")
+        if p.is_file() and (p.name in ("config.json", DIST_METADATA, ".metadata")
+                            or p.suffix in (".safetensors", ".pt", ".distcp")
                             or p.name.endswith(".index.json") or p.name == "latest_checkpointed_iteration.txt"):
             st = p.stat()
             out[str(p.relative_to(d))] = [st.st_size, st.st_mtime_ns]
@@ -41,11 +43,20 @@ def conversion_fingerprint(hf_dir, layout: ShardPlan, dtype: str | None) -> dict
                        padded_vocab_size=layout.padded_vocab_size, **ep)
 
 
+def reshard_fingerprint(mg_dir, iteration: int, layout: tuple, ckpt_format: str, config_dir, full: bool) -> dict:
+    """reshard: one iteration of a Megatron checkpoint, the target layout (TP, PP, EP, layers per stage) and
+    format, the model config, and whether the training state was carried (full) or the weights only."""
+    tp, pp, ep, layers = layout
+    return fingerprint(Path(mg_dir) / iter_dir_name(iteration), iteration=iteration, tp=tp, pp=pp, ep=ep,
+                       num_layer_list=list(layers), ckpt_format=ckpt_format, config=str(Path(config_dir).resolve()),
+                       full=full)
+
+
 def export_fingerprint(mg_dir, iteration: int, hf_config_dir, dtype: str | None, shard_size: int) -> dict:
     """mg2hf: one iteration of a Megatron checkpoint, the config it is exported with, and the output options."""
     it_dir = Path(mg_dir) / iter_dir_name(iteration)
-    tp, pp, _ = layout_of(it_dir)
-    return fingerprint(it_dir, iteration=iteration, tp=tp, pp=pp, dtype=dtype, shard_size=shard_size,
+    layout = {"format": "torch_dist"} if is_torch_dist(it_dir) else dict(zip(("tp", "pp"), layout_of(it_dir)))
+    return fingerprint(it_dir, iteration=iteration, **layout, dtype=dtype, shard_size=shard_size,
                        config=str(Path(hf_config_dir).resolve()))
 
 

@@ -33,6 +33,35 @@ def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: lis
                                     f"implies {hf_shape(template, facts)}; the weights do not match config.json")
 
 
+def write_ranks(tmp: Path, layout: ShardPlan, items_of, shard, args: dict, cast, log: Progress,
+                iteration: int = ITERATION) -> None:
+    """The rank files of `layout` under tmp, one at a time: items_of(p, e) lists a rank's (rule, megatron name,
+    HF names), shard(rule, HF names, t) builds TP rank t's tensor of one; cast: the dtype to write (None: as
+    built)."""
+    done, tp, pp, ep = 0, layout.tp, layout.pp, layout.ep
+    # One rank file at a time, each built from only its own slices (its experts, its TP part): memory is one
+    # rank's share, whatever the number of experts or layers.
+    for p, e in ((p, e) for p in range(pp) for e in range(ep)):
+        items = list(items_of(p, e))
+        for t in range(tp):
+            t0, rank = time.time(), rank_dir_name(t, p, pp, e, ep)
+            sd = {}
+            for rule, mg_name, names in items:
+                tensor = shard(rule, names, t)
+                sd[mg_name] = (tensor.to(cast) if cast else tensor).contiguous()
+                log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
+            path = rank_file(tmp, iteration, t, p, pp, e, ep)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
+                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
+                            "model": sd}, f)
+            done += 1
+            size = sum(v.numel() * v.element_size() for v in sd.values())
+            log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(sd)} tensors, {size / 2**20:.1f} MiB "
+                    f"in {time.time() - t0:.1f} s")
+            del sd
+
+
 def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype: str | None = None,
                    make_vocab_size_divisible_by: int | None = None, *, ep: int = 1, replace_ours: bool = False,
                    flag: str = "--mg-dir") -> bool:
@@ -56,28 +85,8 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size, ep,
                            facts.num_experts, tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
     with disk_full_as_error(f"{flag} {mg_dir}"), staged(mg_dir, fp) as tmp:
-        done = 0
-        # One rank file at a time, each built from only its own slices (its experts, its TP part): memory is one
-        # rank's share, whatever the number of experts or layers.
-        for p, e in ((p, e) for p in range(pp) for e in range(ep)):
-            items = list(model_items(facts, rules, layout, p, e))
-            for t in range(tp):
-                t0, rank = time.time(), rank_dir_name(t, p, pp, e, ep)
-                sd = {}
-                for rule, mg_name, names in items:
-                    tensor = rule.kind.shard(names, read, facts, layout, t)
-                    sd[mg_name] = (tensor.to(cast) if cast else tensor).contiguous()
-                    log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
-                path = rank_file(tmp, ITERATION, t, p, pp, e, ep)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
-                    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
-                                "model": sd}, f)
-                done += 1
-                size = sum(v.numel() * v.element_size() for v in sd.values())
-                log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(sd)} tensors, {size / 2**20:.1f} MiB "
-                        f"in {time.time() - t0:.1f} s")
-                del sd
+        write_ranks(tmp, layout, lambda p, e: model_items(facts, rules, layout, p, e),
+                    lambda rule, names, t: rule.kind.shard(names, read, facts, layout, t), args, cast, log)
         write_tracker(tmp, ITERATION)
     ep_part = f" EP{ep}" if ep > 1 else ""
     log.say(f"wrote {mg_dir} (TP{tp} PP{pp}{ep_part}, layers {list(layout.layers)}, vocab {facts.vocab_size}"

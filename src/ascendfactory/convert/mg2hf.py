@@ -1,7 +1,8 @@
-"""Megatron checkpoint (any TP/PP, converted or training save) -> HF sharded safetensors.
+"""Megatron checkpoint (any TP/PP, converted or training save, legacy or torch_dist) -> HF sharded safetensors.
 
 Works one layer at a time: the TP rank files of a stage are memory-mapped, that layer's shards are
-merged and streamed into the planned output file, and the maps are dropped before the next layer.
+merged and streamed into the planned output file, and the maps are dropped before the next layer. A torch_dist
+checkpoint reads as one TP1 PP1 rank whose global tensors are read from the shards one at a time.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ascendfactory.ckpt.reader import CheckpointLayout, model_state, read_checkpoint_layout
+from ascendfactory.ckpt.reader import CheckpointLayout, read_checkpoint_layout
 from ascendfactory.convert.chatglm import ChatGLMWriter, chatglm_plan
 from ascendfactory.convert.fingerprint import export_complete, export_fingerprint
 from ascendfactory.convert.options import dtype_name, torch_dtype
@@ -30,7 +31,7 @@ DEFAULT_SHARD_SIZE = "5GB"
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
 
 
-def _check_against(facts: ModelFacts, ck: CheckpointLayout, config_dir) -> None:
+def check_against(facts: ModelFacts, ck: CheckpointLayout, config_dir) -> None:
     if sum(ck.layers) != facts.num_layers:
         raise UserError(f"{config_dir}/config.json: num_hidden_layers={facts.num_layers} but the checkpoint "
                         f"holds {sum(ck.layers)} layers ({ck.describe()}); pass the config of the trained model")
@@ -65,7 +66,7 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
     size = parse_size(shard_size)
     dtype = dtype_name(dtype)
     ck = read_checkpoint_layout(mg_dir, iteration)
-    _check_against(facts, ck, hf_config_dir)
+    check_against(facts, ck, hf_config_dir)
     out_dtype = torch_dtype(dtype, ck.dtype)
     fp = export_fingerprint(mg_dir, ck.iteration, hf_config_dir, dtype, size)
     log = Progress("mg2hf")
@@ -89,9 +90,9 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
             # the rank files are memory-mapped and dropped after each group, so memory stays bounded whatever
             # the number of layers or experts.
             for (e, _), group in groupby(merged_items(facts, rules, layout, p), key=_group):
-                states = [model_state(ck.file(t, p, e)) for t in range(ck.tp)]
+                states = [ck.state(t, p, e) for t in range(ck.tp)]
                 for _, rule, mg_name, names in group:
-                    for name, tensor in _merged(rule, mg_name, names, states, ck, p, e, facts,
+                    for name, tensor in merge_row(rule, mg_name, names, states, ck, p, e, facts,
                                                 hf_config_dir).items():
                         writer.write(name, tensor)
                         n_done += 1
@@ -111,14 +112,16 @@ def _group(item) -> tuple[int, list[str]]:
     return ep_rank, mg_name.split(".")[:7 if is_expert(rule) else 3]
 
 
-def _merged(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
-            ep_rank: int, facts: ModelFacts, config_dir) -> dict[str, torch.Tensor]:
+def merge_row(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
+            ep_rank: int, facts: ModelFacts, config_dir, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
+    """The HF tensors of one row from its TP shards; vocab_size: the vocabulary rows kept (default config.json's:
+    the padding dropped)."""
     missing = [ck.file(t, pp_rank, ep_rank) for t, sd in enumerate(states) if mg_name not in sd]
     if missing:
         raise UserError(f"{missing[0]}: tensor {mg_name} missing; the checkpoint does not match "
                         f"{facts.architecture} from {config_dir}")
     try:
-        return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, facts.vocab_size)
+        return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, vocab_size or facts.vocab_size)
     except RuntimeError as e:  # shapes that do not fit the config's heads / sizes
         raise UserError(f"{ck.file(0, pp_rank, ep_rank)}: tensor {mg_name} does not fit {config_dir}/config.json "
                         f"({e}); pass the config of the trained model") from None

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 
 from ascendfactory.ckpt.lora import LORA_A, LORA_B
-from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout
+from ascendfactory.ckpt.reader import read_checkpoint_layout
 from ascendfactory.convert import chatglm
 from ascendfactory.convert.fingerprint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_complete, adapter_fingerprint
 from ascendfactory.convert.target import staged, up_to_date
@@ -32,7 +32,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
 
     facts = read_model_facts(hf_config_dir)
     ck = read_checkpoint_layout(mg_dir, iteration)
-    args = rank_args(ck.file(0, 0))
+    args = ck.args()
     if args.get("finetuning_type") != "lora":
         raise UserError(f"{ck.path}: iteration {ck.iteration} holds no LoRA adapters (not a finetuning_type lora "
                         "checkpoint); export it with mg2hf")
@@ -48,7 +48,7 @@ def export_peft_adapter(mg_dir, out_dir, hf_config_dir, iteration: int | None = 
         by_ep = {}  # EP rank -> its TP ranks' states (MoE: an expert's adapters are in its EP rank's files)
         for e, rule, mg_name, names in merged_items(facts, rules_for(facts, ck.pp), layout, p):
             if e not in by_ep:
-                by_ep[e] = [model_state(ck.file(t, p, e), fold_adapters=False) for t in range(ck.tp)]
+                by_ep[e] = [ck.state(t, p, e, fold_adapters=False) for t in range(ck.tp)]
             states = by_ep[e]
             stem = mg_name.removesuffix("weight")
             if stem + LORA_A not in states[0]:

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import logging
 
-from ascendfactory.ckpt.files import read_tracker
-from ascendfactory.config.paths import RunPaths
+from ascendfactory.ckpt.files import read_tracker, saved_layout
+from ascendfactory.config.paths import RunPaths, reshard_on_load
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
     adapter_complete,
@@ -18,11 +18,12 @@ from ascendfactory.convert.fingerprint import (
     conversion_fingerprint,
     export_complete,
     export_fingerprint,
+    reshard_fingerprint,
 )
 from ascendfactory.convert.options import dtype_name
 from ascendfactory.convert.target import ours
 from ascendfactory.errors import UserError
-from ascendfactory.layout import plan_layout
+from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout, stage_layers
 from ascendfactory.modelinfo import read_model_facts
 
 log = logging.getLogger(__name__)
@@ -36,9 +37,26 @@ def _convert_plan(cfg: ExpConfig):
     return layout, conversion_fingerprint(cfg.model_name_or_path, layout, None)
 
 
+def _decide_reshard(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
+    """ckpt_load_type 1 from a legacy checkpoint of another layout (config.paths.reshard_on_load)."""
+    target, src = paths.converted_ckpt_dir, cfg.user_converted_ckpt_path
+    layers = stage_layers(read_model_facts(cfg.model_name_or_path).num_layers, cfg.pp,
+                          parse_layer_list(cfg.num_layer_list), keys=("num_layer_list", "pipeline_model_parallel_size"))
+    fp = reshard_fingerprint(src, read_tracker(src), (cfg.tp, cfg.pp, cfg.ep, layers), "legacy",
+                             cfg.model_name_or_path, full=False)
+    if ours(target, "resharded checkpoint dir") == fp and conversion_complete(
+            target, ShardPlan(cfg.tp, cfg.pp, tuple(layers), 0, 0, cfg.ep)):
+        return False, f"{target} already holds the weights of {src} at the run's layout"
+    tp, pp, ep = saved_layout(src)
+    return True, (f"weights of {src} (TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}) resharded -> {target} "
+                  f"(ckpt_load_type 1)")
+
+
 def decide_convert(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     if cfg.ckpt_load_type == 0:
         return False, "ckpt_load_type is 0 (random init): no weights to convert"
+    if cfg.user_converted_ckpt_path and reshard_on_load(cfg):
+        return _decide_reshard(cfg, paths)
     if cfg.user_converted_ckpt_path:
         return False, f"using user_converted_ckpt_path {cfg.user_converted_ckpt_path}"
     layout, fp = _convert_plan(cfg)
@@ -53,6 +71,16 @@ def decide_convert(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
 
 def run_convert(cfg: ExpConfig, paths: RunPaths) -> None:
     from ascendfactory.convert.hf2mg import hf_to_megatron
+
+    if cfg.user_converted_ckpt_path:  # only here when reshard_on_load: a legacy checkpoint of another layout
+        from ascendfactory.convert.reshard import reshard
+
+        log.info(f"weights: {cfg.user_converted_ckpt_path} is a legacy checkpoint of another layout than the run's; "
+                 f"its weights are resharded into {paths.converted_ckpt_dir} and loaded from there")
+        reshard(cfg.user_converted_ckpt_path, paths.converted_ckpt_dir, cfg.tp, cfg.pp, cfg.ep, cfg.num_layer_list,
+                "legacy", cfg.model_name_or_path, weights_only=True, replace_ours=True,
+                flag="resharded checkpoint dir")
+        return
 
     # Our own folder under output_dir (pipeline.check_outputs refused one that no run there made): a conversion
     # of another source / layout there is stale, replace it.

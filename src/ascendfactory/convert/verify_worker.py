@@ -32,7 +32,7 @@ def run_job(job: dict) -> None:
     from megatron.core import tensor_parallel
 
     from ascendfactory.ckpt.lora import has_adapters
-    from ascendfactory.ckpt.reader import model_state, rank_args, read_checkpoint_layout, trust_checkpoints
+    from ascendfactory.ckpt.reader import read_checkpoint_layout, trust_checkpoints
     from ascendfactory.convert.options import torch_dtype
     from ascendfactory.engine.lora import LoRASpec, apply_lora
     from ascendfactory.engine.model import Parallel, build_gpt_model, transformer_config
@@ -50,11 +50,12 @@ def run_job(job: dict) -> None:
         model = build_gpt_model(facts, cfg, pre_process=first, post_process=last,
                                 vocab_size=ck.padded_vocab_size)
         dtype = torch_dtype(job.get("dtype"), torch.float32)
-        f = ck.file(tp_rank, pp_rank, ps.get_expert_model_parallel_rank())
-        state = model_state(f, fold_adapters=False)
+        rank = (tp_rank, pp_rank, ps.get_expert_model_parallel_rank())
+        f = ck.file(*rank)
+        state = dict(ck.state(*rank, fold_adapters=False))  # a torch_dist checkpoint's: one TP1 PP1 rank
         if has_adapters(state):
             # The trained model as it ran (adapters beside frozen weights): checks the HF side's merged weights.
-            apply_lora(model, LoRASpec.from_args(rank_args(f)), 0, ck.tp, tp_rank)
+            apply_lora(model, LoRASpec.from_args(ck.args()), 0, ck.tp, tp_rank)
         _load_strict(model, state, f, dtype)
         model.eval()
         ref = torch.load(job["reference"], weights_only=True)  # verify.py's tokens and logits: tensors only

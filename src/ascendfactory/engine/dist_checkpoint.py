@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import pickle
 from pathlib import Path
 
 import torch.distributed as dist
 
+from ascendfactory.ckpt.dist import COMMON_FILE, read_common, read_index
 from ascendfactory.ckpt.files import _crc32_of, problem_of
 from ascendfactory.ckpt.lora import is_lora_key
 from ascendfactory.ckpt.reader import load_file, resume_problem
@@ -27,7 +27,6 @@ from ascendfactory.logs import TRAIN
 
 train_log = logging.getLogger(TRAIN)
 
-COMMON_FILE = "common.pt"  # megatron-core's COMMON_STATE_FNAME
 # Optimizer state that loads into any TP / PP / DP / CP layout (megatron-core gathers it per parameter), keyed by
 # parameter name alone: without the chained_<i> prefix EP can change too (megatron-core gives the experts an
 # optimizer of their own only at EP > 1).
@@ -251,11 +250,6 @@ def _count(optimizer) -> int:
     return len(getattr(optimizer, "chained_optimizers", [optimizer]))
 
 
-def read_common(iter_path: Path) -> dict:
-    """common.pt (args, iteration, scheduler), read safely."""
-    return load_file(Path(iter_path) / COMMON_FILE)
-
-
 def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int | None:
     """Collective: weights (and with `full` the optimizer, scheduler, RNG) of a torch_dist checkpoint, resharded
     by megatron-core into this run's layout; returns the consumed samples its args record."""
@@ -299,51 +293,12 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
     return args.get("consumed_train_samples")
 
 
-DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index of the shards: a plain pickle
-_DCP_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                "torch.distributed.checkpoint.filesystem")
-
-
-class _IndexUnpickler(pickle.Unpickler):
-    """Rebuilds only what torch writes into .metadata: its checkpoint record classes, torch.Size, dtypes and
-    layouts by name; anything else (a callable that would run code) is refused."""
-
-    def find_class(self, module, name):
-        import torch
-
-        found = super().find_class(module, name) if module in (*_DCP_MODULES, "torch") else None
-        if (module in _DCP_MODULES and isinstance(found, type)) or found is torch.Size \
-                or isinstance(found, torch.dtype) or (module, name) == ("torch.serialization", "_get_layout"):
-            return found if found is not None else super().find_class(module, name)
-        raise pickle.UnpicklingError(f"GLOBAL {module}.{name}")
-
-
-def check_index(iter_path: Path) -> None:
-    """torch.distributed.checkpoint unpickles .metadata in full when loading: it is read here first, safely
-    (unless trust_checkpoint), so that a crafted one is refused naming it, as load_file refuses other files."""
-    from ascendfactory.ckpt.reader import trusting
-
-    path = Path(iter_path) / DCP_METADATA
-    if trusting():
-        return
-    try:
-        with open(path, "rb") as f:
-            _IndexUnpickler(f).load()
-    except pickle.UnpicklingError as e:
-        if str(e).startswith("GLOBAL "):
-            raise UserError(f"{path}: refused to load type {str(e)[7:]}: unpickling it could run code from the "
-                            "file; only if you trust whoever wrote it, set trust_checkpoint: true") from None
-        raise UserError(f"{path}: unreadable checkpoint file ({e})") from None
-    except (OSError, EOFError, ValueError, TypeError, AttributeError) as e:
-        raise UserError(f"{path}: unreadable checkpoint file ({type(e).__name__}: {e})") from None
-
-
 def check_loadable(iter_path: Path, require_manifest: bool) -> int:
     """The checkpoint is complete (any layout: megatron-core reshards it); returns its padded vocabulary size,
     read before the model is built. UserError otherwise."""
     if problem := problem_of(iter_path, require_manifest):
         raise UserError(f"{iter_path}: cannot load ({problem}); pick another checkpoint")
-    check_index(iter_path)
+    read_index(iter_path)  # torch would unpickle it in full: read safely first, so a crafted one is refused
     padded = (read_common(iter_path).get("args") or {}).get("padded_vocab_size")
     if not padded:
         raise UserError(f"{iter_path / COMMON_FILE}: no padded_vocab_size in its args; not a checkpoint of ours")

@@ -23,11 +23,12 @@ from ascendfactory.errors import UserError
 
 
 def reshard_full(src: Path, dst: Path, tp: int, pp: int, ep: int, ckpt_format: str,
-                 model_dir: Path | None = None) -> None:
+                 model_dir: Path | None = None, num_layer_list: list[int] | None = None) -> None:
     """`src`'s newest checkpoint (its tracker's) into `dst` at TP `tp`, PP `pp`, EP `ep`, format `ckpt_format`
     (legacy | torch_dist). `model_dir`: the HF model folder the checkpoint was trained from (its config.json
-    builds the model); default: the source_model its args record. UserError (exit 2) on bad input; a failed
-    run raises UserError with its last error line."""
+    builds the model); default: the source_model its args record. `num_layer_list`: the legacy target's layers
+    per PP stage (default: the source's where its PP is kept, else an even split). UserError (exit 2) on bad
+    input; a failed run raises UserError with its last error line."""
     src, dst = Path(src), Path(dst)
     args, distributed = _checkpoint_args(src)
     model = Path(model_dir or args.get("source_model") or "")
@@ -42,20 +43,20 @@ def reshard_full(src: Path, dst: Path, tp: int, pp: int, ep: int, ckpt_format: s
     with tempfile.TemporaryDirectory(prefix="reshard_") as work:
         work = Path(work)
         if ckpt_format == "torch_dist":  # one run at the source layout: any layout resumes the result
-            _run(src, dst, source, "torch_dist", args, model, distributed, work / "run")
+            _run(src, dst, source, "torch_dist", args, model, distributed, work / "run", None)
         elif L.is_torch_dist(it_dir):  # one run at the target layout: megatron-core reshards on load
-            _run(src, dst, (tp, pp, ep), "legacy", args, model, distributed, work / "run")
+            _run(src, dst, (tp, pp, ep), "legacy", args, model, distributed, work / "run", num_layer_list)
         else:
             mid = work / "torch_dist"
-            _run(src, mid, source, "torch_dist", args, model, distributed, work / "run1")
-            _run(mid, dst, (tp, pp, ep), "legacy", args, model, distributed, work / "run2")
+            _run(src, mid, source, "torch_dist", args, model, distributed, work / "run1", None)
+            _run(mid, dst, (tp, pp, ep), "legacy", args, model, distributed, work / "run2", num_layer_list)
 
 
 def _checkpoint_args(src: Path) -> tuple[dict, bool]:
     """The args the checkpoint's run recorded, and whether it used the distributed optimizer (whose state
     loads only into one)."""
+    from ascendfactory.ckpt.dist import read_common
     from ascendfactory.ckpt.reader import rank_args, read_checkpoint_layout
-    from ascendfactory.engine.dist_checkpoint import read_common
 
     it_dir = src / L.iter_dir_name(L.read_tracker(src))
     if L.is_torch_dist(it_dir):
@@ -72,18 +73,20 @@ def _free_port() -> int:
 
 
 def _run(src: Path, dst: Path, layout: tuple[int, int, int], ckpt_format: str, args: dict, model: Path,
-         distributed: bool, work: Path) -> None:
-    """One engine run: load `src` in full at `layout`, save it into `dst` as `ckpt_format`."""
+         distributed: bool, work: Path, layers: list[int] | None) -> None:
+    """One engine run: load `src` in full at `layout` (`layers` per PP stage when given), save it into `dst` as
+    `ckpt_format`."""
     tp, pp, ep = layout
     world = tp * pp * ep  # DP 1; EP splits the DP ranks, so EP needs EP of them
+    if not layers and args.get("num_layer_list") and pp == args.get("pipeline_model_parallel_size"):
+        layers = args["num_layer_list"]  # the source's own split where its PP is kept
     work.mkdir(parents=True)
     cfg = {
         "model_name_or_path": str(model), "output_dir": str(work), "processed_data_dir": str(work),
         "stage": args.get("stage") or "pt", "ckpt_load_type": 2, "user_converted_ckpt_path": str(src),
         "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp, "expert_model_parallel_size": ep,
-        # the source's own split where its layout is kept; megatron-core maps layers by their global number
-        "num_layer_list": ",".join(map(str, args["num_layer_list"]))
-        if args.get("num_layer_list") and pp == args.get("pipeline_model_parallel_size") else None,
+        # megatron-core maps layers by their global number, so any split loads
+        "num_layer_list": ",".join(map(str, layers)) if layers else None,
         "sequence_parallel": tp > 1 and bool(args.get("num_experts")),
         "seq_len": int(args.get("seq_length") or 1), "micro_batch_size": int(args.get("micro_batch_size") or 1),
         "global_batch_size": int(args.get("global_batch_size") or ep),  # a multiple of the source's DP, so of EP
