@@ -50,7 +50,13 @@ class Kind:
 
     def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
               ) -> torch.Tensor:
-        raise NotImplementedError
+        return _cat(self.shard_parts(names, read, facts, layout, tp_rank))
+
+    def shard_parts(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
+                    ) -> list[torch.Tensor]:
+        """shard's rows in consecutive pieces, for a writer that streams them without joining them in memory.
+        A kind overrides shard or this (a kind that builds its shard by joining parts)."""
+        return [self.shard(names, read, facts, layout, tp_rank)]
 
     def merge(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
               ) -> dict[str, torch.Tensor]:
@@ -81,13 +87,11 @@ class VocabRows(Kind):
 
     name = "vocab rows"
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         a, b = _part(layout.padded_vocab_size, layout.tp, tp_rank)
         real = read(names[0], rows=(min(a, layout.vocab_size), min(b, layout.vocab_size)))
         pad = (b - a) - real.shape[0]
-        if pad == 0:
-            return real
-        return _cat([real, real.new_zeros((pad, *real.shape[1:]))])
+        return [real] if pad == 0 else [real, real.new_zeros((pad, *real.shape[1:]))]
 
     def merge(self, names, shards, facts, vocab_size):
         return {names[0]: _cat(shards)[:vocab_size]}
@@ -133,18 +137,19 @@ class FusedQKV(ColumnParallel):
     groups."""
 
     name = "fused qkv"
+    shard = Kind.shard  # the join of shard_parts, not ColumnParallel's one read
 
     @staticmethod
     def _rows(facts: ModelFacts) -> tuple[int, int]:
         """Rows per kv group: of q (nh/ng heads) and of k or v (one head)."""
         return facts.num_heads // facts.num_kv_heads * facts.head_dim, facts.head_dim
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         q_rows, kv_rows = self._rows(facts)
         g0, g1 = _part(facts.num_kv_heads, layout.tp, tp_rank)
-        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, (q_rows, kv_rows, kv_rows))]
-        rest = parts[0].shape[1:]
-        return _cat([p.reshape(g1 - g0, -1, *rest) for p in parts], dim=1).reshape(-1, *rest)
+        rows = (q_rows, kv_rows, kv_rows)
+        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, rows)]
+        return [p[g * r:(g + 1) * r] for g in range(g1 - g0) for p, r in zip(parts, rows)]
 
     def merge(self, names, shards, facts, vocab_size):
         q_rows, kv_rows = self._rows(facts)
@@ -160,6 +165,7 @@ class FusedGateUp(ColumnParallel):
     gate_up_proj). F comes from the tensor, so an expert's own MLP size needs nothing else."""
 
     name = "fused gate/up"
+    shard = Kind.shard  # the join of shard_parts, not ColumnParallel's one read
 
     @staticmethod
     def _sources(names: list[str], read: Reader) -> list[tuple[str, int, int]]:
@@ -169,12 +175,12 @@ class FusedGateUp(ColumnParallel):
         f = read.shape(names[0])[0] // 2
         return [(names[0], 0, f), (names[0], f, f)]
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         parts = []
         for name, first, rows in self._sources(names, read):
             a, b = _part(rows, layout.tp, tp_rank)
             parts.append(read(name, rows=(first + a, first + b)))
-        return _cat(parts)
+        return parts
 
     def merge(self, names, shards, facts, vocab_size):
         halves = [s.chunk(2) for s in shards]

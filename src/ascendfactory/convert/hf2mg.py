@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ascendfactory.ckpt.files import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
+from ascendfactory.ckpt.torchfile import Planned, TorchFileWriter
 from ascendfactory.convert.chatglm import open_reader
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
@@ -18,6 +20,7 @@ from ascendfactory.families import Rule, hf_shape, model_items, rules_for
 from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
 from ascendfactory.modelinfo import ModelFacts
 from ascendfactory.progress import Progress
+from ascendfactory.sharding import Reader
 
 
 def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: ShardPlan) -> None:
@@ -31,6 +34,48 @@ def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: lis
                 if read.shape(name) != hf_shape(template, facts):
                     raise UserError(f"{read.where[name]}: tensor {name} has shape {read.shape(name)}, config.json "
                                     f"implies {hf_shape(template, facts)}; the weights do not match config.json")
+
+
+def write_rank_file(path: Path, args: dict, items: list, read: Reader, facts: ModelFacts, layout: ShardPlan,
+                    tp_rank: int, cast: torch.dtype | None, progress: Callable[[int], None] = lambda k: None) -> int:
+    """TP rank `tp_rank`'s file of `items` ((rule, megatron name, HF names), a stage's or an EP rank's), with the
+    bytes torch.save writes for {"args", "checkpoint_version", "iteration", "model"}; returns its tensor bytes.
+    The pickle is planned from shapes alone (the kinds run on meta tensors), then each tensor is read and
+    written in its parts, one at a time."""
+    meta = _MetaReader(read)
+    model = {}
+    for rule, mg_name, names in items:
+        m = rule.kind.shard(names, meta, facts, layout, tp_rank)
+        model[mg_name] = Planned(m.shape, cast or m.dtype)
+    with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
+        w = TorchFileWriter(f, {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
+                                "model": model})
+        for k, (rule, _, names) in enumerate(items):
+            w.write(*(part.to(cast) if cast else part for part in
+                      rule.kind.shard_parts(names, read, facts, layout, tp_rank)))
+            progress(k + 1)
+        w.close()
+    return sum(p.nbytes for p in model.values())
+
+
+class _MetaReader:
+    """A Reader giving meta tensors of the real one's shapes and dtypes: plans a shard without its data."""
+
+    def __init__(self, read: Reader):
+        self.read, self.dtypes = read, {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.read.shape(name)
+
+    def __call__(self, name: str, rows=None, cols=None) -> torch.Tensor:
+        shape = list(self.read.shape(name))
+        if name not in self.dtypes:  # the dtype from a read of no rows (no data read)
+            self.dtypes[name] = self.read(name, rows=(0, 0)).dtype
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        if cols is not None:
+            shape[1] = cols[1] - cols[0]
+        return torch.empty(shape, dtype=self.dtypes[name], device="meta")
 
 
 def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype: str | None = None,
@@ -57,27 +102,19 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                            facts.num_experts, tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
     with disk_full_as_error(f"{flag} {mg_dir}"), staged(mg_dir, fp) as tmp:
         done = 0
-        # One rank file at a time, each built from only its own slices (its experts, its TP part): memory is one
-        # rank's share, whatever the number of experts or layers.
+        # One rank file at a time, streamed tensor by tensor (ckpt.torchfile): memory is one tensor (one
+        # expert's), whatever the number of experts or layers.
         for p, e in ((p, e) for p in range(pp) for e in range(ep)):
             items = list(model_items(facts, rules, layout, p, e))
             for t in range(tp):
                 t0, rank = time.time(), rank_dir_name(t, p, pp, e, ep)
-                sd = {}
-                for rule, mg_name, names in items:
-                    tensor = rule.kind.shard(names, read, facts, layout, t)
-                    sd[mg_name] = (tensor.to(cast) if cast else tensor).contiguous()
-                    log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
                 path = rank_file(tmp, ITERATION, t, p, pp, e, ep)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
-                    torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
-                                "model": sd}, f)
+                size = write_rank_file(path, args, items, read, facts, layout, t, cast,
+                                       lambda k: log.heartbeat(f"{rank}: {k}/{len(items)} tensors"))
                 done += 1
-                size = sum(v.numel() * v.element_size() for v in sd.values())
-                log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(sd)} tensors, {size / 2**20:.1f} MiB "
+                log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(items)} tensors, {size / 2**20:.1f} MiB "
                         f"in {time.time() - t0:.1f} s")
-                del sd
         write_tracker(tmp, ITERATION)
     ep_part = f" EP{ep}" if ep > 1 else ""
     log.say(f"wrote {mg_dir} (TP{tp} PP{pp}{ep_part}, layers {list(layout.layers)}, vocab {facts.vocab_size}"
