@@ -193,5 +193,6 @@ def _central(name: bytes, size: int, crc: int, ofs: int) -> bytes:
     fields = (struct.pack("<QQ", size, size) if size >= _U32 else b"") + (struct.pack("<Q", ofs) if ofs >= _U32
                                                                           else b"")
     extra = struct.pack("<HH", 1, len(fields)) + fields if fields else b""
-    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, 0x0808 if size else 0x0800, 0, 0, 0, crc, min(size, _U32),
-                       min(size, _U32), len(name), len(extra), 0, 0, 0, 0, min(ofs, _U32)) + name + extra
+    flags = 0x0808 if size else 0x0800
+    return struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 0, 0, flags, 0, 0, 0, crc, min(size, _U32), min(size, _U32),
+                       len(name), len(extra), 0, 0, 0, 0, min(ofs, _U32)) + name + extra

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,7 +36,7 @@ def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: lis
 
 
 def write_rank_file(path: Path, args: dict, items: list, read: Reader, facts: ModelFacts, layout: ShardPlan,
-                    tp_rank: int, cast: torch.dtype | None, progress: Callable[[int], None] = lambda k: None) -> int:
+                    tp_rank: int, cast: torch.dtype | None, log: Progress | None = None) -> int:
     """TP rank `tp_rank`'s file of `items` ((rule, megatron name, HF names), a stage's or an EP rank's), with the
     bytes torch.save writes for {"args", "checkpoint_version", "iteration", "model"}; returns its tensor bytes.
     The pickle is planned from shapes alone (the kinds run on meta tensors), then each tensor is read and
@@ -53,7 +52,8 @@ def write_rank_file(path: Path, args: dict, items: list, read: Reader, facts: Mo
         for k, (rule, _, names) in enumerate(items):
             w.write(*(part.to(cast) if cast else part for part in
                       rule.kind.shard_parts(names, read, facts, layout, tp_rank)))
-            progress(k + 1)
+            if log:
+                log.heartbeat(f"{path.parent.name}: {k + 1}/{len(items)} tensors")
         w.close()
     return sum(p.nbytes for p in model.values())
 
@@ -110,8 +110,7 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                 t0, rank = time.time(), rank_dir_name(t, p, pp, e, ep)
                 path = rank_file(tmp, ITERATION, t, p, pp, e, ep)
                 path.parent.mkdir(parents=True, exist_ok=True)
-                size = write_rank_file(path, args, items, read, facts, layout, t, cast,
-                                       lambda k: log.heartbeat(f"{rank}: {k}/{len(items)} tensors"))
+                size = write_rank_file(path, args, items, read, facts, layout, t, cast, log)
                 done += 1
                 log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(items)} tensors, {size / 2**20:.1f} MiB "
                         f"in {time.time() - t0:.1f} s")
