@@ -31,10 +31,9 @@ def streamed(obj, pieces: int = 1) -> bytes:
     """obj written by TorchFileWriter, each tensor in `pieces` consecutive row ranges where it has rows."""
     tensors: list[torch.Tensor] = []
     buf = io.BytesIO()
-    w = TorchFileWriter(buf, _planned(obj, tensors))
-    for t in tensors:
-        w.write(*(t.reshape(-1).tensor_split(pieces) if t.dim() else [t]))
-    w.close()
+    with TorchFileWriter(buf, _planned(obj, tensors)) as w:
+        for t in tensors:
+            w.write(*(t.reshape(-1).tensor_split(pieces) if t.dim() else [t]))
     return buf.getvalue()
 
 
@@ -79,11 +78,10 @@ def test_writer_bytes_equal_torch_save(state, pieces):
 
 
 def test_writer_refuses_what_was_not_planned():
-    w = TorchFileWriter(io.BytesIO(), {"a": Planned((2, 3), torch.float32)})
-    with pytest.raises(ValueError, match="do not make the planned"):
-        w.write(torch.zeros(2, 3, dtype=torch.bfloat16))
-    with pytest.raises(ValueError, match="wrote 0 of 1"):
-        w.close()
+    planned = {"a": Planned((2, 3), torch.float32)}
+    with pytest.raises(ValueError, match="wrote 0 of 1"), TorchFileWriter(io.BytesIO(), planned) as w:
+        with pytest.raises(ValueError, match="do not make the planned"):
+            w.write(torch.zeros(2, 3, dtype=torch.bfloat16))
 
 
 @pytest.mark.parametrize("family, tp, pp, ep, dtype", [("qwen2", 2, 2, 1, None), ("qwen3_moe", 2, 2, 2, "bf16")])

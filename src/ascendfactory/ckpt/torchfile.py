@@ -4,7 +4,8 @@ torch.save(obj, f) pickles obj into a record `data.pkl`, then writes every tenso
 archive (stored, data 64-byte aligned, CRC-32 in a data descriptor after the data, zip64 fields past 4 GiB). Here
 data.pkl is pickled from planned tensors (Planned: shape and dtype only), so it is known before any data, and each
 storage record is written when its tensor is produced, in pieces if it comes in parts (a fused tensor's parts in
-order): memory holds one tensor, not the file, and fused tensors are never joined in memory.
+order): memory holds the tensor being written and the next one, not the file, and fused tensors are never
+joined in memory.
 
 The zip container is written here, not by torch's writer (miniz), because that takes a record only whole and
 computes its CRC-32 at about a quarter of zlib's speed. The CRC cannot be skipped: it is in the bytes. The bytes
@@ -23,6 +24,7 @@ import sys
 import zipfile
 import zlib
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO
 
 import torch
@@ -112,11 +114,15 @@ def _torch_closing_records(names: list[str]) -> tuple[list[tuple[str, bytes]], s
 
 class TorchFileWriter:
     """Writes torch.save(obj)'s bytes to the binary file object `f`, obj holding Planned tensors: write() each
-    tensor's data in the order of `planned` (the order torch.save writes them: first seen while pickling),
-    then close()."""
+    tensor's data in the order of `planned` (the order torch.save writes them: first seen while pickling);
+    leaving the `with` block completes the file.
+
+    The file writes happen on a thread of their own, one record behind: the caller reads (and the CRC of) the
+    next tensor while the previous one is written, so a tensor's memory is held until the next write() returns."""
 
     def __init__(self, f: BinaryIO, obj):
         self.f, self.pos, self.entries, self.names, self.crcs = f, 0, [], [], 0
+        self.pool, self.queued = ThreadPoolExecutor(1, thread_name_prefix="torchfile"), []
         data, self.planned = _pickle(obj)
         self.next = 0
         self._record("data.pkl", data)
@@ -136,7 +142,19 @@ class TorchFileWriter:
                                            for t in parts if t.numel()])
         self.next += 1
 
-    def close(self) -> None:
+    def __enter__(self) -> TorchFileWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self._close()
+        finally:
+            for q in self.queued:
+                q.cancel()
+            self.pool.shutdown()  # waits for a write in progress: the caller closes f next
+
+    def _close(self) -> None:
         if self.next != len(self.planned):
             raise ValueError(f"wrote {self.next} of {len(self.planned)} planned tensors")
         closing, names_hash = _torch_closing_records(self.names)
@@ -151,11 +169,18 @@ class TorchFileWriter:
                   + struct.pack("<IIQI", 0x07064B50, 0, eocd64, 1)
                   + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, min(n, 0xFFFF), min(n, 0xFFFF), min(cd_size, _U32),
                                 min(cd_start, _U32), 0))
+        self._wait()
         self.f.flush()
 
     def _put(self, b) -> None:
-        self.f.write(b)
+        self.queued.append(self.pool.submit(self.f.write, b))
         self.pos += len(b)
+
+    def _wait(self) -> None:
+        """Until every queued write is done; a write's error (a full disk's OSError) is raised here."""
+        for q in self.queued:
+            q.result()
+        self.queued = []
 
     def _record(self, name: str, data) -> None:
         """One stored record, as miniz writes it for torch (its data given whole or in pieces)."""
@@ -167,13 +192,9 @@ class TorchFileWriter:
         extra = struct.pack("<HH", 1, len(fields)) + fields if zip64 else b""
         pad = -(ofs + 30 + len(full) + len(extra) + 4) % _ALIGN  # data aligned by a "FB" extra field of Z's
         extra += b"FB" + struct.pack("<H", pad) + b"Z" * pad
-        flags = 0x0808 if size else 0x0800  # UTF-8 names; a data descriptor after any data
-        self._put(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra))
-                  + full + extra)
         crc = 0
         for b in pieces:
             crc = zlib.crc32(b, crc)
-            self._put(b)
         head = b""
         for b in pieces:
             head += bytes(b[:8 - len(head)])
@@ -181,6 +202,12 @@ class TorchFileWriter:
             # torch's writer takes any write starting like a data descriptor for one: a record whose data does
             # so adds its bytes 4-8 to the serialization id's CRC part, as miniz writes the data in one call
             self.crcs = _hash_combine(self.crcs, struct.unpack_from("<I", head, 4)[0])
+        self._wait()  # the previous record is on disk (its memory free) before this one is queued
+        flags = 0x0808 if size else 0x0800  # UTF-8 names; a data descriptor after any data
+        self._put(struct.pack("<IHHHHHIIIHH", 0x04034B50, 0, flags, 0, 0, 0, 0, 0, 0, len(full), len(extra))
+                  + full + extra)
+        for b in pieces:
+            self._put(b)
         if size:
             self.crcs = _hash_combine(self.crcs, crc)
             self._put(struct.pack("<IIQQ", _DESCRIPTOR, crc, size, size) if zip64

@@ -46,15 +46,14 @@ def write_rank_file(path: Path, args: dict, items: list, read: Reader, facts: Mo
     for rule, mg_name, names in items:
         m = rule.kind.shard(names, meta, facts, layout, tp_rank)
         model[mg_name] = Planned(m.shape, cast or m.dtype)
-    with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
-        w = TorchFileWriter(f, {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION,
-                                "model": model})
+    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": ITERATION, "model": model}
+    # a Python file: a full disk surfaces as its OSError
+    with open(path, "wb") as f, TorchFileWriter(f, state) as w:
         for k, (rule, _, names) in enumerate(items):
             w.write(*(part.to(cast) if cast else part for part in
                       rule.kind.shard_parts(names, read, facts, layout, tp_rank)))
             if log:
                 log.heartbeat(f"{path.parent.name}: {k + 1}/{len(items)} tensors")
-        w.close()
     return sum(p.nbytes for p in model.values())
 
 
