@@ -60,7 +60,13 @@ class Kind:
 
     def merge(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
               ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return {n: _cat(parts) for n, parts in self.merge_parts(names, shards, facts, vocab_size).items()}
+
+    def merge_parts(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
+                    ) -> dict[str, list[torch.Tensor]]:
+        """merge's tensors each in consecutive row pieces (views of the shards), for a writer that streams them
+        without joining them in memory. A kind overrides merge or this."""
+        return {n: [t] for n, t in self.merge(names, shards, facts, vocab_size).items()}
 
     def split_adapter(self, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts: ModelFacts
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -93,8 +99,12 @@ class VocabRows(Kind):
         pad = (b - a) - real.shape[0]
         return [real] if pad == 0 else [real, real.new_zeros((pad, *real.shape[1:]))]
 
-    def merge(self, names, shards, facts, vocab_size):
-        return {names[0]: _cat(shards)[:vocab_size]}
+    def merge_parts(self, names, shards, facts, vocab_size):
+        parts, left = [], vocab_size
+        for s in shards:  # the padding rows dropped
+            parts.append(s[:left])
+            left -= parts[-1].shape[0]
+        return {names[0]: parts}
 
 
 class ColumnParallel(Kind):
@@ -107,8 +117,8 @@ class ColumnParallel(Kind):
     def shard(self, names, read, facts, layout, tp_rank):
         return read(names[0], rows=_part(read.shape(names[0])[0], layout.tp, tp_rank))
 
-    def merge(self, names, shards, facts, vocab_size):
-        return {names[0]: _cat(shards)}
+    def merge_parts(self, names, shards, facts, vocab_size):
+        return {names[0]: list(shards)}
 
     def split_adapter(self, names, a, b, facts):
         # the delta of a fused part is B_part A: its own rows of B (as merge takes them from the weight), shared A
@@ -151,12 +161,11 @@ class FusedQKV(ColumnParallel):
         parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, rows)]
         return [p[g * r:(g + 1) * r] for g in range(g1 - g0) for p, r in zip(parts, rows)]
 
-    def merge(self, names, shards, facts, vocab_size):
+    def merge_parts(self, names, shards, facts, vocab_size):
         q_rows, kv_rows = self._rows(facts)
-        full = _cat(shards)
-        rest = full.shape[1:]
-        q, k, v = full.reshape(facts.num_kv_heads, -1, *rest).split([q_rows, kv_rows, kv_rows], dim=1)
-        return {n: t.reshape(-1, *rest) for n, t in zip(names, (q, k, v))}
+        groups = [g for s in shards for g in s.reshape(-1, q_rows + 2 * kv_rows, *s.shape[1:])]
+        firsts = (0, q_rows, q_rows + kv_rows)
+        return {n: [g[a:a + r] for g in groups] for n, a, r in zip(names, firsts, (q_rows, kv_rows, kv_rows))}
 
 
 class FusedGateUp(ColumnParallel):
@@ -182,10 +191,10 @@ class FusedGateUp(ColumnParallel):
             parts.append(read(name, rows=(first + a, first + b)))
         return parts
 
-    def merge(self, names, shards, facts, vocab_size):
+    def merge_parts(self, names, shards, facts, vocab_size):
         halves = [s.chunk(2) for s in shards]
-        gate, up = _cat([h[0] for h in halves]), _cat([h[1] for h in halves])
-        return {names[0]: gate, names[1]: up} if len(names) == 2 else {names[0]: _cat([gate, up])}
+        gate, up = [h[0] for h in halves], [h[1] for h in halves]
+        return {names[0]: gate, names[1]: up} if len(names) == 2 else {names[0]: gate + up}
 
 
 REPLICATED = Replicated()
