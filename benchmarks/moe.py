@@ -142,9 +142,9 @@ def bench_convert(work: Path) -> None:
     size = (work / "hf" / "model.safetensors").stat().st_size / 2**20
     print(f"conversion: Qwen3-MoE, {BIG_MOE['num_experts']} experts, {BIG_MOE['num_hidden_layers']} layers, "
           f"{size:.0f} MiB bf16, TP{TP} PP{PP} EP{EP}")
-    print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}")
+    print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}{'load':>7}")
     for name, r in res.items():
-        print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}")
+        print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}{r['load']:>7.1f}")
     for op in ("hf2mg", "mg2hf"):
         o, b = res[f"ours_{op}"], res[f"base_{op}"]
         print(f"{op}: time ours/baseline = {o['seconds'] / b['seconds']:.2f}, "
