@@ -60,7 +60,7 @@ class ShardedWriter:
         """The next planned tensor: one tensor, or its consecutive row pieces (written without joining them)."""
         fname, want, shape = self.order[self.pos]
         got = (sum(t.shape[0] for t in parts), *parts[0].shape[1:]) if parts[0].dim() else ()
-        if name != want or got != tuple(shape):
+        if name != want or got != tuple(shape) or any(t.shape[1:] != parts[0].shape[1:] for t in parts):
             raise UserError(f"tensor {name} has shape {got}, expected {want} {tuple(shape)}; "
                             f"does --hf-config-dir match the checkpoint's model?")
         if self.file is None or self.file.name != str(self.out_dir / fname):
