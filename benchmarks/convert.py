@@ -55,21 +55,26 @@ def build_model(out: Path) -> None:
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
 
 
-def step(name: str, work: Path) -> None:
-    """One measured step, run in its own process; prints a json line with its peak RSS."""
+def step(name: str, work: Path, layout: tuple[int, int, int] = (TP, PP, 1), baselines=None) -> None:
+    """One measured step, run in its own process; prints a json line with its wall and CPU seconds, peak RSS and
+    the seconds of its imports (python packages, torch: paid once per conversion, whatever the model's size).
+    layout: (TP, PP, EP) of hf2mg; baselines: (hf2mg, mg2hf) baseline functions of work (default: this file's)."""
+    tp, pp, ep = layout
+    base_hf2mg, base_mg2hf = baselines or (baseline_hf2mg, baseline_mg2hf)
     t0 = time.perf_counter()
+    imports = 0.0
+    if name.startswith("ours_"):
+        from ascendfactory.convert import api
+
+        imports = time.perf_counter() - t0
     if name == "ours_hf2mg":
-        from ascendfactory.convert.api import hf_to_megatron
-
-        hf_to_megatron(work / "hf", work / "mg_ours", TP, PP)
+        api.hf_to_megatron(work / "hf", work / "mg_ours", tp, pp, ep=ep)
     elif name == "base_hf2mg":
-        baseline_hf2mg(work)
+        base_hf2mg(work)
     elif name == "ours_mg2hf":
-        from ascendfactory.convert.api import megatron_to_hf
-
-        megatron_to_hf(work / "mg_ours", work / "hf_ours", work / "hf")
+        api.megatron_to_hf(work / "mg_ours", work / "hf_ours", work / "hf")
     elif name == "base_mg2hf":
-        baseline_mg2hf(work)
+        base_mg2hf(work)
     elif name.startswith("floor_"):
         floor(*(("hf", "mg_ours") if name == "floor_hf2mg" else ("mg_ours", "hf_ours")), work)
     import resource
@@ -77,7 +82,8 @@ def step(name: str, work: Path) -> None:
     cpu = sum(getattr(resource.getrusage(who), f) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
               for f in ("ru_utime", "ru_stime"))
     print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "cpu_seconds": cpu,
-                      "peak_rss_mib": peak_rss_mib()}))
+                      "peak_rss_mib": peak_rss_mib(), "import_seconds": imports,
+                      "load": os.getloadavg()[0]}))
 
 
 def _files(folder: Path) -> list[Path]:
@@ -153,8 +159,9 @@ def baseline_mg2hf(work: Path) -> None:
     save_file(out, str(work / "hf_base" / "model.safetensors"), metadata={"format": "pt"})
 
 
-def run_step(name: str, work: Path) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--step", name, "--workdir", str(work)],
+def run_step(name: str, work: Path, script: str = __file__, *extra: str) -> dict:
+    """`script --step name --workdir work [extra]` in a fresh process: its json line."""
+    r = subprocess.run([sys.executable, script, "--step", name, "--workdir", str(work), *extra],
                        capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"{name} failed:\n{r.stderr[-4000:]}")
@@ -183,25 +190,29 @@ def main() -> None:
                 shutil.rmtree(work / d, ignore_errors=True)
             for name in steps:
                 runs[name].append(run_step(name, work))
-        res = {name: {k: statistics.median(r[k] for r in rs) for k in ("seconds", "cpu_seconds", "peak_rss_mib")}
-               for name, rs in runs.items()}
+        keys = ("seconds", "cpu_seconds", "peak_rss_mib", "import_seconds")
+        res = {name: {k: statistics.median(r[k] for r in rs) for k in keys} for name, rs in runs.items()}
+        loads = [r["load"] for rs in runs.values() for r in rs]
         params = sum(json.loads((work / "hf_ours" / "model.safetensors.index.json").read_text())["metadata"]
                      .values()) / 2
         largest_rank = max(p.stat().st_size for p in (work / "mg_ours").rglob("*.pt")) / 2**20
         largest_hf = max(p.stat().st_size for p in (work / "hf_ours").glob("*.safetensors")) / 2**20
-        print(f"model: Qwen2-shaped, {params / 1e6:.0f}M parameters, bf16, TP{TP} PP{PP}; medians of {a.repeats}")
+        print(f"model: Qwen2-shaped, {params / 1e6:.0f}M parameters, bf16, TP{TP} PP{PP}; medians of {a.repeats}; "
+              f"1-minute load average {min(loads):.1f}-{max(loads):.1f} at the steps' ends")
         print(f"largest output file: hf2mg {largest_rank:.0f} MiB, mg2hf {largest_hf:.0f} MiB")
-        print(f"{'step':<16}{'seconds':>9}{'CPU s':>8}{'peak RSS MiB':>14}   all seconds")
+        print(f"{'step':<16}{'seconds':>9}{'CPU s':>8}{'imports s':>10}{'peak RSS MiB':>14}   all seconds")
         for name, r in res.items():
             every = " ".join(f"{x['seconds']:.1f}" for x in runs[name])
-            print(f"{name:<16}{r['seconds']:>9.1f}{r['cpu_seconds']:>8.1f}{r['peak_rss_mib']:>14.0f}   {every}")
+            print(f"{name:<16}{r['seconds']:>9.1f}{r['cpu_seconds']:>8.1f}{r['import_seconds']:>10.1f}"
+                  f"{r['peak_rss_mib']:>14.0f}   {every}")
         for op in ("hf2mg", "mg2hf"):
             o, b, f = res[f"ours_{op}"], res[f"base_{op}"], res[f"floor_{op}"]
             print(f"{op}: time ours/floor = {o['seconds'] / f['seconds']:.2f} (target <= 1.3), "
                   f"ours/baseline = {o['seconds'] / b['seconds']:.2f} (target <= 0.5), "
                   f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}; CPU seconds ours/floor = "
                   f"{o['cpu_seconds'] / f['cpu_seconds']:.2f}, "
-                  f"ours/baseline = {o['cpu_seconds'] / b['cpu_seconds']:.2f}")
+                  f"ours/baseline = {o['cpu_seconds'] / b['cpu_seconds']:.2f}; "
+                  f"time ours without its imports/floor = {(o['seconds'] - o['import_seconds']) / f['seconds']:.2f}")
         print(f"bound (largest output file + 512 MiB): hf2mg {largest_rank + 512:.0f} MiB, "
               f"mg2hf {largest_hf + 512:.0f} MiB")
     finally:

@@ -3,6 +3,7 @@ Qwen3-MoE, and hf2mg / mg2hf of a Qwen3-MoE model of a few hundred MB (16 expert
 baseline (time and peak memory).
 
     python benchmarks/moe.py [--workdir DIR] [--iters 12] [--threads 2] [--skip-train] [--skip-convert]
+    python benchmarks/moe.py --experts-memory [--workdir DIR]   hf2mg's peak memory at 16 vs 64 experts per rank
 
 Conversion at TP2 PP2 EP2; each step in a fresh process (peak RSS = its VmHWM):
 
@@ -15,28 +16,28 @@ Conversion at TP2 PP2 EP2; each step in a fresh process (peak RSS = its VmHWM):
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import _engine as E  # noqa: E402
-from convert import peak_rss_mib  # noqa: E402
+from convert import run_step, step  # noqa: E402
 from train import engine_run, plain_run  # noqa: E402
 
 # ~240M parameters in bf16 (~460 MiB): 16 experts of 1024 x 512, 6 layers
 BIG_MOE = dict(vocab_size=32000, hidden_size=1024, moe_intermediate_size=512, intermediate_size=2048, num_experts=16,
                num_experts_per_tok=4, num_hidden_layers=6, num_attention_heads=8, num_key_value_heads=4, head_dim=128)
 TP, PP, EP = 2, 2, 2
+# hf2mg's peak memory against the experts one rank file holds (TP1 PP1 EP1): 1.5 MiB per expert and layer
+EXPERTS_MEMORY = dict(BIG_MOE, hidden_size=512, moe_intermediate_size=512, num_hidden_layers=4,
+                      num_attention_heads=4, num_key_value_heads=2)
 
 
-def build_model(out: Path) -> None:
+def build_model(out: Path, sizes: dict = BIG_MOE) -> None:
     """config.json + random bf16 weights in the hub's per-expert layout (no model in memory)."""
     import torch
     import transformers
@@ -45,7 +46,7 @@ def build_model(out: Path) -> None:
     from ascendfactory.modelinfo import read_model_facts
 
     out.mkdir(parents=True)
-    cfg = transformers.Qwen3MoeConfig(**BIG_MOE, dtype="bfloat16", tie_word_embeddings=False)
+    cfg = transformers.Qwen3MoeConfig(**sizes, dtype="bfloat16", tie_word_embeddings=False)
     cfg.architectures = ["Qwen3MoeForCausalLM"]
     cfg.save_pretrained(str(out))
     facts = read_model_facts(out)
@@ -132,47 +133,36 @@ def baseline_mg2hf(work: Path) -> None:
     save_file(out, str(work / "hf_base" / "model.safetensors"), metadata={"format": "pt"})
 
 
-def step(name: str, work: Path) -> None:
-    t0 = time.perf_counter()
-    if name == "ours_hf2mg":
-        from ascendfactory.convert.api import hf_to_megatron
-
-        hf_to_megatron(work / "hf", work / "mg_ours", TP, PP, ep=EP)
-    elif name == "base_hf2mg":
-        baseline_hf2mg(work)
-    elif name == "ours_mg2hf":
-        from ascendfactory.convert.api import megatron_to_hf
-
-        megatron_to_hf(work / "mg_ours", work / "hf_ours", work / "hf")
-    elif name == "base_mg2hf":
-        baseline_mg2hf(work)
-    print(json.dumps({"step": name, "seconds": time.perf_counter() - t0, "peak_rss_mib": peak_rss_mib()}))
-
-
-def run_step(name: str, work: Path) -> dict:
-    r = subprocess.run([sys.executable, __file__, "--step", name, "--workdir", str(work)], capture_output=True,
-                       text=True)
-    if r.returncode != 0:
-        sys.exit(f"{name} failed:\n{r.stderr[-4000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
-
-
 def bench_convert(work: Path) -> None:
     if not (work / "hf" / "model.safetensors").is_file():
         build_model(work / "hf")
     for d in ("mg_ours", "mg_base", "hf_ours", "hf_base"):
         shutil.rmtree(work / d, ignore_errors=True)
-    res = {name: run_step(name, work) for name in ("base_hf2mg", "ours_hf2mg", "base_mg2hf", "ours_mg2hf")}
+    res = {name: run_step(name, work, __file__) for name in ("base_hf2mg", "ours_hf2mg", "base_mg2hf", "ours_mg2hf")}
     size = (work / "hf" / "model.safetensors").stat().st_size / 2**20
     print(f"conversion: Qwen3-MoE, {BIG_MOE['num_experts']} experts, {BIG_MOE['num_hidden_layers']} layers, "
           f"{size:.0f} MiB bf16, TP{TP} PP{PP} EP{EP}")
-    print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}")
+    print(f"{'step':<16}{'seconds':>9}{'peak RSS MiB':>14}{'load':>7}")
     for name, r in res.items():
-        print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}")
+        print(f"{name:<16}{r['seconds']:>9.1f}{r['peak_rss_mib']:>14.0f}{r['load']:>7.1f}")
     for op in ("hf2mg", "mg2hf"):
         o, b = res[f"ours_{op}"], res[f"base_{op}"]
         print(f"{op}: time ours/baseline = {o['seconds'] / b['seconds']:.2f}, "
               f"peak RSS ours/baseline = {o['peak_rss_mib'] / b['peak_rss_mib']:.2f}")
+
+
+def bench_experts_memory(work: Path) -> None:
+    """hf2mg's peak RSS with 16 and with 64 experts in its one rank file: streamed, it must not grow."""
+    print("hf2mg peak memory vs experts per rank file (Qwen3-MoE hidden 512, 4 layers, bf16, TP1 PP1 EP1)")
+    for n in (16, 64):
+        d = work / f"experts{n}"
+        if not (d / "hf" / "model.safetensors").is_file():
+            build_model(d / "hf", dict(EXPERTS_MEMORY, num_experts=n))
+        shutil.rmtree(d / "mg_ours", ignore_errors=True)
+        r = run_step("ours_hf2mg", d, __file__, "--layout", "1,1,1")
+        size = sum(p.stat().st_size for p in (d / "mg_ours").rglob("*.pt")) / 2**20
+        print(f"{n} experts: rank file {size:.0f} MiB, peak RSS {r['peak_rss_mib']:.0f} MiB, {r['seconds']:.1f} s "
+              f"(load {r['load']:.1f})")
 
 
 def bench_train(iters: int, threads: int) -> None:
@@ -202,15 +192,21 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--skip-train", action="store_true")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--layout", default=f"{TP},{PP},{EP}", help="TP,PP,EP of a --step's hf2mg")
+    ap.add_argument("--experts-memory", action="store_true",
+                    help="only hf2mg's peak memory at 16 vs 64 experts in one rank file (TP1 PP1 EP1)")
     a = ap.parse_args()
     if a.step:
-        return step(a.step, Path(a.workdir))
-    if not a.skip_train:
+        return step(a.step, Path(a.workdir), tuple(map(int, a.layout.split(","))), (baseline_hf2mg, baseline_mg2hf))
+    if not a.skip_train and not a.experts_memory:
         bench_train(a.iters, a.threads)
     if not a.skip_convert:
         work = Path(a.workdir or tempfile.mkdtemp(prefix="af-bench-moe-"))
         try:
-            bench_convert(work)
+            if a.experts_memory:
+                bench_experts_memory(work)
+            else:
+                bench_convert(work)
         finally:
             if not a.workdir:
                 shutil.rmtree(work, ignore_errors=True)

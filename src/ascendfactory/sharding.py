@@ -50,11 +50,23 @@ class Kind:
 
     def shard(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
               ) -> torch.Tensor:
-        raise NotImplementedError
+        return _cat(self.shard_parts(names, read, facts, layout, tp_rank))
+
+    def shard_parts(self, names: list[str], read: Reader, facts: ModelFacts, layout: ShardPlan, tp_rank: int
+                    ) -> list[torch.Tensor]:
+        """shard's rows in consecutive pieces, for a writer that streams them without joining them in memory.
+        A kind overrides shard or this (a kind that builds its shard by joining parts)."""
+        return [self.shard(names, read, facts, layout, tp_rank)]
 
     def merge(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
               ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError
+        return {n: _cat(parts) for n, parts in self.merge_parts(names, shards, facts, vocab_size).items()}
+
+    def merge_parts(self, names: list[str], shards: list[torch.Tensor], facts: ModelFacts, vocab_size: int
+                    ) -> dict[str, list[torch.Tensor]]:
+        """merge's tensors each in consecutive row pieces (views of the shards), for a writer that streams them
+        without joining them in memory. A kind overrides merge or this."""
+        return {n: [t] for n, t in self.merge(names, shards, facts, vocab_size).items()}
 
     def split_adapter(self, names: list[str], a: list[torch.Tensor], b: list[torch.Tensor], facts: ModelFacts
                       ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -81,16 +93,18 @@ class VocabRows(Kind):
 
     name = "vocab rows"
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         a, b = _part(layout.padded_vocab_size, layout.tp, tp_rank)
         real = read(names[0], rows=(min(a, layout.vocab_size), min(b, layout.vocab_size)))
         pad = (b - a) - real.shape[0]
-        if pad == 0:
-            return real
-        return _cat([real, real.new_zeros((pad, *real.shape[1:]))])
+        return [real] if pad == 0 else [real, real.new_zeros((pad, *real.shape[1:]))]
 
-    def merge(self, names, shards, facts, vocab_size):
-        return {names[0]: _cat(shards)[:vocab_size]}
+    def merge_parts(self, names, shards, facts, vocab_size):
+        parts, left = [], vocab_size
+        for s in shards:  # the padding rows dropped
+            parts.append(s[:left])
+            left -= parts[-1].shape[0]
+        return {names[0]: parts}
 
 
 class ColumnParallel(Kind):
@@ -103,8 +117,8 @@ class ColumnParallel(Kind):
     def shard(self, names, read, facts, layout, tp_rank):
         return read(names[0], rows=_part(read.shape(names[0])[0], layout.tp, tp_rank))
 
-    def merge(self, names, shards, facts, vocab_size):
-        return {names[0]: _cat(shards)}
+    def merge_parts(self, names, shards, facts, vocab_size):
+        return {names[0]: list(shards)}
 
     def split_adapter(self, names, a, b, facts):
         # the delta of a fused part is B_part A: its own rows of B (as merge takes them from the weight), shared A
@@ -133,25 +147,25 @@ class FusedQKV(ColumnParallel):
     groups."""
 
     name = "fused qkv"
+    shard = Kind.shard  # the join of shard_parts, not ColumnParallel's one read
 
     @staticmethod
     def _rows(facts: ModelFacts) -> tuple[int, int]:
         """Rows per kv group: of q (nh/ng heads) and of k or v (one head)."""
         return facts.num_heads // facts.num_kv_heads * facts.head_dim, facts.head_dim
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         q_rows, kv_rows = self._rows(facts)
         g0, g1 = _part(facts.num_kv_heads, layout.tp, tp_rank)
-        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, (q_rows, kv_rows, kv_rows))]
-        rest = parts[0].shape[1:]
-        return _cat([p.reshape(g1 - g0, -1, *rest) for p in parts], dim=1).reshape(-1, *rest)
+        rows = (q_rows, kv_rows, kv_rows)
+        parts = [read(n, rows=(g0 * r, g1 * r)) for n, r in zip(names, rows)]
+        return [p[g * r:(g + 1) * r] for g in range(g1 - g0) for p, r in zip(parts, rows)]
 
-    def merge(self, names, shards, facts, vocab_size):
+    def merge_parts(self, names, shards, facts, vocab_size):
         q_rows, kv_rows = self._rows(facts)
-        full = _cat(shards)
-        rest = full.shape[1:]
-        q, k, v = full.reshape(facts.num_kv_heads, -1, *rest).split([q_rows, kv_rows, kv_rows], dim=1)
-        return {n: t.reshape(-1, *rest) for n, t in zip(names, (q, k, v))}
+        groups = [g for s in shards for g in s.reshape(-1, q_rows + 2 * kv_rows, *s.shape[1:])]
+        firsts = (0, q_rows, q_rows + kv_rows)
+        return {n: [g[a:a + r] for g in groups] for n, a, r in zip(names, firsts, (q_rows, kv_rows, kv_rows))}
 
 
 class FusedGateUp(ColumnParallel):
@@ -160,6 +174,7 @@ class FusedGateUp(ColumnParallel):
     gate_up_proj). F comes from the tensor, so an expert's own MLP size needs nothing else."""
 
     name = "fused gate/up"
+    shard = Kind.shard  # the join of shard_parts, not ColumnParallel's one read
 
     @staticmethod
     def _sources(names: list[str], read: Reader) -> list[tuple[str, int, int]]:
@@ -169,17 +184,17 @@ class FusedGateUp(ColumnParallel):
         f = read.shape(names[0])[0] // 2
         return [(names[0], 0, f), (names[0], f, f)]
 
-    def shard(self, names, read, facts, layout, tp_rank):
+    def shard_parts(self, names, read, facts, layout, tp_rank):
         parts = []
         for name, first, rows in self._sources(names, read):
             a, b = _part(rows, layout.tp, tp_rank)
             parts.append(read(name, rows=(first + a, first + b)))
-        return _cat(parts)
+        return parts
 
-    def merge(self, names, shards, facts, vocab_size):
+    def merge_parts(self, names, shards, facts, vocab_size):
         halves = [s.chunk(2) for s in shards]
-        gate, up = _cat([h[0] for h in halves]), _cat([h[1] for h in halves])
-        return {names[0]: gate, names[1]: up} if len(names) == 2 else {names[0]: _cat([gate, up])}
+        gate, up = [h[0] for h in halves], [h[1] for h in halves]
+        return {names[0]: gate, names[1]: up} if len(names) == 2 else {names[0]: gate + up}
 
 
 REPLICATED = Replicated()

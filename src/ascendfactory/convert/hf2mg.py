@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from ascendfactory.ckpt.files import CHECKPOINT_VERSION, checkpoint_args, rank_dir_name, rank_file, write_tracker
+from ascendfactory.ckpt.torchfile import Planned, TorchFileWriter
 from ascendfactory.convert.chatglm import open_reader
 from ascendfactory.convert.fingerprint import conversion_complete, conversion_fingerprint
 from ascendfactory.convert.hfread import SafetensorsReader
@@ -18,6 +19,7 @@ from ascendfactory.families import Rule, hf_shape, model_items, rules_for
 from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout
 from ascendfactory.modelinfo import ModelFacts
 from ascendfactory.progress import Progress
+from ascendfactory.sharding import Reader
 
 
 def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: list[Rule], layout: ShardPlan) -> None:
@@ -33,33 +35,65 @@ def _check_source(read: SafetensorsReader, hf_dir, facts: ModelFacts, rules: lis
                                     f"implies {hf_shape(template, facts)}; the weights do not match config.json")
 
 
-def write_ranks(tmp: Path, layout: ShardPlan, items_of, shard, args: dict, cast, log: Progress,
-                iteration: int = ITERATION) -> None:
-    """The rank files of `layout` under tmp, one at a time: items_of(p, e) lists a rank's (rule, megatron name,
-    HF names), shard(rule, HF names, t) builds TP rank t's tensor of one; cast: the dtype to write (None: as
-    built)."""
+def write_ranks(tmp: Path, layout: ShardPlan, items_of, reader_of, facts: ModelFacts, args: dict, cast,
+                log: Progress, iteration: int = ITERATION) -> None:
+    """The rank files of `layout` under tmp, one at a time, each streamed tensor by tensor: items_of(p, e) lists a
+    rank's (rule, megatron name, HF names); reader_of(rule, HF names, meta) is the Reader of one row's HF tensors
+    (meta: shapes and dtypes only, to plan a file before its data); cast: the dtype to write (None: as read).
+    Memory is one tensor (one expert's), whatever the number of experts or layers."""
     done, tp, pp, ep = 0, layout.tp, layout.pp, layout.ep
-    # One rank file at a time, each built from only its own slices (its experts, its TP part): memory is one
-    # rank's share, whatever the number of experts or layers.
     for p, e in ((p, e) for p in range(pp) for e in range(ep)):
         items = list(items_of(p, e))
         for t in range(tp):
             t0, rank = time.time(), rank_dir_name(t, p, pp, e, ep)
-            sd = {}
-            for rule, mg_name, names in items:
-                tensor = shard(rule, names, t)
-                sd[mg_name] = (tensor.to(cast) if cast else tensor).contiguous()
-                log.heartbeat(f"{rank}: {len(sd)}/{len(items)} tensors")
             path = rank_file(tmp, iteration, t, p, pp, e, ep)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "wb") as f:  # a Python file: a full disk surfaces as its OSError
-                torch.save({"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration,
-                            "model": sd}, f)
+            size = write_rank_file(path, args, items, reader_of, facts, layout, t, cast, iteration, log)
             done += 1
-            size = sum(v.numel() * v.element_size() for v in sd.values())
-            log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(sd)} tensors, {size / 2**20:.1f} MiB "
+            log.say(f"[{done}/{tp * pp * ep}] {rank}: {len(items)} tensors, {size / 2**20:.1f} MiB "
                     f"in {time.time() - t0:.1f} s")
-            del sd
+
+
+def write_rank_file(path: Path, args: dict, items: list, reader_of, facts: ModelFacts, layout: ShardPlan,
+                    tp_rank: int, cast: torch.dtype | None, iteration: int = ITERATION,
+                    log: Progress | None = None) -> int:
+    """TP rank `tp_rank`'s file of `items` ((rule, megatron name, HF names), a stage's or an EP rank's), with the
+    bytes torch.save writes for {"args", "checkpoint_version", "iteration", "model"}; returns its tensor bytes.
+    The pickle is planned from shapes alone (the kinds run on meta tensors), then each tensor is read and
+    written in its parts, one at a time."""
+    model = {}
+    for rule, mg_name, names in items:
+        m = rule.kind.shard(names, reader_of(rule, names, True), facts, layout, tp_rank)
+        model[mg_name] = Planned(m.shape, cast or m.dtype)
+    state = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": model}
+    # a Python file: a full disk surfaces as its OSError
+    with open(path, "wb") as f, TorchFileWriter(f, state) as w:
+        for k, (rule, _, names) in enumerate(items):
+            w.write(*(part.to(cast) if cast else part for part in
+                      rule.kind.shard_parts(names, reader_of(rule, names, False), facts, layout, tp_rank)))
+            if log:
+                log.heartbeat(f"{path.parent.name}: {k + 1}/{len(items)} tensors")
+    return sum(p.nbytes for p in model.values())
+
+
+class _MetaReader:
+    """A Reader giving meta tensors of the real one's shapes and dtypes: plans a shard without its data."""
+
+    def __init__(self, read: Reader):
+        self.read, self.dtypes = read, {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.read.shape(name)
+
+    def __call__(self, name: str, rows=None, cols=None) -> torch.Tensor:
+        shape = list(self.read.shape(name))
+        if name not in self.dtypes:  # the dtype from a read of no rows (no data read)
+            self.dtypes[name] = self.read(name, rows=(0, 0)).dtype
+        if rows is not None:
+            shape[0] = rows[1] - rows[0]
+        if cols is not None:
+            shape[1] = cols[1] - cols[0]
+        return torch.empty(shape, dtype=self.dtypes[name], device="meta")
 
 
 def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype: str | None = None,
@@ -85,8 +119,9 @@ def hf_to_megatron(hf_dir, mg_dir, tp: int, pp: int, num_layer_list=None, dtype:
                            facts.architecture, facts.vocab_size, layout.padded_vocab_size, ep,
                            facts.num_experts, tie_word_embeddings=facts.tie_word_embeddings, dtype=dtype)
     with disk_full_as_error(f"{flag} {mg_dir}"), staged(mg_dir, fp) as tmp:
+        meta = _MetaReader(read)
         write_ranks(tmp, layout, lambda p, e: model_items(facts, rules, layout, p, e),
-                    lambda rule, names, t: rule.kind.shard(names, read, facts, layout, t), args, cast, log)
+                    lambda rule, names, planning: meta if planning else read, facts, args, cast, log)
         write_tracker(tmp, ITERATION)
     ep_part = f" EP{ep}" if ep > 1 else ""
     log.say(f"wrote {mg_dir} (TP{tp} PP{pp}{ep_part}, layers {list(layout.layers)}, vocab {facts.vocab_size}"

@@ -1,9 +1,10 @@
 """Lazy reads from an HF safetensors checkpoint: one tensor, or a row / column range of it.
 
-Each read copies the requested bytes with one positioned read (pread) straight into the returned tensor's
+Each read copies the requested bytes with positioned reads (preadv) straight into the returned tensor's
 memory: no memory map, so no page faults per 4 KiB page (system time that dominated the reads) and no
 file pages of earlier reads mapped (and counted) in this process. A row range is one contiguous byte range;
-a column range reads the rows whole and keeps its columns.
+a column range reads the same range, each row's columns into their place and the other columns into a
+scratch buffer (no copy of whole rows, no second buffer).
 """
 
 from __future__ import annotations
@@ -91,16 +92,35 @@ class SafetensorsReader:
         dtype = getattr(torch, _DTYPES[dtype])
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         first, last = rows if rows is not None else (0, shape[0] if shape else 1)
-        out = torch.empty((last - first, *shape[1:]) if shape else (), dtype=dtype)
+        out = torch.empty(((last - first, *shape[1:]) if cols is None else (last - first, cols[1] - cols[0],
+                                                                            *shape[2:])) if shape else (), dtype=dtype)
         view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        iov = [view]
+        if cols is not None:  # each row's columns straight into place, the others into one scratch buffer
+            col_bytes = row_bytes // shape[1]
+            keep, before, after = [n * col_bytes for n in (cols[1] - cols[0], cols[0], shape[1] - cols[1])]
+            skip = memoryview(bytearray(max(before, after)))
+            iov = [v for r in range(last - first) for v in (skip[:before], view[r * keep:(r + 1) * keep], skip[:after])]
         fd = os.open(self.where[name], os.O_RDONLY)
         try:
-            done, start = 0, offset + first * row_bytes
-            while done < len(view):  # pread may return fewer bytes than asked (large reads, signals)
-                got = os.preadv(fd, [view[done:]], start + done)
-                if got == 0:
-                    raise UserError(f"{self.where[name]}: truncated at tensor {name}; re-download the model")
-                done += got
+            _preadv_all(fd, iov, offset + first * row_bytes, f"{self.where[name]}: truncated at tensor {name}; "
+                        "re-download the model")
         finally:
             os.close(fd)
-        return out[:, cols[0]:cols[1]].contiguous() if cols is not None else out
+        return out
+
+
+def _preadv_all(fd: int, iov: list[memoryview], offset: int, truncated: str) -> None:
+    """Fill the buffers `iov` from consecutive bytes at `offset`: preadv takes at most IOV_MAX buffers and may
+    return fewer bytes than asked (large reads, signals); UserError(truncated) at the end of the file."""
+    iov, limit, i = [v for v in iov if len(v)], os.sysconf("SC_IOV_MAX"), 0
+    while i < len(iov):
+        got = os.preadv(fd, iov[i:i + limit], offset)
+        if got == 0:
+            raise UserError(truncated)
+        offset += got
+        while i < len(iov) and got >= len(iov[i]):
+            got -= len(iov[i])
+            i += 1
+        if got:
+            iov[i] = iov[i][got:]

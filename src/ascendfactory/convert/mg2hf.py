@@ -92,9 +92,14 @@ def megatron_to_hf(mg_dir, hf_dir, hf_config_dir, iteration: int | None = None, 
             for (e, _), group in groupby(merged_items(facts, rules, layout, p), key=_group):
                 states = [ck.state(t, p, e) for t in range(ck.tp)]
                 for _, rule, mg_name, names in group:
-                    for name, tensor in merge_row(rule, mg_name, names, states, ck, p, e, facts,
-                                                hf_config_dir).items():
-                        writer.write(name, tensor)
+                    for name, parts in merge_row(rule, mg_name, names, states, ck, p, e, facts,
+                                                 hf_config_dir).items():
+                        # in parts straight from the mapped shards: no merged copy (ChatGLM's fused q / k / v
+                        # takes whole tensors)
+                        if chatglm:
+                            writer.write(name, torch.cat(parts))
+                        else:
+                            writer.write(name, *parts)
                         n_done += 1
                 del states
                 log.heartbeat(f"stage {p + 1}/{ck.pp}: {n_done}/{len(plan)} tensors")
@@ -113,15 +118,16 @@ def _group(item) -> tuple[int, list[str]]:
 
 
 def merge_row(rule, mg_name: str, names: list[str], states: list[dict], ck: CheckpointLayout, pp_rank: int,
-            ep_rank: int, facts: ModelFacts, config_dir, vocab_size: int | None = None) -> dict[str, torch.Tensor]:
-    """The HF tensors of one row from its TP shards; vocab_size: the vocabulary rows kept (default config.json's:
-    the padding dropped)."""
+              ep_rank: int, facts: ModelFacts, config_dir, vocab_size: int | None = None
+              ) -> dict[str, list[torch.Tensor]]:
+    """The HF tensors of one row from its TP shards, each in consecutive row pieces (views of the shards, for a
+    writer that streams them); vocab_size: the vocabulary rows kept (default config.json's: the padding dropped)."""
     missing = [ck.file(t, pp_rank, ep_rank) for t, sd in enumerate(states) if mg_name not in sd]
     if missing:
         raise UserError(f"{missing[0]}: tensor {mg_name} missing; the checkpoint does not match "
                         f"{facts.architecture} from {config_dir}")
     try:
-        return rule.kind.merge(names, [sd[mg_name] for sd in states], facts, vocab_size or facts.vocab_size)
+        return rule.kind.merge_parts(names, [sd[mg_name] for sd in states], facts, vocab_size or facts.vocab_size)
     except RuntimeError as e:  # shapes that do not fit the config's heads / sizes
         raise UserError(f"{ck.file(0, pp_rank, ep_rank)}: tensor {mg_name} does not fit {config_dir}/config.json "
                         f"({e}); pass the config of the trained model") from None

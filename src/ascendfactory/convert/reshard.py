@@ -75,12 +75,15 @@ class _Source:
         return self._open[1]
 
     def hf(self, rule, names: list[str], meta: bool = False) -> dict:
+        import torch
+
         p, e, mg_name = self.where[tuple(names)]
         states = self._states(p, e, meta)
         if meta:
             states = [{mg_name: _meta(sd, mg_name)} if mg_name in sd else {} for sd in states]
-        return merge_row(rule, mg_name, names, states, self.ck, p, e, self.facts, self.config_dir,
-                       vocab_size=self.ck.padded_vocab_size)
+        merged = merge_row(rule, mg_name, names, states, self.ck, p, e, self.facts, self.config_dir,
+                           vocab_size=self.ck.padded_vocab_size)
+        return {n: parts[0] if len(parts) == 1 else torch.cat(parts) for n, parts in merged.items()}
 
 
 def _meta(state, name: str):
@@ -172,8 +175,7 @@ def reshard(mg_dir, out_dir, tp: int, pp: int, ep: int = 1, num_layer_list=None,
         if ckpt_format == "legacy":
             rules = rules_for(facts, pp)
             write_ranks(tmp, layout, lambda p, e: model_items(facts, rules, layout, p, e),
-                        lambda rule, names, t: rule.kind.shard(names, _Held(source.hf(rule, names)), facts, layout,
-                                                               t), args, None, log)
+                        lambda rule, names, meta: _Held(source.hf(rule, names, meta)), facts, args, None, log)
         else:
             _write_dist(tmp / iter_dir_name(ITERATION), source, facts, args, log)
         write_tracker(tmp, ITERATION)

@@ -56,15 +56,17 @@ class ShardedWriter:
         self.file = None
         self.total = sum(nb for _, s in self.shards for *_, nb in s)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, *parts: torch.Tensor) -> None:
+        """The next planned tensor: one tensor, or its consecutive row pieces (written without joining them)."""
         fname, want, shape = self.order[self.pos]
-        if name != want or tuple(tensor.shape) != tuple(shape):
-            raise UserError(f"tensor {name} has shape {tuple(tensor.shape)}, expected {want} {tuple(shape)}; "
+        got = (sum(t.shape[0] for t in parts), *parts[0].shape[1:]) if parts[0].dim() else ()
+        if name != want or got != tuple(shape) or any(t.shape[1:] != parts[0].shape[1:] for t in parts):
+            raise UserError(f"tensor {name} has shape {got}, expected {want} {tuple(shape)}; "
                             f"does --hf-config-dir match the checkpoint's model?")
         if self.file is None or self.file.name != str(self.out_dir / fname):
             self._open(fname)
-        data = tensor.to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()
-        self.file.write(memoryview(data))
+        for t in parts:
+            self.file.write(memoryview(t.to(self.dtype).contiguous().reshape(-1).view(torch.uint8).numpy()))
         self.pos += 1
         if self.pos == len(self.order) or self.order[self.pos][0] != fname:
             self.file.close()
