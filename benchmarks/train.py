@@ -43,39 +43,42 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 import _engine as E  # noqa: E402  (tiny model, indexed data and config helpers shared with the tests)
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of a live process (all its threads)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def _children(pid: int) -> list[int]:
-    out = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        out += [int(c) for c in (task / "children").read_text().split()]
-    return out
-
 
 def engine_run(cfg: Path, threads: int, warmup: int) -> dict:
-    """Median tokens/s after warm-up, by wall time (metrics.jsonl) and by the worker's CPU time per iteration."""
-    proc = subprocess.Popen(E.engine_cmd(cfg, 1), env=E.engine_env(OMP_NUM_THREADS=threads), stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True)
-    worker, cpu_at = None, {}
-    for line in proc.stdout:
-        if m := re.search(r"iteration +(\d+)/", line):
-            if worker is None:
-                worker = _children(proc.pid)[0]  # torchrun's one worker
-            cpu_at[int(m.group(1))] = _cpu_seconds(worker)
-    if proc.wait() != 0:
-        raise SystemExit("engine run failed; run it by hand: " + " ".join(E.engine_cmd(cfg, 1)))
+    """Median tokens/s after warm-up, by wall time (metrics.jsonl) and by CPU time per training step (the worker's
+    process_time around each Trainer._train_step, the span the plain loop times too)."""
+    cpu_file = Path(cfg).parent / "step_cpu_seconds.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "--master_port", str(E.free_port()),
+           __file__, "--engine-worker", str(cpu_file), str(cfg)]
+    res = subprocess.run(cmd, env=E.engine_env(OMP_NUM_THREADS=threads), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"engine run failed: {' '.join(cmd)}\n{res.stderr[-3000:]}")
     rows = E.metrics(Path(cfg).parent)
     tokens = rows[0]["tokens_per_sec"] * rows[0]["iter_ms"] / 1000  # per iteration
-    cpu = [cpu_at[i + 1] - cpu_at[i] for i in sorted(cpu_at) if i + 1 in cpu_at and i >= warmup]
+    cpu = json.loads(cpu_file.read_text())
     return {"wall": statistics.median(r["tokens_per_sec"] for r in rows[warmup:]),
-            "cpu": tokens / statistics.median(cpu)}
+            "cpu": tokens / statistics.median(cpu[warmup:])}
+
+
+def engine_worker(cpu_file: str, cfg: str) -> None:
+    """`python -m ascendfactory.engine --config cfg` as torchrun starts it, recording each step's CPU seconds."""
+    import atexit
+    import runpy
+
+    from ascendfactory.engine.trainer import Trainer
+
+    step, cpu = Trainer._train_step, []
+
+    def timed(self):
+        c0 = time.process_time()
+        out = step(self)
+        cpu.append(time.process_time() - c0)
+        return out
+
+    Trainer._train_step = timed
+    atexit.register(lambda: Path(cpu_file).write_text(json.dumps(cpu)))
+    sys.argv = ["ascendfactory.engine", "--config", cfg]
+    runpy.run_module("ascendfactory.engine", run_name="__main__", alter_sys=True)
 
 
 def plain_loop(model_dir: str, prefix: str, seq: int, gbs: int, iters: int, warmup: int, threads: int, lr: float,
@@ -279,7 +282,11 @@ def main() -> None:
     ap.add_argument("--skip-launch", action="store_true")
     ap.add_argument("--peak-tflops", type=float, help="the GPU's dense bf16 peak (default: by device name)")
     ap.add_argument("--plain-worker", help=argparse.SUPPRESS)
+    ap.add_argument("--engine-worker", nargs=2, help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.engine_worker:
+        engine_worker(*a.engine_worker)
+        return
     if a.plain_worker:
         print(json.dumps(plain_loop(*json.loads(a.plain_worker))))
         return
