@@ -196,6 +196,34 @@ def throughput(a: argparse.Namespace) -> dict:
     return result
 
 
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of a live process, all its threads (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def _tree_cpu(pid: int) -> dict:
+    """CPU seconds so far of `train` itself, torchrun (its child) and the workers (torchrun's children): on 2 cores
+    far less sensitive to other jobs than wall time."""
+    agents = _children(pid)
+    workers = [w for a in agents for w in _children(a)]
+    return {"train": _cpu_seconds(pid), "torchrun": sum(map(_cpu_seconds, agents)),
+            "workers": [_cpu_seconds(w) for w in workers]}
+
+
 def _timed(cmd: list[str], cwd: Path, stop_at: str | None = None) -> dict:
     """Run `cmd`; the seconds (from its start) at which each marker line arrived. With stop_at, SIGTERM once a line
     matching it arrives (the run saves and stops), then wait for the whole run to end."""
@@ -216,6 +244,7 @@ def _timed(cmd: list[str], cwd: Path, stop_at: str | None = None) -> dict:
         if m := re.search(r"iteration +1/.*elapsed time per iteration \(ms\): ([\d.]+)", line):
             seen["iteration_1_start"] = now - float(m.group(1)) / 1000
             seen["iteration_1_logged"] = now
+            seen["cpu_at_iteration_1"] = _tree_cpu(proc.pid)
             if stop_at:
                 proc.send_signal(signal.SIGTERM)
     rc = proc.wait()
@@ -255,7 +284,10 @@ def launch(a: argparse.Namespace) -> dict:
             print(f"launch repeat {r + 1}: command -> iteration 1 {runs[-1]['iteration_1_start']:.1f} s, import torch +"
                   f" megatron.core {floors[-1]:.1f} s; load average {os.getloadavg()[0]:.1f}", flush=True)
     cpu_floor = import_time("import torch, megatron.core", a.launch_repeats)
-    med = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0]}
+    med = {k: round(statistics.median(r[k] for r in runs), 2) for k in runs[0] if k != "cpu_at_iteration_1"}
+    cpu = [r["cpu_at_iteration_1"] for r in runs]
+    # The critical path: train, then torchrun, then one worker (the workers run side by side).
+    med["cpu_critical_path"] = round(statistics.median(c["train"] + c["torchrun"] + max(c["workers"]) for c in cpu), 2)
     floor = statistics.median(floors)
     return {
         "launch_runs": runs, "launch_median_s": med,
@@ -308,7 +340,8 @@ def main() -> None:
         print(f"launch overhead (demo sft-demo, warm rerun): command -> iteration 1 {m['iteration_1_start']:.2f} s "
               f"(train stage starts {m['train_running']:.2f} s, first worker line {m['first_worker_line']:.2f} s); "
               f"import torch + megatron.core in a fresh interpreter {f['wall_median']:.2f} s "
-              f"({f['cpu_median']:.2f} s CPU); difference {result['launch_minus_import_s']:.2f} s")
+              f"({f['cpu_median']:.2f} s CPU); difference {result['launch_minus_import_s']:.2f} s; CPU seconds on the "
+              f"critical path (train + torchrun + the slower worker, up to iteration 1) {m['cpu_critical_path']:.2f}")
 
 
 if __name__ == "__main__":
