@@ -3,15 +3,17 @@
 1. Throughput: our engine (`torchrun --nproc_per_node 1 -m ascendfactory.engine`: megatron-core GPTModel, DDP, Adam,
    OptimizerParamScheduler, gloo) vs a plain loop (transformers Qwen2ForCausalLM with SDPA + torch AdamW +
    clip_grad_norm_, in its own process), same model weights, same token stream, same batch shape, runs interleaved.
-   Tokens/s by wall time and by CPU time (the process's user + system seconds per iteration: far less sensitive to
-   other jobs on a shared machine than wall time), median over the iterations after `--warmup`, then over the repeats.
+   Tokens/s by wall time and by CPU time (the process's CPU seconds of each training step, the engine's measured in
+   its worker around Trainer._train_step: far less sensitive to other jobs on a shared machine than wall time),
+   median over the iterations after `--warmup`, then over the repeats.
 2. Launch overhead: `ascendfactory-cli train configs/demo.yaml qwen2-tiny sft-demo` (the README's demo) on a warm
    machine: a first run preprocesses the data and converts the weights (2 iterations), then each timed run is the same
    command in the same output_dir with its saved_checkpoints removed (so preprocess and convert are skipped as
    complete and training starts at iteration 0 from the converted weights), plus --log_interval=1 so that iteration 1
    is logged. Command start -> start of iteration 1 (its log line's arrival minus its elapsed time), split at the
    "train: running" line and the first worker line; next to it the import time of torch + megatron-core in a fresh
-   interpreter (`python -c "import torch, megatron.core"`). Each timed run is stopped with SIGTERM after iteration 1.
+   interpreter (`python -c "import torch, megatron.core"`), and the CPU seconds of the critical path up to iteration 1
+   (`train`'s own process + torchrun + the slower worker). Each timed run is stopped with SIGTERM after iteration 1.
 
     python benchmarks/train.py [--hidden 768] [--layers 8] [--seq 512] [--gbs 2] [--iters 8] [--threads 2]
                                [--repeats 3] [--launch-repeats 3] [--skip-throughput] [--skip-launch]
