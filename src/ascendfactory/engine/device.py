@@ -142,8 +142,9 @@ def _import_megatron_core() -> None:
     """Import megatron-core with torch.compile deferred to the first call of what it compiles.
 
     megatron-core decorates its fused functions with torch.compile (megatron.core.jit.jit_fuser) as its modules are
-    imported, and torch.compile imports TorchDynamo and Inductor on the spot: ~1.5 s of CPU in every worker before
-    the first iteration, for functions a run may never call (none on the CPU path). Here a plain function gets a
+    imported, and torch.compile imports TorchDynamo and Inductor on the spot: ~1.4 s of CPU in every worker before
+    the first iteration (~0.9 s net: torch.optim imports TorchDynamo later anyway), for functions a run may never call
+    (none on the CPU path). Here a plain function gets a
     wrapper that compiles it on its first call, as torch.compile itself would (it compiles lazily too): the same
     compiled function, the same results. jit_fuser keeps the wrapper for the modules imported later."""
     import functools
