@@ -87,3 +87,30 @@ def test_checkpointer_policy_and_unwritable_save_dir(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(UserError, match=r"file/saved: not writable .*choose another output_dir"):
         checkpointer(tmp_path / "file" / "saved")
+
+
+_IMPORTS_SCRIPT = """
+import json, sys
+from ascendfactory.engine import device
+device.check_requested("cpu")
+device.check_requested("auto")
+checked = "torch" in sys.modules
+device.setup("cpu")
+import megatron.core.jit
+print(json.dumps([checked, "megatron.core" in sys.modules, "torch._dynamo" in sys.modules,
+                  "torch._inductor.compile_fx" in sys.modules, megatron.core.jit.jit_fuser.__name__]))
+"""
+
+
+def test_device_check_without_torch_and_megatron_core_without_compile_imports():
+    """`train` checks the device before launching without importing torch (seconds); the workers' device.setup
+    imports megatron-core with its torch.compile decorations deferred, so TorchDynamo / Inductor are not imported."""
+    import subprocess
+    import sys
+
+    res = subprocess.run([sys.executable, "-W", "ignore", "-c", _IMPORTS_SCRIPT], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    checked, megatron, dynamo, inductor, fuser = json.loads(res.stdout.strip().splitlines()[-1])
+    assert (checked, megatron, dynamo, inductor) == (False, True, False, False)
+    assert fuser == "compile_on_first_call"

@@ -367,9 +367,12 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         raise UserError(plan.report.model_error)
     facts = read_model_facts(plan.cfg.model_name_or_path)  # unsupported architecture: refuse before any work
     check_trainable(facts, str(config_path(plan.cfg.model_name_or_path)))
-    from ascendfactory.ckpt.reader import trust_checkpoints
+    if plan.cfg.trust_checkpoint or "ascendfactory.ckpt.reader" in sys.modules:
+        # Before the first checkpoint file is read. The reader imports torch (seconds), so a run that reads no
+        # checkpoint here (the stages that do import it later) is not made to wait for it: its default is off.
+        from ascendfactory.ckpt.reader import trust_checkpoints
 
-    trust_checkpoints(plan.cfg.trust_checkpoint)  # before the first checkpoint file is read
+        trust_checkpoints(plan.cfg.trust_checkpoint)
     _check_given_checkpoint(plan.cfg, facts.num_layers, plan.paths)
     from ascendfactory.engine.device import check_requested
 

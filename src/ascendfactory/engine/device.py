@@ -13,10 +13,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ascendfactory.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported where it is used: `train` checks the requested device before launching the workers, and that
+# process should not spend seconds importing torch when the device is the CPU (or auto) and no stage needs torch.
 
 
 @dataclass(frozen=True)
@@ -26,6 +31,8 @@ class Device:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
+
         if self.kind == "cpu":
             return torch.device("cpu")
         # transfer_to_npu maps torch.cuda.* onto the NPU, but a torch.device("cuda") we build ourselves would stay
@@ -63,6 +70,7 @@ _ACTIVE: Device | None = None
 
 def npu_available() -> bool:
     try:
+        import torch
         import torch_npu  # noqa: F401
     except Exception:
         return False
@@ -74,7 +82,7 @@ def check_requested(requested: str) -> None:
     if requested == "npu" and not npu_available():
         raise UserError("device: npu requested but torch_npu sees no NPU; install torch_npu (the npu extra) on an "
                         "Ascend machine, or set device: auto")
-    if requested == "cuda" and not torch.cuda.is_available():
+    if requested == "cuda" and not _cuda_available():
         raise UserError("device: cuda requested but torch sees no CUDA GPU; set device: auto (or cpu)")
 
 
@@ -85,13 +93,21 @@ def detect_kind(requested: str = "auto") -> str:
         return requested
     if npu_available():
         return "npu"
-    if torch.cuda.is_available():
+    if _cuda_available():
         return "cuda"
     return "cpu"
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def setup(requested: str = "auto") -> Device:
     """Prepare the process for `requested` (auto|npu|cuda|cpu); idempotent. Call before megatron-core runs."""
+    import torch
+
     global _ACTIVE
     kind = detect_kind(requested)
     if _ACTIVE is not None:
@@ -111,13 +127,54 @@ def setup(requested: str = "auto") -> Device:
     elif kind == "cpu":
         # megatron-core creates dozens of groups, most unused in a given layout: gloo connects each on first use.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-        _patch_megatron_for_cpu()
         dev = Device("cpu", "gloo")
     else:
         raise ValueError(f"unknown device {kind!r}: use auto, npu, cuda or cpu")
+    _import_megatron_core()
+    if kind == "cpu":
+        _patch_megatron_for_cpu()
     _patch_moe_router_without_te()
     _ACTIVE = dev
     return dev
+
+
+def _import_megatron_core() -> None:
+    """Import megatron-core with torch.compile deferred to the first call of what it compiles.
+
+    megatron-core decorates its fused functions with torch.compile (megatron.core.jit.jit_fuser) as its modules are
+    imported, and torch.compile imports TorchDynamo and Inductor on the spot: ~1.4 s of CPU in every worker before
+    the first iteration (~0.9 s net: torch.optim imports TorchDynamo later anyway), for functions a run may never call
+    (none on the CPU path). Here a plain function gets a
+    wrapper that compiles it on its first call, as torch.compile itself would (it compiles lazily too): the same
+    compiled function, the same results. jit_fuser keeps the wrapper for the modules imported later."""
+    import functools
+    import inspect
+
+    import torch
+
+    real = torch.compile
+
+    def compile_on_first_call(model=None, **options):
+        if model is None:  # @torch.compile(mode=...)
+            return lambda fn: compile_on_first_call(fn, **options)
+        if not inspect.isfunction(model):  # modules and the like: torch's own, unchanged
+            return real(model, **options)
+        compiled = None
+
+        @functools.wraps(model)
+        def call(*args, **kwargs):
+            nonlocal compiled
+            if compiled is None:
+                compiled = real(model, **options)
+            return compiled(*args, **kwargs)
+
+        return call
+
+    torch.compile = compile_on_first_call
+    try:
+        import megatron.core  # noqa: F401
+    finally:
+        torch.compile = real
 
 
 def _patch_moe_router_without_te() -> None:
@@ -141,6 +198,7 @@ def rng_state() -> dict:
     import random
 
     import numpy as np
+    import torch
     from megatron.core import tensor_parallel
 
     return {
@@ -156,6 +214,7 @@ def set_rng_state(state: dict) -> None:
     import random
 
     import numpy as np
+    import torch
     from megatron.core import tensor_parallel
 
     random.setstate(state["random_rng_state"])
@@ -169,37 +228,37 @@ def set_rng_state(state: dict) -> None:
 _CPU_PATCHED = False
 
 
-def _is_cuda(dev) -> bool:
-    if isinstance(dev, str):
-        return dev.startswith("cuda")
-    return isinstance(dev, torch.device) and dev.type == "cuda"
-
-
-class _CudaToCpu(torch.overrides.TorchFunctionMode):
-    """Rewrites `device="cuda"` (megatron-core's schedules, masks, buffers) to the CPU, and drops
-    `pin_memory=True` (host staging for a copy to the GPU; a CPU-only torch refuses it)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_cuda(kwargs.get("device")):
-            kwargs["device"] = "cpu"
-        if kwargs.get("pin_memory"):
-            kwargs["pin_memory"] = False
-        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
-            args = (args[0], "cpu", *args[2:])
-        return func(*args, **kwargs)
-
-
 def _patch_megatron_for_cpu() -> None:
     """Point megatron-core's CUDA assumptions at the CPU.
 
     The "cuda" RNG becomes the CPU generator: megatron's tracker forks/restores it around
     tensor-parallel regions exactly as it would the GPU one, so dropout stays deterministic.
     """
+    import torch
+
     global _CPU_PATCHED
     if _CPU_PATCHED:
         return
     _CPU_PATCHED = True
+
+    def is_cuda(dev) -> bool:
+        if isinstance(dev, str):
+            return dev.startswith("cuda")
+        return isinstance(dev, torch.device) and dev.type == "cuda"
+
+    class CudaToCpu(torch.overrides.TorchFunctionMode):
+        """Rewrites `device="cuda"` (megatron-core's schedules, masks, buffers) to the CPU, and drops
+        `pin_memory=True` (host staging for a copy to the GPU; a CPU-only torch refuses it)."""
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if is_cuda(kwargs.get("device")):
+                kwargs["device"] = "cpu"
+            if kwargs.get("pin_memory"):
+                kwargs["pin_memory"] = False
+            if func is torch.Tensor.to and len(args) > 1 and is_cuda(args[1]):
+                args = (args[0], "cpu", *args[2:])
+            return func(*args, **kwargs)
 
     def cpu_get_rng_state(device="cuda"):
         return torch.get_rng_state()
@@ -217,7 +276,7 @@ def _patch_megatron_for_cpu() -> None:
     torch.cuda.manual_seed_all = lambda seed: None
 
     torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kw: self
-    _CudaToCpu().__enter__()  # stays active for the life of the process
+    CudaToCpu().__enter__()  # stays active for the life of the process
 
     # clip_grads and the distributed optimizer assert `t.type() == 'torch.cuda.FloatTensor'` (and the
     # Half/BFloat16 variants): report CPU tensors under the cuda type names; conversions are untouched.
