@@ -75,3 +75,36 @@ def test_lora_torch_dist_at_tp2_resumes_at_dp2_and_exports_as_legacy(tmp_path):
             assert torch.equal(got[k], v), k
     up = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
     assert peft["legacy"][up].abs().max() > 0  # trained (B starts at zero)
+
+
+def test_moe_lora_torch_dist_at_ep2_resumes_at_ep1(tmp_path):
+    """Adapters on the experts' linears of a tiny MoE (and the dense layer 1's), saved torch_dist at EP2 (each EP
+    rank its own experts' adapters, at their global expert index): resumed at EP1 x DP2 with the uninterrupted run's
+    losses; the PEFT export from it equals the legacy EP2 save's."""
+    from ascendfactory.convert.peft_adapter import export_peft_adapter
+
+    model = E.make_model(tmp_path, "qwen3_moe", seed=3, mlp_only_layers=[1])
+    data = E.write_sft(tmp_path / "sft", model) and tmp_path / "sft"
+    kw = dict(LORA, micro_batch_size=1, pack=False, train_iters=4, save_interval=2)
+    runs = {}
+    for fmt in ("legacy", "torch_dist"):
+        runs[fmt] = tmp_path / fmt
+        _ok(E.run_engine(E.write_config(runs[fmt], model, data, ckpt_format=fmt, expert_model_parallel_size=2,
+                                        **kw), 2, timeout=600))
+    ref = E.losses(runs["legacy"])
+    _same_losses(ref, E.losses(runs["torch_dist"]), 1e-6, "torch_dist vs legacy")
+    out = tmp_path / "ep1"
+    shutil.copytree(runs["torch_dist"] / "saved_checkpoints" / "iter_0000002", out / "saved_checkpoints" / "iter_0000002")
+    L.write_tracker(out / "saved_checkpoints", 2)
+    _ok(res := E.run_engine(E.write_config(out, model, data, ckpt_format="torch_dist", train_auto_resume=True, **kw),
+                            2, timeout=600))
+    assert "starting at iteration 2" in res.stdout and sorted(E.losses(out)) == [3, 4]
+    _same_losses(ref, E.losses(out), 1e-5, "EP2 -> EP1")
+
+    peft = {}
+    for fmt, run in runs.items():
+        export_peft_adapter(run / "saved_checkpoints", tmp_path / f"peft_{fmt}", model, 4)
+        peft[fmt] = _tensors(tmp_path / f"peft_{fmt}")
+    assert any(".experts.3." in k for k in peft["legacy"]) and sorted(peft["torch_dist"]) == sorted(peft["legacy"])
+    for k, v in peft["legacy"].items():
+        assert torch.equal(peft["torch_dist"][k], v), k
