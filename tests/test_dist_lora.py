@@ -76,6 +76,20 @@ def test_lora_torch_dist_at_tp2_resumes_at_dp2_and_exports_as_legacy(tmp_path):
     up = "base_model.model.model.layers.2.mlp.up_proj.lora_B.weight"
     assert peft["legacy"][up].abs().max() > 0  # trained (B starts at zero)
 
+    # Weights only into a full run: a legacy checkpoint's adapters are folded in on load, a torch_dist one's are
+    # not (yet): one line naming the checkpoint and the export that folds them.
+    full = tmp_path / "full_from_dist"
+    res = E.run_engine(E.write_config(full, model, data, finetuning_type="full", ckpt_load_type=1, train_iters=2,
+                                      user_converted_ckpt_path=str(runs["torch_dist"] / "saved_checkpoints")), 1)
+    errors = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert res.returncode != 0 and errors, E.describe(res)
+    assert errors[0] == (
+        f"error: {runs['torch_dist'] / 'saved_checkpoints' / 'iter_0000006'}: the checkpoint was trained with LoRA "
+        "(lora_r 4 on linear_fc1, linear_fc2, linear_proj, linear_qkv), this run uses full fine-tuning; a torch_dist "
+        "checkpoint's adapters load only into a run with the same ones: set the checkpoint's finetuning_type / lora "
+        "settings, or export it with `ascendfactory-cli convert mg2hf` (adapters folded in) and start from that")
+    assert not E.losses(full)
+
 
 def test_moe_lora_torch_dist_at_ep2_resumes_at_ep1(tmp_path):
     """Adapters on the experts' linears of a tiny MoE (and the dense layer 1's), saved torch_dist at EP2 (each EP
