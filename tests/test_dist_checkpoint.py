@@ -30,10 +30,7 @@ def test_rules_take_a_torch_dist_checkpoint_of_any_layout(tmp_path):
     L.write_tracker(ck, 1)
     kw = dict(ckpt_load_type=2, user_converted_ckpt_path=str(ck), ckpt_format="torch_dist")
     assert problems(tmp_path, model_dir, **kw) == []  # the export reads torch_dist too
-    # LoRA saves stay legacy (the adapters' TP shards have no distributed layout yet): refused before anything runs.
-    assert problems(tmp_path, model_dir, finetuning_type="lora", **kw) == [
-        "ckpt_format = 'torch_dist': LoRA runs save legacy checkpoints only so far (the adapters' TP shards have "
-        "no distributed-checkpoint layout yet); set ckpt_format: legacy"]
+    assert problems(tmp_path, model_dir, finetuning_type="lora", **kw) == []  # adapters sharded like their linear
     # Only megatron-core's distributed checkpoints save asynchronously.
     assert problems(tmp_path, model_dir, convert_mg2hf_at_last=False, async_save=True) == [
         "async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "

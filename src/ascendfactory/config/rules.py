@@ -123,10 +123,6 @@ def check(res: Resolved, layout: RunLayout) -> Report:
         bad(f"handler_name = {cfg.handler_name!r}: unknown handler; use one of {', '.join(HANDLERS)}")
     if cfg.prompt_type not in PROMPT_TYPES:
         bad(f"prompt_type = {cfg.prompt_type!r}: unknown chat template; use one of {', '.join(PROMPT_TYPES)}")
-    # megatron-core would save our LoRA adapters (plain Linears) as identical on every TP rank: keep them legacy
-    if cfg.ckpt_format == "torch_dist" and cfg.finetuning_type == "lora":
-        bad("ckpt_format = 'torch_dist': LoRA runs save legacy checkpoints only so far (the adapters' TP shards "
-            "have no distributed-checkpoint layout yet); set ckpt_format: legacy")
     if cfg.async_save and cfg.ckpt_format != "torch_dist":
         bad("async_save = true: only ckpt_format torch_dist saves asynchronously (megatron-core's async save); "
             "set ckpt_format: torch_dist or async_save: false")

@@ -18,10 +18,10 @@ import torch.distributed as dist
 
 from ascendfactory.ckpt.dist import COMMON_FILE, read_common, read_index
 from ascendfactory.ckpt.files import _crc32_of, problem_of
-from ascendfactory.ckpt.lora import is_lora_key
+from ascendfactory.ckpt.lora import LORA_A, is_lora_key
 from ascendfactory.ckpt.reader import load_file, resume_problem
 from ascendfactory.engine import device
-from ascendfactory.engine.checkpoint import RankPlace, TrainState, _agree, steps_set_aside
+from ascendfactory.engine.checkpoint import RankPlace, TrainState, _agree, _tuning, steps_set_aside
 from ascendfactory.errors import UserError
 from ascendfactory.logs import TRAIN
 
@@ -271,9 +271,7 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
         _fresh_adam_state(state.optimizer)
     content = _sharded_state(state.model, state.optimizer if full else None, lay, loading=True,
                              rng=[None] * lay.dp if full and same_ranks else None)
-    # Weights only into a LoRA run: its adapters start fresh, as from a legacy checkpoint (a full resume of
-    # LoRA needs the format's LoRA support: config/rules.py).
-    fresh = [k for k in content["model"] if is_lora_key(k)] if not full else []
+    fresh = _fit_adapters(content["model"], iter_path, full)
     for k in fresh:
         del content["model"][k]
     with _safe_sharded_objects(iter_path):
@@ -291,6 +289,27 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
     else:
         state.optimizer.reload_model_params()
     return args.get("consumed_train_samples")
+
+
+def _fit_adapters(model_sd: dict, iter_path: Path, full: bool) -> list[str]:
+    """The model's LoRA adapter keys to leave out of the load (start fresh): all of them, weights only from a
+    checkpoint without adapters; none when the checkpoint holds the model's own (they load as they are). Other
+    adapters: UserError (a resume's optimizer state is for the checkpoint's trainable parameters; folding them into
+    the base weights is done on legacy checkpoints only)."""
+    ours = {sh.key: (sh.data.shape[0],) for k, sh in model_sd.items() if k.endswith("." + LORA_A)}
+    theirs = {k: (md.size[-2],) for k, md in read_index(iter_path).state_dict_metadata.items()
+              if k.startswith("decoder.") and k.endswith("." + LORA_A)}  # not the optimizer state's
+    if ours == theirs:
+        return []
+    if not theirs and not full:
+        return [k for k in model_sd if is_lora_key(k)]
+    what = f"{iter_path}: the checkpoint was trained with {_tuning(theirs)}, this run uses {_tuning(ours)}; "
+    if full:
+        raise UserError(what + "resume with the checkpoint's finetuning_type / lora settings, or use ckpt_load_type "
+                        "1 to load its weights with a fresh optimizer")
+    raise UserError(what + "a torch_dist checkpoint's adapters load only into a run with the same ones: set the "
+                    "checkpoint's finetuning_type / lora settings, or export it with `ascendfactory-cli convert "
+                    "mg2hf` (adapters folded in) and start from that")
 
 
 def check_loadable(iter_path: Path, require_manifest: bool) -> int:

@@ -7,7 +7,9 @@ names, so converted checkpoints load as they are and a saved checkpoint folds ba
 splits B's rows over TP and keeps A whole, a row-parallel one (linear_proj, linear_fc2) splits A's columns and
 keeps B whole, and the few-column middle product takes megatron-core's own TP / sequence-parallel collectives.
 A starts from a generator seeded by (seed, layer, linear) and is cut from the full matrix, B from zeros, so
-the start is the base model and every TP / PP layout trains the same adapters.
+the start is the base model and every TP / PP layout trains the same adapters. For ckpt_format torch_dist each
+linear's sharded_state_dict shards its adapters as its weight (TP axis, layer / expert offsets, gate and up of a
+gated linear_fc1 apart), so the saved global adapters are the same in every layout.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ascendfactory.ckpt.lora import LORA_A, LORA_B
 from ascendfactory.config.schema import LORA_TARGETS
 
 
@@ -129,6 +132,32 @@ def _attach(linear, spec: LoRASpec, seed: int, layer_number: int, name: str, tp:
     linear.lora_scaling = spec.scaling
     linear.lora_dropout = spec.dropout
     linear.register_forward_hook(hook)
+    gated = name.rsplit(".", 1)[-1] == "linear_fc1" and linear.config.gated_linear_unit
+    linear.sharded_state_dict = _sharded_state_dict(linear, column, gated)
+
+
+def _sharded_state_dict(linear, column: bool, gated: bool):
+    """The linear's sharded_state_dict with its adapters split over TP as attached (megatron-core's own marks
+    them replicated): B's rows of a column-parallel linear, A's columns of a row-parallel one. The offsets it is
+    given (layer, expert) apply to them as to the weight; a gated linear_fc1's B rows are [gate_r; up_r] on each
+    rank, so they take megatron-core's swiglu factory, as its weight does in MLP.sharded_state_dict."""
+    own = type(linear).sharded_state_dict
+
+    def sharded_state_dict(prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        out = own(linear, prefix, sharded_offsets, metadata)
+        out.update(make_sharded_tensors_for_checkpoint(
+            {LORA_A: linear.lora_A.weight, LORA_B: linear.lora_B.weight}, prefix,
+            {LORA_B: 0} if column else {LORA_A: 1}, sharded_offsets, tp_group=linear.tp_group,
+            dp_cp_group=metadata["dp_cp_group"]))
+        if gated:
+            out[prefix + LORA_B] = apply_swiglu_sharded_factory(
+                out[prefix + LORA_B], sharded_offsets, metadata.get("singleton_local_shards", False))
+        return out
+
+    return sharded_state_dict
 
 
 def _seed_name(layer, name: str) -> str:
