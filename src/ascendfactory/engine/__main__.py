@@ -1,6 +1,7 @@
 """`python -m ascendfactory.engine --config <output_dir>/exp-config.yaml` (one process per device, torchrun)."""
 
 import argparse
+import atexit
 import json
 import logging
 import os
@@ -66,8 +67,9 @@ def run() -> int:
 
 code = run()
 # Every file is closed and the process group destroyed by now; the interpreter's own teardown of torch and
-# megatron-core (~0.5-1 s per worker, a restart waits for it) has nothing left to do for us: leave at once.
-logging.shutdown()
+# megatron-core (~1 s per worker, a restart waits for it) has nothing left to do for us: the exit handlers run
+# (logging's flush among them), then the process leaves without it.
+atexit._run_exitfuncs()
 sys.stdout.flush()
 sys.stderr.flush()
 os._exit(code)
