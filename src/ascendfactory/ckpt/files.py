@@ -174,7 +174,7 @@ def problem_of(iter_path: Path, require_manifest: bool, share: tuple[int, int] |
         if p.stat().st_size != size:
             return f"{p} has {p.stat().st_size} bytes, manifest says {size}"
     for rel in sorted(sums)[share[0]::share[1]] if share else ():
-        if (crc := _crc32_of(iter_path / rel)) != sums[rel]:
+        if (crc := crc32_of(iter_path / rel)) != sums[rel]:
             return f"{iter_path / rel} content is damaged (crc32 {crc:08x}, manifest says {sums[rel]:08x})"
     return None
 
@@ -199,7 +199,7 @@ def legacy_resume_refusal(where: str, ckpt_dir: str | Path, have: tuple[int, int
             f"(ckpt_load_type: 2, user_converted_ckpt_path: {dst}, train_auto_resume: false), or run at {theirs}")
 
 
-def _crc32_of(path: Path) -> int:
+def crc32_of(path: Path) -> int:
     crc = 0
     with open(path, "rb") as f:
         while chunk := f.read(1 << 24):

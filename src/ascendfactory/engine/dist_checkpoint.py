@@ -17,7 +17,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ascendfactory.ckpt.dist import COMMON_FILE, read_common, read_index
-from ascendfactory.ckpt.files import _crc32_of, problem_of
+from ascendfactory.ckpt.files import crc32_of, problem_of
 from ascendfactory.ckpt.lora import LORA_A, is_lora_key
 from ascendfactory.ckpt.reader import load_file, resume_problem
 from ascendfactory.engine import device
@@ -145,7 +145,7 @@ def _distributed(optimizer) -> bool:
 def _own_share(tmp: Path) -> dict[str, int]:
     """This rank's share of the written files (each file read by one rank), with their crc32."""
     files = sorted(p for p in tmp.rglob("*") if p.is_file())
-    return {str(p.relative_to(tmp)): _crc32_of(p) for p in files[dist.get_rank()::dist.get_world_size()]}
+    return {str(p.relative_to(tmp)): crc32_of(p) for p in files[dist.get_rank()::dist.get_world_size()]}
 
 
 class _SafeCommonLoad:
