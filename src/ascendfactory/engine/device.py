@@ -11,6 +11,7 @@ the process-group backend and the RNG state, and never branches on the device it
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -59,9 +60,14 @@ class Device:
         return self.backend != "gloo"
 
     @property
+    def uneven_all_gather(self) -> bool:
+        """gloo's all_gather needs equal sizes (the alltoall MoE dispatcher gathers uneven ones at TP > 1)."""
+        return self.backend != "gloo"
+
+    @property
     def moe_token_dispatcher(self) -> str:
-        """MoE tokens to their experts: all-to-all where the backend has it (hccl, nccl); gloo gets the allgather
-        dispatcher (same results, more traffic)."""
+        """MoE tokens to their experts: all-to-all on the accelerators' backends (hccl, nccl); gloo gets the allgather
+        dispatcher (same results; the alltoall one also runs on gloo, set explicitly, as the tests do)."""
         return "allgather" if self.backend == "gloo" else "alltoall"
 
 
@@ -274,6 +280,30 @@ def _patch_megatron_for_cpu() -> None:
     # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
     torch.cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
     torch.cuda.manual_seed_all = lambda seed: None
+
+    # The alltoall MoE dispatcher copies its split sizes to the host on a side stream and waits on an event: the
+    # CPU has one stream, on which everything is already in order.
+    class HostStream:
+        def wait_stream(self, stream) -> None:
+            pass
+
+        def record_event(self, event=None):
+            return self
+
+        def synchronize(self) -> None:
+            pass
+
+    host_stream = HostStream()
+    torch.cuda.Stream = lambda *args, **kwargs: host_stream
+    torch.cuda.current_stream = lambda device=None: host_stream
+    torch.cuda.stream = lambda stream=None: contextlib.nullcontext()
+    # ... and takes the split sizes as numpy arrays from that copy, which skips tensors already on the host.
+    from megatron.core.transformer.moe import token_dispatcher
+
+    def host_copy(tensor, as_numpy: bool = False, record_stream: bool = False):
+        return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+    token_dispatcher.maybe_move_tensor_to_cpu = host_copy
 
     torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kw: self
     CudaToCpu().__enter__()  # stays active for the life of the process

@@ -26,9 +26,11 @@ def config_overrides(cfg: ExpConfig, facts: ModelFacts, dev: Device) -> dict:
         # hold one tensor per expert, and no mapping between the two exists yet
         raise UserError("moe_grouped_gemm: true is not supported yet (checkpoints hold one tensor per expert, "
                         "megatron-core's GroupedMLP two for all); set moe_grouped_gemm: auto or false")
-    out = dict(moe_token_dispatcher_type=(dev.moe_token_dispatcher if cfg.moe_token_dispatcher_type == "auto"
-                                          else cfg.moe_token_dispatcher_type),
-               moe_grouped_gemm=False)
+    dispatcher = dev.moe_token_dispatcher if cfg.moe_token_dispatcher_type == "auto" else cfg.moe_token_dispatcher_type
+    if dispatcher == "alltoall" and cfg.tp > 1 and not dev.uneven_all_gather:
+        raise UserError(f"moe_token_dispatcher_type: alltoall at tensor_model_parallel_size {cfg.tp} gathers uneven "
+                        f"token counts over the TP ranks, which {dev.backend} cannot; set it to allgather (or auto)")
+    out = dict(moe_token_dispatcher_type=dispatcher, moe_grouped_gemm=False)
     if cfg.moe_aux_loss_coeff is not None:
         out["moe_aux_loss_coeff"] = cfg.moe_aux_loss_coeff
     return out
