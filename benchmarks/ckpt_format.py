@@ -6,10 +6,15 @@ of the worker processes during each, size on disk.
                                      [--hidden 896] [--layers 2]
 
 Model: a random-init Qwen2-0.5B-shaped model (hidden 896, 14 heads / 2 KV heads, FFN 4864, vocabulary 151,936,
-tied embeddings), fp32 on CPU, distributed optimizer on (Adam state: 2 fp32 tensors per parameter). Its 24 layers
-(--layers 24: 494M parameters) need about 8 GB per world-1 rank before a save and roughly 3x that at the save's
-peak; the default, 2 layers (166M parameters: the embedding is 136M of them), fits a 24 GB machine shared with
-other jobs. World 2 is DP2 (each rank saves its half of the optimizer state).
+tied embeddings), fp32 on CPU, distributed optimizer on (Adam state: 2 fp32 tensors per parameter). Memory: both
+formats save the distributed optimizer's state through megatron-core's
+DistributedOptimizer.get_parameter_state_dp_zero, which builds the whole model's parameter and both Adam moments as
+three fp32 buffers plus per-bucket shards, receive buffers and a concatenation (one bucket without
+overlap_grad_reduce): about 9x the parameter bytes on top of the trainer (measured: +11.3 GB for 315M parameters).
+The torch_dist (fully reshardable) form all-gathers it to every DP rank, legacy gathers it to DP rank 0. So the 24
+layers (--layers 24: 494M parameters) need ~26 GB at a world-1 save; --layers 12 (315M) peaks at 16.8 GB; the
+default, 2 layers (166M parameters: the embedding is 136M of them), fits any machine this project runs on.
+World 2 is DP2 (each rank holds half the optimizer state, but the torch_dist save gathers all of it on both).
 
 Each (format, repeat) is two torchrun launches of the real Trainer: the first trains one step (so the Adam state
 exists) and saves iteration 1 through its Checkpointer (the engine's own save, timed from the call to the

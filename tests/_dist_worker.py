@@ -83,18 +83,7 @@ def run_job(job: dict) -> None:
         ps.destroy_model_parallel()
 
 
-def main(jobs_file: str) -> None:
-    from ascendfactory.engine import device
-
-    device.setup("cpu")
-    dist.init_process_group("gloo")
-    try:
-        for job in json.loads(Path(jobs_file).read_text()):
-            run_job(job)
-            dist.barrier()
-    finally:
-        dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main(sys.argv[1])
+    from ascendfactory.convert.verify_worker import run_jobs
+
+    run_jobs(sys.argv[1], run_job)

@@ -106,16 +106,22 @@ def _same(ref: dict, got: dict, rel: float, what: str):
     assert got and all(got[i] == pytest.approx(ref[i], rel=rel) for i in got), (what, ref, got)
 
 
+def _dp2_runs(env) -> dict:
+    """The DP2 runs the tests share (legacy and torch_dist, the newest two checkpoints kept), run on first use."""
+    if "dp2" not in env:
+        for fmt in ("legacy", "torch_dist"):
+            out = env["root"] / fmt
+            _ok(E.run_engine(_config(env, out, ckpt_format=fmt, save_total_limit=2), 2))
+        env["dp2"] = {fmt: env["root"] / fmt for fmt in ("legacy", "torch_dist")}
+    return env["dp2"]
+
+
 @slow
 def test_torch_dist_same_layout_round_trip_equals_legacy(env):
     """DP2 with the distributed optimizer: the torch_dist run trains exactly as the legacy one, its folders hold
     megatron-core's files under a manifest with checksums, save_total_limit keeps the newest two, and a resume
     from its iteration-4 checkpoint repeats iterations 5 and 6 (RNG, optimizer, LR, data position restored)."""
-    runs = {}
-    for fmt in ("legacy", "torch_dist"):
-        runs[fmt] = env["root"] / fmt
-        _ok(E.run_engine(_config(env, runs[fmt], ckpt_format=fmt, save_total_limit=2), 2))
-    env["legacy"], env["TP1PP1DP2"] = runs["legacy"], runs["torch_dist"]
+    runs = _dp2_runs(env)
     legacy, dist_ = E.losses(runs["legacy"]), E.losses(runs["torch_dist"])
     assert sorted(dist_) == [1, 2, 3, 4, 5, 6]
     _same(legacy, dist_, 1e-6, "torch_dist vs legacy training")
@@ -147,10 +153,10 @@ def test_lora_run_takes_torch_dist_weights(env):
     out = env["root"] / "lora_from_dist"
     cfg = E.write_config(out, env["model"], env["sft"], train_iters=2, finetuning_type="lora", lora_r=4,
                          lora_alpha=8, ckpt_load_type=1,
-                         user_converted_ckpt_path=str(env["TP1PP1DP2"] / "saved_checkpoints"))
+                         user_converted_ckpt_path=str(_dp2_runs(env)["torch_dist"] / "saved_checkpoints"))
     _ok(res := E.run_engine(cfg, 1))
     assert "weights only (fresh optimizer and schedule)" in res.stdout
-    trained = E.losses(env["TP1PP1DP2"])
+    trained = E.losses(_dp2_runs(env)["torch_dist"])
     assert E.losses(out)[1] == pytest.approx(trained[6], abs=0.5) and E.losses(out)[1] < trained[1] - 0.5
 
 
@@ -168,7 +174,7 @@ def test_kill_during_torch_dist_save_and_crafted_common_pt(env, tmp_path):
     res = E.run_engine(_config(env, out, ckpt_format="torch_dist", train_auto_resume=True), 2)
     _ok(res)
     assert "checkpoint iteration 4; starting at iteration 4" in res.stdout
-    _same(E.losses(env["legacy"]), E.losses(out), 1e-6, "killed torch_dist run, resumed")
+    _same(E.losses(_dp2_runs(env)["legacy"]), E.losses(out), 1e-6, "killed torch_dist run, resumed")
     assert L.read_tracker(save) == 6 and not (save / ".tmp_iter_0000006").exists()
 
     from test_safety import OPENER, craft, reseal
@@ -200,7 +206,7 @@ def test_resume_torch_dist_into_another_layout(env):
     assert L.read_tracker(src / "saved_checkpoints") == 6
     for run, into, nproc, kw in [(src, "TP2PP2_into_DP2", 2, {"ckpt_format": "torch_dist"}),
                                  (src, "TP2PP2_into_CP2", 2, {"context_parallel_size": 2}),
-                                 (env["TP1PP1DP2"], "DP2_into_TP2PP2", 4, tp2pp2)]:
+                                 (_dp2_runs(env)["torch_dist"], "DP2_into_TP2PP2", 4, tp2pp2)]:
         out = env["root"] / into
         res = _resume_from(env, run, 4, out, nproc, **kw)
         assert "starting at iteration 4, consumed samples 16" in res.stdout
@@ -216,7 +222,7 @@ def test_reshard_full_legacy_to_torch_dist_and_to_legacy_tp1pp2(env, tmp_path):
     checkpoint (distributed optimizer): into torch_dist (one run) resumed at TP2, and into legacy TP1 PP2 (through
     torch_dist, two runs) resumed at PP2, each with ckpt_load_type 2 continuing as the uninterrupted run."""
     src = tmp_path / "src"
-    shutil.copytree(env["legacy"] / "saved_checkpoints" / "iter_0000004", src / "iter_0000004")
+    shutil.copytree(_dp2_runs(env)["legacy"] / "saved_checkpoints" / "iter_0000004", src / "iter_0000004")
     L.write_tracker(src, 4)
     for dst, fmt in [("dist", "torch_dist"), ("pp2", "legacy")]:
         r = subprocess.run([sys.executable, "-m", "ascendfactory", "convert", "reshard", "--mg-dir", str(src),
@@ -232,7 +238,7 @@ def test_reshard_full_legacy_to_torch_dist_and_to_legacy_tp1pp2(env, tmp_path):
         _ok(res := E.run_engine(_config(env, out, ckpt_load_type=2, user_converted_ckpt_path=str(tmp_path / dst),
                                         **layout), 2))
         assert "starting at iteration 4, consumed samples 16" in res.stdout
-        _same(E.losses(env["legacy"]), E.losses(out), 1e-5, dst)
+        _same(E.losses(_dp2_runs(env)["legacy"]), E.losses(out), 1e-5, dst)
 
 
 @slow

@@ -81,7 +81,8 @@ def run_job(job: dict) -> None:
         ps.destroy_model_parallel()
 
 
-def main(jobs_file: str) -> None:
+def run_jobs(jobs_file: str, run) -> None:
+    """Under torchrun on the CPU (gloo): `run` each job of the JSON list in jobs_file, all ranks in step."""
     from ascendfactory.engine import device
 
     device.setup("cpu")
@@ -90,11 +91,11 @@ def main(jobs_file: str) -> None:
         with open(jobs_file) as f:
             jobs = json.load(f)
         for job in jobs:
-            run_job(job)
+            run(job)
             dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    run_jobs(sys.argv[1], run_job)
