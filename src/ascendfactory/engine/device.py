@@ -11,6 +11,7 @@ the process-group backend and the RNG state, and never branches on the device it
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -134,6 +135,7 @@ def setup(requested: str = "auto") -> Device:
     if kind == "cpu":
         _patch_megatron_for_cpu()
     _patch_moe_router_without_te()
+    _provide_grouped_matmul(kind)
     _ACTIVE = dev
     return dev
 
@@ -294,3 +296,43 @@ def _patch_megatron_for_cpu() -> None:
 
     mc_random._set_cuda_rng_state = cpu_set_rng_state
     mc_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+
+
+# ---------------------------------------------------------------- grouped GEMM (MoE experts)
+
+
+def grouped_matmul(kind: str) -> str | None:
+    """The grouped matmul megatron-core's GroupedMLP gets on this device (no torch import: `plan` asks too):
+    "grouped_gemm" on CUDA with that package installed (megatron-core imports it itself), "reference" on the CPU
+    (per-expert torch.matmul: GroupedMLP runs, not faster than SequentialMLP), None elsewhere. NPU: torch_npu's
+    npu_grouped_matmul is a forward op without autograd, and its backward (MindSpeed's gmm) depends on the
+    torch_npu version; not wired up without an NPU to check it on."""
+    if kind == "cuda":
+        return "grouped_gemm" if importlib.util.find_spec("grouped_gemm") is not None else None
+    if kind == "cpu":
+        return "reference"
+    return None
+
+
+def _reference_gmm(a, b, batch_sizes, trans_b=False):
+    """grouped_gemm.ops.gmm's contract in plain torch (autograd included): the rows of `a` in consecutive groups of
+    batch_sizes[e] rows, group e times b[e] (b[e].T with trans_b)."""
+    import torch
+
+    groups = torch.split(a, batch_sizes.tolist())
+    return torch.cat([x @ (w.t() if trans_b else w) for x, w in zip(groups, b, strict=True)])
+
+
+def _provide_grouped_matmul(kind: str) -> None:
+    """megatron-core's GroupedMLP asserts grouped_gemm_util.grouped_gemm and calls grouped_gemm_util.ops.gmm: on
+    the CPU both point at the reference above (CUDA with grouped_gemm needs nothing; elsewhere GroupedMLP is
+    refused before it is built, engine/moe.py)."""
+    if grouped_matmul(kind) != "reference":
+        return
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    ops = SimpleNamespace(gmm=_reference_gmm)
+    grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=ops)
+    grouped_gemm_util.ops = ops
