@@ -128,9 +128,9 @@ def test_grouped_mlp_on_cpu_computes_what_sequential_mlp_computes(tmp_path):
 # ---------------------------------------------------------------- the engine (torchrun, gloo, EP2)
 
 # Losses of the two implementations over 6 iterations: the forward differs by bf16 rounding (above), and the
-# updates of a few steps carry that along; 2e-3 relative is ~half a bf16 ulp of the loss (2^-8), far below what a
-# wrong mapping or routing changes (the loss moves from ~5.5 by whole units).
-LOSS_REL = 2e-3
+# updates of a few steps carry that along (measured: 1.4e-4 relative at most). 1e-3 is a quarter of bf16's relative
+# precision (2^-8), far below what a wrong mapping or routing changes (the loss falls from ~6.1 by whole units).
+LOSS_REL = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -171,8 +171,9 @@ def _again(env, out, cfg, tmp_path, **kw):
 
 def _error_line(res) -> str:
     errors = {ln for ln in res.stderr.splitlines() if ln.startswith("error:")}
-    assert res.returncode != 0 and len(errors) == 1, E.describe(res)  # every rank refuses with the same line
-    assert "Traceback" not in res.stderr, E.describe(res)
+    # every rank refuses with the same line (the bare torchrun here adds its own report; the CLI's agent does not)
+    assert res.returncode != 0 and len(errors) == 1, E.describe(res)
+    assert "exitcode  : 2" in res.stderr, E.describe(res)
     return errors.pop()
 
 
@@ -248,7 +249,7 @@ def test_full_resume_across_implementations_refused_weights_load(env, tmp_path):
         out = tmp_path / f"weights_{grouped}"
         cfg = E.write_config(out, env["model"], env["sft"], **{
             **yaml.safe_load(s_cfg.read_text()), "output_dir": str(out), "moe_grouped_gemm": grouped,
-            "user_converted_ckpt_path": str(s_out / "saved_checkpoints"), "train_iters": 1})
+            "user_converted_ckpt_path": str(s_out / "saved_checkpoints"), "train_iters": 2})
         res = E.run_engine(cfg, 2, timeout=600)
         assert res.returncode == 0 and "weights only" in res.stdout, E.describe(res)
         first[grouped] = E.losses(out)[1]

@@ -346,7 +346,7 @@ class Checkpointer:
         _agree(err)  # a rank that stopped alone would leave the others waiting in a collective
         args = content.get("args") or {}
         args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
-        if full and (problem := moe.resume_problem(args, state.args, f)):
+        if full and (problem := moe.resume_problem(args, state.args, ckpt_dir / L.iter_dir_name(iteration))):
             raise UserError(problem)
         weights = moe.experts_as_model(_fit_adapters(content["model"], state.model, full, args, f), state.model)
         missing, unexpected = state.model.load_state_dict(dict(weights), strict=False)
