@@ -9,6 +9,7 @@ parameters)."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -255,3 +256,26 @@ def test_full_resume_across_implementations_refused_weights_load(env, tmp_path):
         first[grouped] = E.losses(out)[1]
     assert first[True] == pytest.approx(first[False], rel=LOSS_REL), first
     assert abs(first[True] - E.losses(s_out)[1]) > 0.1  # the trained weights, not the converted ones
+
+
+@pytest.mark.slow
+def test_full_reshard_of_a_grouped_checkpoint(env, tmp_path):
+    """convert reshard with optimizer state (engine runs that build GroupedMLP, as the checkpoint records) of the
+    grouped run's EP2 checkpoint into EP1: each expert's tensors land under its global index bit for bit, the rest
+    as it was, and the result still records GroupedMLP (its optimizer state is GroupedMLP's)."""
+    from ascendfactory.engine.reshard import reshard_full
+
+    out, _, _ = _run(env, "grouped", True)
+    reshard_full(out / "saved_checkpoints", tmp_path / "ep1", 1, 1, 1, "legacy")
+    content = torch.load(tmp_path / "ep1" / "iter_0000006" / "mp_rank_00" / L.MODEL_FILE, map_location="cpu",
+                         weights_only=False)
+    assert content["args"]["moe_grouped_gemm"] is True and content["optimizer"]
+    ep1 = {k: v for k, v in content["model"].items() if torch.is_tensor(v)}
+    ep2 = E.final_weights(out)  # "mp_rank_00_00{r}/<name>" -> tensor (as float)
+    assert len(ep1) == len({k.split("/", 1)[1] for k in ep2 if "local_experts" not in k}) + 3 * 4 * 2
+    for key, value in ep2.items():
+        rank_dir, name = key.split("/", 1)
+        if "local_experts." in name:  # EP rank r's local expert i is global expert 2r + i
+            head, i, tail = re.match(r"(.*local_experts\.)(\d+)(\..*)", name).groups()
+            name = f"{head}{int(rank_dir[-1]) * 2 + int(i)}{tail}"
+        assert torch.equal(ep1[name].float(), value), key

@@ -161,8 +161,9 @@ def _exp(tmp_path, model, **keys):
 
 def test_moe_keys_choose_dispatcher_grouped_gemm_and_aux_loss(tmp_path):
     """auto: the device adapter's choice (allgather and SequentialMLP on CPU / gloo, alltoall on nccl / hccl); the
-    aux-loss weight defaults to config.json's router_aux_loss_coef; grouped GEMM (no checkpoint name mapping yet)
-    is the user's error naming the key; a dense model gets no MoE entries."""
+    aux-loss weight defaults to config.json's router_aux_loss_coef; grouped GEMM true where GroupedMLP cannot run
+    (CPU in fp32, the default there) is the user's error naming the keys, in bf16 GroupedMLP; a dense model gets no
+    MoE entries."""
     from ascendfactory.engine.device import Device
     from ascendfactory.engine.model import transformer_config
     from ascendfactory.engine.moe import config_overrides
@@ -182,8 +183,12 @@ def test_moe_keys_choose_dispatcher_grouped_gemm_and_aux_loss(tmp_path):
     given = config_overrides(_exp(tmp_path, model, moe_aux_loss_coeff=0.5, moe_token_dispatcher_type="alltoall"),
                              facts, cpu)
     assert (given["moe_aux_loss_coeff"], given["moe_token_dispatcher_type"]) == (0.5, "alltoall")
-    with pytest.raises(UserError, match="moe_grouped_gemm: true is not supported yet"):
+    with pytest.raises(UserError, match=r"moe_grouped_gemm: true needs precision: bf16 .* the run's is fp32 \(auto "
+                                        r"on cpu\); set precision: bf16 or moe_grouped_gemm: false"):
         config_overrides(_exp(tmp_path, model, moe_grouped_gemm=True), facts, cpu)
+    assert config_overrides(_exp(tmp_path, model, moe_grouped_gemm=True, precision="bf16"), facts, cpu)[
+        "moe_grouped_gemm"] is True
+    assert config_overrides(_exp(tmp_path, model, precision="bf16"), facts, cpu)["moe_grouped_gemm"] is False
     dense = make_tiny_model(tmp_path / "d", "qwen2", with_tokenizer=False)
     assert config_overrides(_exp(tmp_path, dense), read_model_facts(dense), cpu) == {}
 
