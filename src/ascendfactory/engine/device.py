@@ -304,9 +304,10 @@ def _patch_megatron_for_cpu() -> None:
 def grouped_matmul(kind: str) -> str | None:
     """The grouped matmul megatron-core's GroupedMLP gets on this device (no torch import: `plan` asks too):
     "grouped_gemm" on CUDA with that package installed (megatron-core imports it itself), "reference" on the CPU
-    (per-expert torch.matmul: GroupedMLP runs, not faster than SequentialMLP), None elsewhere. NPU: torch_npu's
-    npu_grouped_matmul is a forward op without autograd, and its backward (MindSpeed's gmm) depends on the
-    torch_npu version; not wired up without an NPU to check it on."""
+    (per-expert torch.matmul: GroupedMLP runs, not faster than SequentialMLP), None elsewhere. NPU: MindSpeed wraps
+    torch_npu.npu_grouped_matmul in an autograd Function of its own (the backward is two more grouped matmuls, one
+    grouped over K, through group_type / group_list_type arguments that only newer torch_npu releases document);
+    not wired up here without an NPU to check it on."""
     if kind == "cuda":
         return "grouped_gemm" if importlib.util.find_spec("grouped_gemm") is not None else None
     if kind == "cpu":
