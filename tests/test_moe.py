@@ -208,6 +208,18 @@ def test_plan_shows_ep_and_expert_dp(run_cfg):
     ({"expert_model_parallel_size": 0}, 2, "expert_model_parallel_size = 0: must be at least 1"),
     ({"tensor_model_parallel_size": 2}, 2, "sequence_parallel: an MoE model (Qwen3MoeForCausalLM) at "
                                            "tensor_model_parallel_size 2 needs sequence_parallel: true; set it"),
+    # grouped GEMM (engine/moe.py): GroupedMLP computes in bf16 only, has no per-expert linears for LoRA, and needs
+    # a grouped matmul (the CPU's reference; none on NPU yet, grouped_gemm on CUDA)
+    ({"moe_grouped_gemm": True}, 2, "moe_grouped_gemm: true needs precision: bf16 (megatron-core's GroupedMLP "
+                                    "computes in bf16 only), the run's is fp32 (auto on cpu); set precision: bf16 or "
+                                    "moe_grouped_gemm: false"),
+    ({"moe_grouped_gemm": True, "precision": "bf16", "finetuning_type": "lora", "lora_target_modules": "linear_qkv "
+      "linear_fc2"}, 2, "moe_grouped_gemm: true cannot take finetuning_type lora on the experts (lora_target_modules "
+                        "linear_fc2): GroupedMLP has no per-expert linears to adapt; set moe_grouped_gemm: false, or "
+                        "leave linear_fc1 and linear_fc2 out of lora_target_modules"),
+    ({"moe_grouped_gemm": True, "precision": "bf16", "device": "npu"}, 2,
+     "moe_grouped_gemm: true needs a grouped matmul on the device (npu: none is provided for it yet); set "
+     "moe_grouped_gemm: auto or false"),
 ])
 def test_ep_rules_exit_2_naming_both(run_cfg, exp, nproc, want):
     line = _one_error_line(_run(["plan", run_cfg(exp, nproc), "tiny", "exp"]))

@@ -164,8 +164,9 @@ def _exp(tmp_path, model, **keys):
 
 def test_moe_keys_choose_dispatcher_grouped_gemm_and_aux_loss(tmp_path):
     """auto: the device adapter's choice (allgather and SequentialMLP on CPU / gloo, alltoall on nccl / hccl); the
-    aux-loss weight defaults to config.json's router_aux_loss_coef; grouped GEMM (no checkpoint name mapping yet)
-    is the user's error naming the key; a dense model gets no MoE entries."""
+    aux-loss weight defaults to config.json's router_aux_loss_coef; grouped GEMM true where GroupedMLP cannot run
+    (CPU in fp32, the default there) is the user's error naming the keys, in bf16 GroupedMLP; a dense model gets no
+    MoE entries."""
     from ascendfactory.engine.device import Device
     from ascendfactory.engine.model import transformer_config
     from ascendfactory.engine.moe import config_overrides
@@ -189,8 +190,12 @@ def test_moe_keys_choose_dispatcher_grouped_gemm_and_aux_loss(tmp_path):
     with pytest.raises(UserError, match="^moe_token_dispatcher_type: alltoall at tensor_model_parallel_size 2 .* gloo"):
         config_overrides(tp2_a2a, facts, cpu)
     assert config_overrides(tp2_a2a, facts, Device("cuda", "nccl"))["moe_token_dispatcher_type"] == "alltoall"
-    with pytest.raises(UserError, match="moe_grouped_gemm: true is not supported yet"):
+    with pytest.raises(UserError, match=r"moe_grouped_gemm: true needs precision: bf16 .* the run's is fp32 \(auto "
+                                        r"on cpu\); set precision: bf16 or moe_grouped_gemm: false"):
         config_overrides(_exp(tmp_path, model, moe_grouped_gemm=True), facts, cpu)
+    assert config_overrides(_exp(tmp_path, model, moe_grouped_gemm=True, precision="bf16"), facts, cpu)[
+        "moe_grouped_gemm"] is True
+    assert config_overrides(_exp(tmp_path, model, precision="bf16"), facts, cpu)["moe_grouped_gemm"] is False
     dense = make_tiny_model(tmp_path / "d", "qwen2", with_tokenizer=False)
     assert config_overrides(_exp(tmp_path, dense), read_model_facts(dense), cpu) == {}
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from ascendfactory import validation
 from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config.loader import Resolved
+from ascendfactory.config.moe_rules import dispatcher_problem, grouped_gemm_problems
 from ascendfactory.config.paths import run_paths
 from ascendfactory.config.schema import HANDLERS, LORA_TARGETS, PROMPT_TYPES
 from ascendfactory.errors import UserError
@@ -165,6 +166,10 @@ def _check_experts(cfg, layout: RunLayout, r: Report) -> None:
     elif facts.num_experts % ep:
         r.problems.append(f"expert_model_parallel_size ({ep}) must divide num_experts ({facts.num_experts}, from "
                           f"{source})")
+    if facts.num_experts and cfg.moe_grouped_gemm is True:  # auto falls back to SequentialMLP instead
+        r.problems += grouped_gemm_problems(cfg, layout.device)
+    if facts.num_experts and (problem := dispatcher_problem(cfg, layout.device)):
+        r.problems.append(problem)
     if facts.num_experts and cfg.tp > 1 and not cfg.sequence_parallel:
         # megatron-core's MoE layer refuses to train with TP but without SP (its token dispatch assumes SP)
         r.problems.append(f"sequence_parallel: an MoE model ({facts.architecture}) at tensor_model_parallel_size "

@@ -82,7 +82,7 @@ class ExpConfig(BaseModel):
     # Mixture-of-Experts (SPEC.md section 8); ignored for dense models
     moe_aux_loss_coeff: float | None = None  # load-balancing loss weight; None: config.json's router_aux_loss_coef
     moe_token_dispatcher_type: Literal["auto", "allgather", "alltoall"] = "auto"  # auto: alltoall on hccl / nccl
-    moe_grouped_gemm: bool | Literal["auto"] = "auto"  # auto: SequentialMLP (true: refused, see engine/moe.py)
+    moe_grouped_gemm: bool | Literal["auto"] = "auto"  # GroupedMLP or SequentialMLP: engine/moe.py
 
     # batch and length
     micro_batch_size: Size = 4

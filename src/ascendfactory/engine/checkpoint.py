@@ -27,7 +27,7 @@ from ascendfactory.ckpt import files as L
 from ascendfactory.ckpt.files import problem_of
 from ascendfactory.ckpt.lora import LORA_A, is_lora_key, without_adapters
 from ascendfactory.ckpt.reader import load_file, read_checkpoint_layout, resume_problem
-from ascendfactory.engine import device
+from ascendfactory.engine import device, moe
 from ascendfactory.engine.faults import StopRequest, kill_point
 from ascendfactory.errors import EXIT_PREEMPTED, UserError
 from ascendfactory.fsutil import fsync_dir, probe_writable
@@ -346,7 +346,9 @@ class Checkpointer:
         _agree(err)  # a rank that stopped alone would leave the others waiting in a collective
         args = content.get("args") or {}
         args = args if isinstance(args, dict) else vars(args)  # Megatron / MindSpeed write an argparse.Namespace
-        weights = _fit_adapters(content["model"], state.model, full, args, f)
+        if full and (problem := moe.resume_problem(args, state.args, ckpt_dir / L.iter_dir_name(iteration))):
+            raise UserError(problem)
+        weights = moe.experts_as_model(_fit_adapters(content["model"], state.model, full, args, f), state.model)
         missing, unexpected = state.model.load_state_dict(dict(weights), strict=False)
         # Weights only into a LoRA run from a checkpoint without (matching) adapters: they start fresh.
         missing = [k for k in missing if not k.endswith("_extra_state") and (full or not is_lora_key(k))]
@@ -400,7 +402,7 @@ class LegacyWriter:
                 "args": {**state.args, "consumed_train_samples": state.consumed, "iteration": state.iteration},
                 "checkpoint_version": L.CHECKPOINT_VERSION,
                 "iteration": state.iteration,
-                "model": state.model.state_dict(),
+                "model": moe.experts_as_saved(state.model.state_dict(), state.model),
                 "optimizer": state.optimizer.state_dict(),
                 "opt_param_scheduler": state.scheduler.state_dict(),
                 "rng_state": rng,

@@ -16,6 +16,8 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ascendfactory import device_facts
+from ascendfactory.device_facts import BACKENDS, grouped_matmul
 from ascendfactory.errors import UserError
 
 if TYPE_CHECKING:
@@ -60,15 +62,8 @@ class Device:
         return self.backend != "gloo"
 
     @property
-    def uneven_all_gather(self) -> bool:
-        """gloo's all_gather needs equal sizes (the alltoall MoE dispatcher gathers uneven ones at TP > 1)."""
-        return self.backend != "gloo"
-
-    @property
     def moe_token_dispatcher(self) -> str:
-        """MoE tokens to their experts: all-to-all on the accelerators' backends (hccl, nccl); gloo gets the allgather
-        dispatcher (same results; the alltoall one also runs on gloo, set explicitly, as the tests do)."""
-        return "allgather" if self.backend == "gloo" else "alltoall"
+        return device_facts.moe_token_dispatcher(self.kind)
 
 
 _ACTIVE: Device | None = None
@@ -126,20 +121,21 @@ def setup(requested: str = "auto") -> Device:
 
         os.environ.setdefault("PYTORCH_NPU_ALLOC_CONF", "expandable_segments:True")
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dev = Device("npu", "hccl")
+        dev = Device("npu", BACKENDS["npu"])
     elif kind == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dev = Device("cuda", "nccl")
+        dev = Device("cuda", BACKENDS["cuda"])
     elif kind == "cpu":
         # megatron-core creates dozens of groups, most unused in a given layout: gloo connects each on first use.
         os.environ.setdefault("TORCH_GLOO_LAZY_INIT", "1")
-        dev = Device("cpu", "gloo")
+        dev = Device("cpu", BACKENDS["cpu"])
     else:
         raise ValueError(f"unknown device {kind!r}: use auto, npu, cuda or cpu")
     _import_megatron_core()
     if kind == "cpu":
         _patch_megatron_for_cpu()
     _patch_moe_router_without_te()
+    _provide_grouped_matmul(kind)
     _ACTIVE = dev
     return dev
 
@@ -324,3 +320,30 @@ def _patch_megatron_for_cpu() -> None:
 
     mc_random._set_cuda_rng_state = cpu_set_rng_state
     mc_random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
+
+
+# ---------------------------------------------------------------- grouped GEMM (MoE experts)
+
+
+def _reference_gmm(a, b, batch_sizes, trans_b=False):
+    """grouped_gemm.ops.gmm's contract in plain torch (autograd included): the rows of `a` in consecutive groups of
+    batch_sizes[e] rows, group e times b[e] (b[e].T with trans_b)."""
+    import torch
+
+    groups = torch.split(a, batch_sizes.tolist())
+    return torch.cat([x @ (w.t() if trans_b else w) for x, w in zip(groups, b, strict=True)])
+
+
+def _provide_grouped_matmul(kind: str) -> None:
+    """megatron-core's GroupedMLP asserts grouped_gemm_util.grouped_gemm and calls grouped_gemm_util.ops.gmm: on
+    the CPU both point at the reference above (CUDA with grouped_gemm needs nothing; elsewhere GroupedMLP is
+    refused before it is built, engine/moe.py)."""
+    if grouped_matmul(kind) != "reference":
+        return
+    from types import SimpleNamespace
+
+    from megatron.core.transformer.moe import grouped_gemm_util
+
+    ops = SimpleNamespace(gmm=_reference_gmm)
+    grouped_gemm_util.grouped_gemm = SimpleNamespace(ops=ops)
+    grouped_gemm_util.ops = ops

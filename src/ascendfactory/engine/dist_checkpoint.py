@@ -20,7 +20,7 @@ from ascendfactory.ckpt.dist import COMMON_FILE, read_common, read_index
 from ascendfactory.ckpt.files import crc32_of, problem_of
 from ascendfactory.ckpt.lora import LORA_A, is_lora_key
 from ascendfactory.ckpt.reader import load_file, resume_problem
-from ascendfactory.engine import device
+from ascendfactory.engine import device, moe
 from ascendfactory.engine.checkpoint import RankPlace, TrainState, _agree, _tuning, steps_set_aside
 from ascendfactory.errors import UserError
 from ascendfactory.logs import TRAIN
@@ -258,8 +258,9 @@ def load(iter_path: Path, lay: RankPlace, state: TrainState, full: bool) -> int 
     common, err = None, None
     try:
         common = read_common(iter_path)
-        if full and (problem := resume_problem({**common, "optimizer": None, "rng_state": None}, iter_path)):
-            err = problem
+        if full:
+            err = (resume_problem({**common, "optimizer": None, "rng_state": None}, iter_path)
+                   or moe.resume_problem(common.get("args") or {}, state.args, iter_path))
     except UserError as e:
         err = str(e)
     _agree(err)

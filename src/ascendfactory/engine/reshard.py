@@ -93,6 +93,8 @@ def _run(src: Path, dst: Path, layout: tuple[int, int, int], ckpt_format: str, a
         "train_iters": int(args.get("train_iters") or 1), "seed": int(args.get("seed") or 1234),
         "device": "cpu", "use_distributed_optimizer": distributed, "ckpt_format": ckpt_format,
         "convert_mg2hf_at_last": False,
+        # the experts' implementation its optimizer state is for (GroupedMLP computes in bf16 only)
+        **({"moe_grouped_gemm": True, "precision": "bf16"} if args.get("moe_grouped_gemm") else {}),
     }
     config = work / "exp-config.yaml"
     config.write_text(yaml.safe_dump(cfg))

@@ -282,7 +282,7 @@ class Trainer:
             seq_length=cfg.seq_len,
             micro_batch_size=cfg.micro_batch_size, global_batch_size=cfg.global_batch_size,
             train_iters=self.train_iters, seed=cfg.seed, stage=cfg.stage,
-            **(self.lora.checkpoint_args() if self.lora else {}),
+            **(self.lora.checkpoint_args() if self.lora else {}), **moe.checkpoint_args(self.tconfig),
         )
 
     def _load(self) -> None:
