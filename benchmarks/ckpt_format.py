@@ -3,7 +3,7 @@
 of the worker processes during each, size on disk.
 
     python benchmarks/ckpt_format.py [--repeats 2] [--worlds 1] [--formats legacy,torch_dist,async]
-                                     [--hidden 896] [--layers 2]
+                                     [--hidden 896] [--layers 2] [--optimizer distributed|plain]
 
 Model: a random-init Qwen2-0.5B-shaped model (hidden 896, 14 heads / 2 KV heads, FFN 4864, vocabulary 151,936,
 tied embeddings), fp32 on CPU, distributed optimizer on (Adam state: 2 fp32 tensors per parameter). Memory: both
@@ -14,6 +14,8 @@ overlap_grad_reduce): about 9x the parameter bytes on top of the trainer (measur
 The torch_dist (fully reshardable) form all-gathers it to every DP rank, legacy gathers it to DP rank 0. So the 24
 layers (--layers 24: 494M parameters) need ~26 GB at a world-1 save; --layers 12 (315M) peaks at 16.8 GB; the
 default, 2 layers (166M parameters: the embedding is 136M of them), fits any machine this project runs on.
+--optimizer plain (megatron-core's non-distributed optimizer: each rank saves its Adam state as it holds it, nothing
+gathered) takes the full 24-layer model on a 24 GB machine.
 World 2 is DP2 (each rank holds half the optimizer state, but the torch_dist save gathers all of it on both).
 
 Each (format, repeat) is two torchrun launches of the real Trainer: the first trains one step (so the Adam state
@@ -146,11 +148,11 @@ def launch(cfg: Path, nproc: int, what: str) -> list[dict]:
     return json.loads(report.read_text())
 
 
-def measure(root: Path, model: Path, data: Path, fmt: str, world: int, rep: int) -> dict:
+def measure(root: Path, model: Path, data: Path, fmt: str, world: int, rep: int, distributed: bool) -> dict:
     out = root / f"{fmt}_w{world}_r{rep}"
     base = dict(stage="pt", seq_len=64, max_pe=256, micro_batch_size=1, global_batch_size=world, train_iters=2,
                 save_interval=1, lr=1e-4, min_lr=1e-5, lr_warmup_iters=0, precision="fp32",
-                use_distributed_optimizer=True, nproc_per_node=world, **FORMATS[fmt])
+                use_distributed_optimizer=distributed, nproc_per_node=world, **FORMATS[fmt])
     E.write_config(out, model, data, ckpt_load_type=0, **base)
     save = launch(out / "exp-config.yaml", world, "save")
     ckpt = out / "saved_checkpoints"
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--hidden", type=int, default=896)
     ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--optimizer", choices=("distributed", "plain"), default="distributed",
+                    help="plain: megatron-core's non-distributed optimizer (no gather of its state at a save)")
     a = ap.parse_args()
     formats, worlds = a.formats.split(","), [int(w) for w in a.worlds.split(",")]
     shape = dict(hidden_size=a.hidden, intermediate_size=a.hidden * 38 // 7, num_hidden_layers=a.layers,
@@ -198,14 +202,15 @@ def main() -> None:
         for rep in range(a.repeats):  # formats interleaved, so the machine's load changes hit all of them
             for world in worlds:
                 for fmt in formats:
-                    rows.append(measure(root, model, root / "data", fmt, world, rep))
+                    rows.append(measure(root, model, root / "data", fmt, world, rep, a.optimizer == "distributed"))
                     loads.append(loadavg())
                     print(json.dumps(rows[-1]), flush=True)
     keys = ("save_s", "save_returned_s", "save_peak_rss", "save_rss_before", "save_tree_peak_pss", "load_s",
             "load_peak_rss", "load_rss_before", "load_tree_peak_pss", "size")
     med = {(f, w): {k: statistics.median(r[k] for r in rows if (r["format"], r["world"]) == (f, w)) for k in keys}
            for w in worlds for f in formats}
-    print(f"\nload average (1 min) during the run: {min(loads):.1f}-{max(loads):.1f}; medians of {a.repeats}")
+    print(f"\n{a.layers} layers, {a.optimizer} optimizer; load average (1 min) during the run: {min(loads):.1f}-"
+          f"{max(loads):.1f}; medians of {a.repeats}")
     print("| world | format | save s (each) | save returns s | save peak RSS (before) | save peak PSS with writers "
           "| load s (each) | load peak RSS (before) | load peak PSS | on disk |")
     print("|---|---|---|---|---|---|---|---|---|---|")
