@@ -158,3 +158,38 @@ def test_weights_only_load_of_another_layout_is_resharded(dist_ckpts, tmp_path):
     assert f"weights only (fresh optimizer and schedule) from {out / 'resharded_TP1PP1' / iter_dir_name(1)}" \
         in res.stdout, E.describe(res)
     assert sorted(E.losses(out)) == [1, 2]
+
+
+@slow
+def test_weights_only_load_of_another_layer_split_is_resharded(dist_ckpts, tmp_path):
+    """The same TP / PP but the layers split otherwise (converted with num_layer_list 1,3, the run splits 2,2): the
+    convert stage reshards the weights into the run's split (bit for bit), `plan`'s reason names both splits, and
+    the PP2 run trains from them."""
+    from ascendfactory.convert.api import hf_to_megatron
+
+    d = dist_ckpts
+    src = tmp_path / "split_1_3"
+    hf_to_megatron(d["dense_hf"], src, 1, 2, [1, 3])
+    out = tmp_path / "run"
+    assert E.write_sft(tmp_path / "sft", d["dense_hf"])
+    config = E.write_config(out, d["dense_hf"], tmp_path / "sft", ckpt_load_type=1, train_iters=2,
+                            pipeline_model_parallel_size=2, user_converted_ckpt_path=str(src))
+    cfg = load_resolved(config)
+    paths = run_paths(cfg)
+    assert paths.converted_ckpt_dir == out / "resharded_TP1PP2"
+    assert decide_train(cfg, paths)[1].endswith(
+        f"; a legacy checkpoint at TP1 PP2 with layers per stage [1, 3] (the run's: [2, 2]), resharded by the convert "
+        f"stage from {src}")
+    run, reason = convert_stage.decide_convert(cfg, paths)
+    assert run and reason == (f"weights of {src} (TP1 PP2, layers per stage [1, 3]) resharded -> "
+                              f"{out / 'resharded_TP1PP2'} (ckpt_load_type 1)")
+    convert_stage.run_convert(cfg, paths)
+    assert read_checkpoint_layout(paths.converted_ckpt_dir).layers == (2, 2)
+    megatron_to_hf(paths.converted_ckpt_dir, tmp_path / "hf", d["dense_hf"])
+    assert_same_tensors(hf_tensors(d["dense_hf"]), hf_tensors(tmp_path / "hf"))
+    res = E.run_engine(config, 2)
+    assert res.returncode == 0, E.describe(res)
+    assert sorted(E.losses(out)) == [1, 2]
+    # the run's own split: nothing to reshard
+    same = cfg.model_copy(update={"num_layer_list": "1,3"})
+    assert run_paths(same).converted_ckpt_dir == src

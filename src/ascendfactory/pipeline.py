@@ -22,6 +22,8 @@ from ascendfactory.config.paths import (
     run_id,
     run_identity,
     run_paths,
+    run_split,
+    saved_split,
 )
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.engine.training_math import config_problems as engine_problems
@@ -111,6 +113,9 @@ def _given_checkpoint(cfg: ExpConfig) -> str:
     tp, pp, ep = saved
     given = f"; a legacy checkpoint at TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}"
     if reshard_on_load(cfg):
+        if saved == (cfg.tp, cfg.pp, cfg.ep):  # the layers split otherwise over the same stages
+            given += (f" with layers per stage {list(saved_split(str(cfg.user_converted_ckpt_path)))} (the run's: "
+                      f"{list(run_split(cfg))})")
         return f"{given}, resharded by the convert stage from {cfg.user_converted_ckpt_path}"
     return f"{given}, the run's layout: no resharding"
 

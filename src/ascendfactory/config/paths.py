@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -86,15 +87,45 @@ def read_run_state(paths: RunPaths) -> dict | None:
 
 
 def reshard_on_load(cfg: ExpConfig) -> bool:
-    """ckpt_load_type 1 from a legacy user_converted_ckpt_path of another TP/PP/EP than the run's: the convert
-    stage reshards its weights into the run's layout (convert/reshard.py) and the run loads them from there."""
+    """ckpt_load_type 1 from a legacy user_converted_ckpt_path of another TP/PP/EP than the run's, or of another
+    split of the layers over the same PP stages: the convert stage reshards its weights into the run's layout
+    (convert/reshard.py) and the run loads them from there."""
     if cfg.ckpt_load_type != 1 or not cfg.user_converted_ckpt_path:
         return False
     try:
         saved = ckpt_files.saved_layout(cfg.user_converted_ckpt_path)
     except UserError:  # not a checkpoint: the rules report it
         return False
-    return saved is not None and saved != (cfg.tp, cfg.pp, cfg.ep)
+    if saved is None:
+        return False
+    if saved != (cfg.tp, cfg.pp, cfg.ep):
+        return True
+    return cfg.pp > 1 and saved_split(str(cfg.user_converted_ckpt_path)) not in (None, run_split(cfg))
+
+
+def run_split(cfg: ExpConfig) -> tuple[int, ...] | None:
+    """The run's decoder layers per PP stage (num_layer_list, or config.json's layers split evenly); None when
+    config.json cannot be read or the split is invalid (the rules report both)."""
+    from ascendfactory.layout import parse_layer_list, stage_layers
+    from ascendfactory.modelinfo import read_model_facts
+
+    try:
+        return tuple(stage_layers(read_model_facts(cfg.model_name_or_path).num_layers, cfg.pp,
+                                  parse_layer_list(cfg.num_layer_list)))
+    except UserError:
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def saved_split(ckpt_dir: str) -> tuple[int, ...] | None:
+    """A legacy checkpoint's layers per PP stage (its rank files' keys; torch, memory-mapped), read once per run;
+    None when it cannot be read (check_loadable reports it)."""
+    from ascendfactory.ckpt.reader import read_checkpoint_layout
+
+    try:
+        return tuple(read_checkpoint_layout(ckpt_dir).layers)
+    except UserError:
+        return None
 
 
 def run_paths(cfg: ExpConfig) -> RunPaths:

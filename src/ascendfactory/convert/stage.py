@@ -9,7 +9,7 @@ import json
 import logging
 
 from ascendfactory.ckpt.files import read_tracker, saved_layout
-from ascendfactory.config.paths import RunPaths, reshard_on_load
+from ascendfactory.config.paths import RunPaths, reshard_on_load, saved_split
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
     adapter_complete,
@@ -48,7 +48,8 @@ def _decide_reshard(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
             target, ShardPlan(cfg.tp, cfg.pp, tuple(layers), 0, 0, cfg.ep)):
         return False, f"{target} already holds the weights of {src} at the run's layout"
     tp, pp, ep = saved_layout(src)
-    return True, (f"weights of {src} (TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}) resharded -> {target} "
+    split = "" if (tp, pp, ep) != (cfg.tp, cfg.pp, cfg.ep) else f", layers per stage {list(saved_split(str(src)))}"
+    return True, (f"weights of {src} (TP{tp} PP{pp}{f' EP{ep}' if ep > 1 else ''}{split}) resharded -> {target} "
                   f"(ckpt_load_type 1)")
 
 
