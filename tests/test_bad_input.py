@@ -182,14 +182,6 @@ def _mutate(root: Path, cfg: dict, case: str) -> tuple[list[str], str]:
     if case == "ckpt_layout":
         exp.update({"user_converted_ckpt_path": str(make_ckpt(user / "ck_tp2", 2)), "ckpt_load_type": 2})
         return [], "checkpoint layout TP2 PP1 differs from the run's TP1 PP1"
-    if case == "ckpt_layer_split":
-        ck = user / "ck_31"
-        if not ck.exists():
-            from ascendfactory.convert.api import hf_to_megatron
-
-            hf_to_megatron(user / "model", ck, tp=1, pp=2, num_layer_list=[3, 1])
-        exp.update({"user_converted_ckpt_path": str(ck), "pipeline-model-parallel-size": 2})
-        return [], "splits the layers 3,1"
     if case == "resume_from_weights":  # converted weights hold no optimizer state: found before any stage runs
         ck = user / "ck_weights"
         if not ck.exists():
@@ -245,7 +237,7 @@ CASES = [
     "data_and_processed", "no_data", "load_type", "stage", "lora_targets", "handler", "resume_without_ckpt", "save_interval",
     "min_lr_gt_lr", "layer_list_len", "missing_model_key", "missing_model_dir", "no_config_json",
     "unsupported_arch", "rope_yarn", "no_tokenizer", "dataset_missing", "dataset_empty", "dataset_malformed",
-    "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "ckpt_layer_split", "resume_from_weights",
+    "processed_dir_empty", "ckpt_no_tracker", "ckpt_tracker_missing_iter", "ckpt_layout", "resume_from_weights",
     "output_not_writable",
     "master_port", "grace_nan", "nproc_zero", "max_restarts", "lr_nan", "lr_negative", "warmup_negative", "adam_beta",
     "clip_grad", "weight_decay", "epochs_zero", "extra_args_inf", "prompt_type", "layer_list_zero", *CLI_CASES, *YAML_EDITS, *ENV_CASES,

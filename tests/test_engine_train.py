@@ -151,16 +151,20 @@ def test_uneven_pipeline_split_trains_saves_exports_like_pp1(env, tmp_path):
         torch.testing.assert_close(exported["uneven"][k], v, rtol=0, atol=1e-4, msg=k)
 
 
-def test_layer_split_differing_from_checkpoint_refused(env):
-    conv = env["conv"][(1, 2, "3,1")]
+def test_full_resume_of_another_layer_split_refused(env):
+    """A full resume (ckpt_load_type 2: the optimizer state too) of a training checkpoint saved with the layers
+    split 3,1 into a run splitting them 2,2 (same TP / PP) is refused naming both splits; a weights-only load is
+    resharded by the convert stage instead (test_convert_reshard)."""
+    saved = _packed_run(env, 1, 2, "3,1")[0] / "saved_checkpoints"
     out = env["root"] / "packed_PP2_2-2_on_3-1"
-    cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, ckpt_load_type=1,
-                         user_converted_ckpt_path=str(conv), pipeline_model_parallel_size=2, num_layer_list="2,2")
+    cfg = E.write_config(out, env["model"], env["packed"][0], pack=True, ckpt_load_type=2,
+                         user_converted_ckpt_path=str(saved), pipeline_model_parallel_size=2, num_layer_list="2,2")
     res = E.run_engine(cfg, 2)
     # The first worker to refuse exits 2 (user error; torchrun then stops the other and itself exits 1).
     assert res.returncode != 0 and re.search(r"exitcode\s*: 2 ", res.stderr), E.describe(res)
+    it = L.read_tracker(saved)
     assert (f"error: num_layer_list: the run splits the layers 2,2 over its pipeline stages but "
-            f"{conv}/iter_0000001 holds 3,1") in res.stderr
+            f"{saved}/{L.iter_dir_name(it)} holds 3,1") in res.stderr, E.describe(res)
     assert not (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").exists()
 
 
