@@ -3,10 +3,12 @@
 npu  : torch_npu + transfer_to_npu (which maps torch.cuda.* onto the NPU), backend hccl.
 cuda : nothing to patch, backend nccl.
 cpu  : backend gloo; megatron-core assumes CUDA in a few spots (current_device, the cuda RNG
-       state and its tracker, synchronize), which are pointed at the CPU here.
+       state and its tracker, synchronize, the MoE alltoall dispatcher's side stream), which are
+       pointed at the CPU here; GroupedMLP gets a reference grouped matmul.
 
 Everything else (trainer, model builder, checkpointing) asks this module for the torch device,
-the process-group backend and the RNG state, and never branches on the device itself.
+the process-group backend and the RNG state, and never branches on the device itself. What each
+device kind offers, torch-free (for `plan`'s rules too), is in ascendfactory/device_facts.py.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ascendfactory import device_facts
 from ascendfactory.device_facts import BACKENDS, grouped_matmul
 from ascendfactory.errors import UserError
 
@@ -60,10 +61,6 @@ class Device:
     def batched_p2p(self) -> bool:
         """gloo has no coalesced send/recv: pipeline p2p goes one message at a time (same schedule)."""
         return self.backend != "gloo"
-
-    @property
-    def moe_token_dispatcher(self) -> str:
-        return device_facts.moe_token_dispatcher(self.kind)
 
 
 _ACTIVE: Device | None = None
