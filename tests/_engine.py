@@ -149,6 +149,22 @@ def run_engine(config: Path, nproc: int = 1, timeout: int = 240, torchrun_args: 
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
+def resume_copy(out: Path, config: Path, model_dir: Path, data_dir: Path, again: Path, nproc: int, drop: int,
+                back_to: int, **kw) -> subprocess.CompletedProcess:
+    """A copy of a run's output folder in `again` without its checkpoint `drop`, the tracker back at `back_to` and
+    no metrics yet, auto-resumed with the run's settings (kw: others)."""
+    import shutil
+
+    from ascendfactory.ckpt import files as L
+
+    shutil.copytree(out, again)
+    shutil.rmtree(again / "saved_checkpoints" / L.iter_dir_name(drop))
+    L.write_tracker(again / "saved_checkpoints", back_to)
+    (again / "logs" / "metrics.jsonl").unlink()
+    settings = {**yaml.safe_load(config.read_text()), "output_dir": str(again), "train_auto_resume": True, **kw}
+    return run_engine(write_config(again, model_dir, data_dir, **settings), nproc, timeout=600)
+
+
 def start_engine(config: Path, nproc: int = 1, **env) -> subprocess.Popen:
     return subprocess.Popen(engine_cmd(config, nproc), env=engine_env(**env), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)

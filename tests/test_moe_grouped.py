@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import sys
 
@@ -161,13 +160,7 @@ def _run(env, tag: str, grouped: bool, **kw):
 def _again(env, out, cfg, tmp_path, **kw):
     """A copy of a run's output without its last checkpoint, auto-resumed (kw: other settings)."""
     again = tmp_path / "again"
-    shutil.copytree(out, again)
-    shutil.rmtree(again / "saved_checkpoints" / "iter_0000006")
-    L.write_tracker(again / "saved_checkpoints", 3)
-    (again / "logs" / "metrics.jsonl").unlink()
-    cfg2 = E.write_config(again, env["model"], env["sft"], **{**yaml.safe_load(cfg.read_text()),
-                                                            "output_dir": str(again), "train_auto_resume": True, **kw})
-    return again, E.run_engine(cfg2, 2, timeout=600)
+    return again, E.resume_copy(out, cfg, env["model"], env["sft"], again, 2, 6, 3, **kw)
 
 
 def _error_line(res) -> str:

@@ -6,12 +6,9 @@ checkpoint's, and LoRA on the experts at EP2 whose PEFT export loads in peft."""
 
 from __future__ import annotations
 
-import shutil
-
 import _engine as E
 import pytest
 import torch
-import yaml
 from test_convert_roundtrip import hf_tensors
 
 from ascendfactory.ckpt import files as L
@@ -90,13 +87,7 @@ def test_resume_at_ep2_is_exact_and_export_equals_trained_model(env, tmp_path):
     out, cfg, _ = _run(env, 1, 1, 2, 4, "edp2")
     full = E.losses(out)
     again = tmp_path / "again"
-    shutil.copytree(out, again)
-    shutil.rmtree(again / "saved_checkpoints" / "iter_0000006")
-    L.write_tracker(again / "saved_checkpoints", 3)
-    (again / "logs" / "metrics.jsonl").unlink()
-    cfg2 = E.write_config(again, env["model"], env["sft"], **{**yaml.safe_load(cfg.read_text()),
-                                                            "output_dir": str(again), "train_auto_resume": True})
-    _ok(res := E.run_engine(cfg2, 4, timeout=600))
+    _ok(res := E.resume_copy(out, cfg, env["model"], env["sft"], again, 4, 6, 3))
     assert "resumed" in res.stdout
     resumed = E.losses(again)
     assert sorted(resumed) == [4, 5, 6]
