@@ -432,10 +432,8 @@ def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) ->
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
     from ascendfactory.ckpt.reader import read_checkpoint_layout
-    from ascendfactory.layout import parse_layer_list, stage_layers
 
-    ours = stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
-                        keys=("num_layer_list", "pipeline_model_parallel_size"))
+    ours = list(run_split(cfg, num_layers))
     given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
     if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir)):
         if problem := given.resume_problem():

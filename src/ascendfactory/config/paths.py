@@ -100,20 +100,25 @@ def reshard_on_load(cfg: ExpConfig) -> bool:
         return False
     if saved != (cfg.tp, cfg.pp, cfg.ep):
         return True
-    return cfg.pp > 1 and saved_split(str(cfg.user_converted_ckpt_path)) not in (None, run_split(cfg))
+    if cfg.pp == 1:
+        return False
+    try:
+        ours = run_split(cfg)
+    except UserError:  # config.json unreadable or the split invalid: the rules report both
+        return False
+    return saved_split(str(cfg.user_converted_ckpt_path)) not in (None, ours)
 
 
-def run_split(cfg: ExpConfig) -> tuple[int, ...] | None:
-    """The run's decoder layers per PP stage (num_layer_list, or config.json's layers split evenly); None when
-    config.json cannot be read or the split is invalid (the rules report both)."""
+def run_split(cfg: ExpConfig, num_layers: int | None = None) -> tuple[int, ...]:
+    """The run's decoder layers per PP stage: num_layer_list, or the model's layers (config.json's, unless
+    given) split evenly; UserError naming the keys when they do not fit."""
     from ascendfactory.layout import parse_layer_list, stage_layers
     from ascendfactory.modelinfo import read_model_facts
 
-    try:
-        return tuple(stage_layers(read_model_facts(cfg.model_name_or_path).num_layers, cfg.pp,
-                                  parse_layer_list(cfg.num_layer_list)))
-    except UserError:
-        return None
+    if num_layers is None:
+        num_layers = read_model_facts(cfg.model_name_or_path).num_layers
+    return tuple(stage_layers(num_layers, cfg.pp, parse_layer_list(cfg.num_layer_list),
+                              keys=("num_layer_list", "pipeline_model_parallel_size")))
 
 
 @functools.lru_cache(maxsize=8)

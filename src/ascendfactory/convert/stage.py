@@ -9,7 +9,7 @@ import json
 import logging
 
 from ascendfactory.ckpt.files import read_tracker, saved_layout
-from ascendfactory.config.paths import RunPaths, reshard_on_load, saved_split
+from ascendfactory.config.paths import RunPaths, reshard_on_load, run_split, saved_split
 from ascendfactory.config.schema import ExpConfig
 from ascendfactory.convert.fingerprint import (
     adapter_complete,
@@ -23,7 +23,7 @@ from ascendfactory.convert.fingerprint import (
 from ascendfactory.convert.options import dtype_name
 from ascendfactory.convert.target import ours
 from ascendfactory.errors import UserError
-from ascendfactory.layout import ShardPlan, parse_layer_list, plan_layout, stage_layers
+from ascendfactory.layout import ShardPlan, plan_layout
 from ascendfactory.modelinfo import read_model_facts
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ def _convert_plan(cfg: ExpConfig):
 def _decide_reshard(cfg: ExpConfig, paths: RunPaths) -> tuple[bool, str]:
     """ckpt_load_type 1 from a legacy checkpoint of another layout (config.paths.reshard_on_load)."""
     target, src = paths.converted_ckpt_dir, cfg.user_converted_ckpt_path
-    layers = stage_layers(read_model_facts(cfg.model_name_or_path).num_layers, cfg.pp,
-                          parse_layer_list(cfg.num_layer_list), keys=("num_layer_list", "pipeline_model_parallel_size"))
+    layers = list(run_split(cfg))
     fp = reshard_fingerprint(src, read_tracker(src), (cfg.tp, cfg.pp, cfg.ep, layers), "legacy",
                              cfg.model_name_or_path, full=False)
     if ours(target, "resharded checkpoint dir") == fp and conversion_complete(
