@@ -19,7 +19,7 @@ import sys
 import torch.distributed.launcher.api as launcher
 from torch.distributed import run as torchrun
 from torch.distributed.elastic.agent.server.local_elastic_agent import LocalElasticAgent
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from ascendfactory import logs
 from ascendfactory.errors import EXIT_USER_ERROR, UserError
@@ -36,11 +36,18 @@ class _Agent(LocalElasticAgent):
         return result
 
 
+def root_failure(e: ChildFailedError) -> tuple[int, ProcessFailure]:
+    """The failure that stopped the run. torch orders failures by their timestamp in whole seconds: a peer that
+    failed on the dead rank's closed connection (its error file stamped in the second before) and was then stopped
+    by the agent's SIGTERM would come first. Ranks the agent stopped are consequences, taken only if all were."""
+    return min(e.failures.items(), key=lambda kv: (kv[1].exitcode == -signal.SIGTERM, kv[1].timestamp, kv[0]))
+
+
 def _record_root_cause(e: ChildFailedError) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if not path:
         return
-    rank, failure = e.get_first_failure()
+    rank, failure = root_failure(e)
     # The worker's own reason when it left an error file; torch's text otherwise says nothing the code does not.
     reason = failure.message if os.path.isfile(failure.error_file) else ""
     if isinstance(reason, dict):
