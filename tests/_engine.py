@@ -122,6 +122,23 @@ def write_cli_cfg(assets: Path, out: Path, base: dict, **exp) -> Path:
     return path
 
 
+def plan_error(config: Path, nproc: int, command: str = "plan", **kw) -> str | None:
+    """`ascendfactory-cli plan` (or `train`, expected to refuse) of an engine run's own config (kw: other settings)
+    as its relaunch with train_auto_resume: its one error line (exit 2), or None when the plan passes (exit 0).
+    overwrite_output: the engine run, started by torchrun directly, left no record of an ascendfactory run in its
+    output_dir."""
+    cfgs = config.parent.parent / f"{config.parent.name}-relaunch.yaml"
+    exp = {**yaml.safe_load(config.read_text()), "train_auto_resume": True, "nproc_per_node": nproc,
+           "overwrite_output": True, **kw}
+    cfgs.write_text(yaml.safe_dump({"m": {"e": exp}}))
+    res = subprocess.run([sys.executable, "-m", "ascendfactory", command, str(cfgs), "m", "e"], capture_output=True,
+                         text=True, env=engine_env(), timeout=120)
+    assert res.returncode in (0, 2), res.stdout + res.stderr
+    errors = [ln.removeprefix("error: ") for ln in (res.stdout + res.stderr).splitlines() if ln.startswith("error:")]
+    assert len(errors) == (res.returncode == 2), res.stdout + res.stderr
+    return errors[0] if errors else None
+
+
 def engine_cmd(config: Path, nproc: int, *torchrun_args: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
             "--master_port", str(free_port()), *torchrun_args, "-m", "ascendfactory.engine", "--config", str(config)]

@@ -3,6 +3,7 @@ an uneven PP split, the three load modes, save_total_limit. Tiny Qwen2-shaped mo
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import shutil
@@ -166,6 +167,16 @@ def test_full_resume_of_another_layer_split_refused(env):
     assert (f"error: num_layer_list: the run splits the layers 2,2 over its pipeline stages but "
             f"{saved}/{L.iter_dir_name(it)} holds 3,1") in res.stderr, E.describe(res)
     assert not (out / "saved_checkpoints" / "latest_checkpointed_iteration.txt").exists()
+
+    # The run's own checkpoint, relaunched with train_auto_resume: its manifest records the split, so `plan`
+    # refuses another one before any stage, with the engine's line; the same split passes.
+    run_dir = saved.parent
+    assert json.loads((saved / L.iter_dir_name(it) / L.MANIFEST).read_text())["num_layer_list"] == [3, 1]
+    assert E.plan_error(run_dir / "exp-config.yaml", 2) is None
+    assert E.plan_error(run_dir / "exp-config.yaml", 2, num_layer_list="2,2") == (
+        f"train_auto_resume: num_layer_list: the run splits the layers 2,2 over its pipeline stages but "
+        f"{saved}/{L.iter_dir_name(it)} holds 3,1; set num_layer_list: 3,1 or convert the weights again with "
+        "--num-layer-list 2,2")
 
 
 def test_load_modes_0_1_2_and_save_total_limit(env):

@@ -231,6 +231,21 @@ def test_full_resume_across_implementations_refused_weights_load(env, tmp_path):
     weights alone (ckpt_load_type 1) of the torch_dist SequentialMLP checkpoint load into GroupedMLP: the first
     loss, a forward of the loaded weights, is SequentialMLP's own from them within bf16 rounding."""
     out, cfg, _ = _run(env, "grouped", True)
+    # Relaunched with train_auto_resume, `plan` finds the same refusal in the manifest, before any stage.
+    saved = out / "saved_checkpoints" / L.iter_dir_name(L.read_tracker(out / "saved_checkpoints"))
+    assert json.loads((saved / L.MANIFEST).read_text())["moe_grouped_gemm"] is True
+    assert E.plan_error(cfg, 2) is None
+    assert E.plan_error(cfg, 2, moe_grouped_gemm="auto") == (
+        f"train_auto_resume: {saved}: its experts trained as GroupedMLP (moe_grouped_gemm: true), this run builds "
+        "SequentialMLP (moe_grouped_gemm: false), and the optimizer state follows the experts' parameters; set "
+        "moe_grouped_gemm: true to resume, or ckpt_load_type 1 to load its weights with a fresh optimizer")
+    # Given as the checkpoint to resume from: `train` reads its args before any stage.
+    given = tmp_path / "given"
+    assert E.plan_error(cfg, 2, "train", moe_grouped_gemm="auto", ckpt_load_type=2, train_auto_resume=False,
+                        user_converted_ckpt_path=str(saved.parent), output_dir=str(given)).startswith(
+        f"user_converted_ckpt_path {saved.parent}: its experts trained as GroupedMLP (moe_grouped_gemm: true), "
+        "this run builds SequentialMLP")
+    assert not (given / "saved_checkpoints").exists() and not (given / "logs" / "torchrun").exists()
     line = _error_line(_again(env, out, cfg, tmp_path / "a", moe_grouped_gemm=False)[1])
     assert ("its experts trained as GroupedMLP (moe_grouped_gemm: true), this run builds SequentialMLP "
             "(moe_grouped_gemm: false)") in line and "set moe_grouped_gemm: true to resume" in line, line

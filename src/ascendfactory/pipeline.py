@@ -14,6 +14,7 @@ from pathlib import Path
 from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config import rules
 from ascendfactory.config.loader import Resolved, dump_config, resolve
+from ascendfactory.config.moe_rules import choose_experts, grouped_resume_problem
 from ascendfactory.config.paths import (
     STATE_DIR,
     RunPaths,
@@ -33,6 +34,7 @@ from ascendfactory.launch.cluster import cluster_layout
 from ascendfactory.launch.torchrun import config_problems as launch_problems
 from ascendfactory.layout import RunLayout
 from ascendfactory.logs import RUN
+from ascendfactory.modelinfo import ModelFacts
 
 log = logging.getLogger(RUN)
 STAGES = ("preprocess", "convert", "train", "export")
@@ -378,7 +380,7 @@ def run_train(cfgs_yaml: str, model: str, exp: str, overrides: list[str], flags:
         from ascendfactory.ckpt.reader import trust_checkpoints
 
         trust_checkpoints(plan.cfg.trust_checkpoint)
-    _check_given_checkpoint(plan.cfg, facts.num_layers, plan.paths)
+    _check_given_checkpoint(plan.cfg, facts, plan.paths, plan.layout.device)
     from ascendfactory.engine.device import check_requested
 
     check_requested(plan.cfg.device)
@@ -425,18 +427,23 @@ def _tell_ahead(ahead: Foresight) -> None:
         log.info(f"warning: {ahead.memory_warning}")
 
 
-def _check_given_checkpoint(cfg: ExpConfig, num_layers: int, paths: RunPaths) -> None:
+def _check_given_checkpoint(cfg: ExpConfig, facts: ModelFacts, paths: RunPaths, device: str) -> None:
     """What the workers would find only after the other stages ran (and then once per torchrun attempt): the
     layers per PP stage of a given checkpoint must be the run's (its TP/PP were checked by the rules), and a
-    resume needs a training checkpoint, unless auto-resume will take one of the run's own."""
+    resume needs a training checkpoint whose experts' implementation is the run's, unless auto-resume will take
+    one of the run's own."""
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
     from ascendfactory.ckpt.reader import read_checkpoint_layout
 
-    ours = list(run_split(cfg, num_layers))
+    ours = list(run_split(cfg, facts.num_layers))
     given = read_checkpoint_layout(cfg.user_converted_ckpt_path)
     if cfg.ckpt_load_type == 2 and not (cfg.train_auto_resume and ckpt_files.iterations_on_disk(paths.save_dir)):
         if problem := given.resume_problem():
+            raise UserError(problem)
+        if facts.num_experts and (problem := grouped_resume_problem(
+                bool(given.args().get("moe_grouped_gemm")), choose_experts(cfg, device)[0],
+                f"user_converted_ckpt_path {cfg.user_converted_ckpt_path}")):
             raise UserError(problem)
     if given.format == "torch_dist" or reshard_on_load(cfg):
         return  # loaded into any layout by megatron-core / resharded into the run's by the convert stage

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 from ascendfactory.errors import UserError
@@ -123,6 +124,11 @@ def write_tracker(ckpt_dir: str | Path, iteration: int) -> None:
     write_text_atomic(Path(ckpt_dir) / TRACKER, str(iteration))
 
 
+# The args a training checkpoint's manifest repeats, so that `plan` checks an auto-resume without torch
+# (config/rules.py): the layers per PP stage and the experts' implementation must be the run's for a full resume.
+MANIFEST_ARGS = ("num_layer_list", "moe_grouped_gemm")
+
+
 def checkpoint_args(tp: int, pp: int, num_layer_list: list[int] | None, source_model: str,
                     architecture: str, vocab_size: int, padded_vocab_size: int, ep: int = 1, num_experts: int = 0,
                     **extra) -> dict:
@@ -197,6 +203,14 @@ def legacy_resume_refusal(where: str, ckpt_dir: str | Path, have: tuple[int, int
     return (f"{where}: checkpoint layout {theirs} differs from the run's {ours}; a legacy checkpoint resumes (with "
             f"its optimizer state) only into its own layout: convert it with `{cmd}` and resume from {dst} "
             f"(ckpt_load_type: 2, user_converted_ckpt_path: {dst}, train_auto_resume: false), or run at {theirs}")
+
+
+def split_refusal(iter_path: str | Path, ours: Sequence[int], theirs: Sequence[int]) -> str:
+    """One line: a legacy checkpoint whose layers split otherwise over the same PP stages (each stage's file numbers
+    its own layers from 0) cannot be loaded in full as it is."""
+    ours_s, theirs_s = (",".join(map(str, split)) for split in (ours, theirs))
+    return (f"num_layer_list: the run splits the layers {ours_s} over its pipeline stages but {iter_path} holds "
+            f"{theirs_s}; set num_layer_list: {theirs_s} or convert the weights again with --num-layer-list {ours_s}")
 
 
 def crc32_of(path: Path) -> int:

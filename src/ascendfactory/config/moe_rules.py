@@ -1,6 +1,7 @@
 """The MoE keys' rules (SPEC.md section 8) that depend on the device: the token dispatcher and the experts'
-implementation (moe_grouped_gemm). `plan` / `train` check them before any stage; the engine applies the same
-choices (engine/moe.py)."""
+implementation (moe_grouped_gemm). `plan` / `train` check them before any stage (a full resume of the run's own
+checkpoint across implementations included, from its manifest); the engine applies the same choices
+(engine/moe.py)."""
 
 from __future__ import annotations
 
@@ -52,6 +53,32 @@ def grouped_gemm_unmet(cfg: ExpConfig, kind: str) -> list[tuple[str, str]]:
                       f"set moe_grouped_gemm: false, or leave {' and '.join(EXPERT_LINEARS)} out of "
                       "lora_target_modules"))
     return unmet
+
+
+def choose_experts(cfg: ExpConfig, kind: str) -> tuple[bool, str]:
+    """(GroupedMLP?, why) for an MoE model. true: GroupedMLP (grouped_gemm_problems says when it cannot run here);
+    auto: where the device has a real grouped matmul (the CPU's reference is no faster) and nothing else rules it
+    out; false: SequentialMLP."""
+    if cfg.moe_grouped_gemm is False:
+        return False, "moe_grouped_gemm: false"
+    matmul = grouped_matmul(kind)
+    if cfg.moe_grouped_gemm is True:
+        return True, f"moe_grouped_gemm: true, grouped matmul: {matmul}"
+    if matmul == "reference":
+        return False, f"moe_grouped_gemm: auto; {kind} has only the reference grouped matmul, no faster"
+    if unmet := grouped_gemm_unmet(cfg, kind):
+        return False, f"moe_grouped_gemm: auto; GroupedMLP {unmet[0][0]}"
+    return True, f"moe_grouped_gemm: auto, grouped matmul: {matmul}"
+
+
+def grouped_resume_problem(saved: bool, ours: bool, where) -> str | None:
+    """A full resume across expert implementations: refused (weights alone load across it)."""
+    if saved == ours:
+        return None
+    name = {True: "GroupedMLP (moe_grouped_gemm: true)", False: "SequentialMLP (moe_grouped_gemm: false)"}
+    return (f"{where}: its experts trained as {name[saved]}, this run builds {name[ours]}, and the optimizer state "
+            f"follows the experts' parameters; set moe_grouped_gemm: {str(saved).lower()} to resume, or "
+            "ckpt_load_type 1 to load its weights with a fresh optimizer")
 
 
 def lora_on_experts(cfg: ExpConfig) -> list[str]:

@@ -15,12 +15,17 @@ from pathlib import Path
 from ascendfactory import validation
 from ascendfactory.ckpt import files as ckpt_files
 from ascendfactory.config.loader import Resolved
-from ascendfactory.config.moe_rules import dispatcher_problem, grouped_gemm_problems
-from ascendfactory.config.paths import run_paths
+from ascendfactory.config.moe_rules import (
+    choose_experts,
+    dispatcher_problem,
+    grouped_gemm_problems,
+    grouped_resume_problem,
+)
+from ascendfactory.config.paths import run_paths, run_split
 from ascendfactory.config.schema import HANDLERS, LORA_TARGETS, PROMPT_TYPES
 from ascendfactory.errors import UserError
 from ascendfactory.families import hf_linear_owners
-from ascendfactory.layout import RunLayout, parse_layer_list
+from ascendfactory.layout import RunLayout, parse_layer_list, stage_layers
 from ascendfactory.modelinfo import (
     config_path,
     facts_from_config,
@@ -138,7 +143,7 @@ def check(res: Resolved, layout: RunLayout) -> Report:
             f"pipeline_model_parallel_size is {pp}")
     _check_model(cfg, layer_list, r)
     _check_experts(cfg, layout, r)
-    _check_checkpoint_layout(cfg, r)
+    _check_checkpoint_layout(cfg, layout, r)
     r.problems += validation.problems(cfg)
     return r
 
@@ -211,18 +216,29 @@ def _check_model(cfg, layer_list, r: Report) -> None:
                           f"divisible by pipeline_model_parallel_size ({pp}), or set num_layer_list")
 
 
-def _check_checkpoint_layout(cfg, r: Report) -> None:
+def _check_checkpoint_layout(cfg, layout: RunLayout, r: Report) -> None:
     """The checkpoint to start from fits the run's layout (read from folder names and manifests: no torch
     needed). A torch_dist one always does (megatron-core reshards it on load); a legacy one's weights alone
     (ckpt_load_type 1) are resharded into the run's layout by the convert stage; a full resume (ckpt_load_type 2,
-    auto-resume) of a legacy one from another TP/PP/EP is refused naming the command that converts it."""
+    auto-resume) of a legacy one from another TP/PP/EP is refused naming the command that converts it. An
+    auto-resume also needs, as its manifest records them, the run's layers per PP stage (legacy) and the run's
+    experts' implementation (the optimizer state follows the experts' parameters)."""
     run = (cfg.tp, cfg.pp, cfg.ep)
     if cfg.train_auto_resume and (found := _newest_complete(run_paths(cfg).save_dir)):
         iter_path, manifest = found
+        where = f"train_auto_resume: {iter_path}"
         have = tuple(manifest.get(k) for k in ("tp", "pp", "ep"))  # None: a manifest of an older version
-        if not ckpt_files.is_torch_dist(iter_path) and None not in have and have != run:
+        legacy = not ckpt_files.is_torch_dist(iter_path)
+        if legacy and None not in have and have != run:
             r.problems.append(ckpt_files.legacy_resume_refusal(
-                f"train_auto_resume: {iter_path}", iter_path.parent, have, run, cfg.ckpt_format))
+                where, iter_path.parent, have, run, cfg.ckpt_format))
+        elif legacy and "num_layer_list" in manifest and (splits := _splits(cfg, manifest["num_layer_list"])):
+            if splits[0] != splits[1]:
+                r.problems.append(f"train_auto_resume: {ckpt_files.split_refusal(iter_path, *splits)}")
+        if (grouped := manifest.get("moe_grouped_gemm")) is not None:
+            ours = choose_experts(cfg, layout.device)[0]
+            if problem := grouped_resume_problem(bool(grouped), ours, where):
+                r.problems.append(problem)
         return
     if cfg.ckpt_load_type == 0 or not cfg.user_converted_ckpt_path:
         return
@@ -235,6 +251,16 @@ def _check_checkpoint_layout(cfg, r: Report) -> None:
     if saved is not None and cfg.ckpt_load_type == 2 and saved != run:
         r.problems.append(ckpt_files.legacy_resume_refusal(
             f"user_converted_ckpt_path {ckpt}", ckpt, saved, run, cfg.ckpt_format))
+
+
+def _splits(cfg, saved_list) -> tuple[list[int], list[int]] | None:
+    """(the run's, the checkpoint's) layers per PP stage over the run's PP size; None when the run's keys do not fit
+    (reported by _check_model) or the model cannot be read."""
+    try:
+        ours = list(run_split(cfg))
+        return ours, stage_layers(sum(ours), cfg.pp, saved_list)
+    except (UserError, ValueError, TypeError):  # TypeError: a manifest entry that is no list of numbers
+        return None
 
 
 def _newest_complete(save_dir: Path) -> tuple[Path, dict] | None:

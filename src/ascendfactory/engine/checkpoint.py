@@ -1,7 +1,8 @@
 """Atomic Megatron checkpoints with a manifest, and finding / loading the one to start from.
 
 A save writes every file under `<save_dir>/.tmp_iter_XXXXXXX/`, fsyncs them, writes manifest.json
-(files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model),
+(files, sizes and crc32 checksums taken while writing, layout, iteration, consumed samples, source model, the args
+`plan` checks an auto-resume against: ckpt/files.MANIFEST_ARGS),
 renames the folder to `iter_XXXXXXX` and only then replaces the tracker. A crash at any instant therefore
 leaves either no new folder or a complete one; the previous checkpoint is never touched until a newer one is
 complete. The Checkpointer holds the policy: when to save, what to keep, the save on a stop request.
@@ -153,11 +154,7 @@ def check_loadable(ckpt_dir: Path, iteration: int, place: RankPlace, run_split: 
                         f"{place.ep}; set expert_model_parallel_size: {ck.ep} or convert the weights again with "
                         f"--ep {place.ep}")
     if list(ck.layers) != list(run_split):
-        ours, theirs = (",".join(map(str, split)) for split in (run_split, ck.layers))
-        raise UserError(
-            f"num_layer_list: the run splits the layers {ours} over its pipeline stages but {iter_path} holds "
-            f"{theirs}; set num_layer_list: {theirs} or convert the weights again with --num-layer-list {ours}"
-        )
+        raise UserError(L.split_refusal(iter_path, run_split, ck.layers))
     return ck.padded_vocab_size
 
 
@@ -256,14 +253,16 @@ class Checkpointer:
             if rank == 0:  # a partial copy only; the run stops here
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        publish = functools.partial(self._complete, tmp, iteration, state.consumed, previous, t0)
+        described = {"consumed_samples": state.consumed,
+                     **{k: state.args[k] for k in L.MANIFEST_ARGS if k in state.args}}
+        publish = functools.partial(self._complete, tmp, iteration, described, previous, t0)
         if sums is None:  # asynchronous: the writer publishes once megatron-core's writer processes are done
             self.writer.when_written(publish)
             train_log.info(f"checkpoint iteration {iteration}: writing in the background (async_save)")
         else:
             publish(sums)
 
-    def _complete(self, tmp: Path, iteration: int, consumed: int, previous: int | None, t0: float,
+    def _complete(self, tmp: Path, iteration: int, described: dict, previous: int | None, t0: float,
                   sums: dict[str, int]) -> None:
         """Collective: every rank's files are written (`sums`: this rank's {file: crc32}); manifest, rename,
         tracker, save_total_limit."""
@@ -276,7 +275,7 @@ class Checkpointer:
         err = None
         if rank == 0:
             try:
-                self._publish(tmp, iteration, consumed, sums)
+                self._publish(tmp, iteration, described, sums)
                 kill_point("save_tracker", iteration, rank)
                 L.write_tracker(self.save_dir, iteration)
                 if self.keep > 0:
@@ -289,12 +288,12 @@ class Checkpointer:
         train_log.info(f"saved checkpoint iteration {iteration} to "
                        f"{self.save_dir / L.iter_dir_name(iteration)} in {time.perf_counter() - t0:.2f}s")
 
-    def _publish(self, tmp: Path, iteration: int, consumed: int, sums: dict[str, int]) -> None:
+    def _publish(self, tmp: Path, iteration: int, described: dict, sums: dict[str, int]) -> None:
         final = self.save_dir / L.iter_dir_name(iteration)
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
         manifest = {
             "iteration": iteration,
-            "consumed_samples": consumed,
+            **described,
             "tp": self.place.tp,
             "pp": self.place.pp,
             "dp": self.place.dp,

@@ -8,13 +8,13 @@ from collections import OrderedDict
 
 from ascendfactory.config.moe_rules import (
     EXPERT_LINEARS,
+    choose_experts,
     dispatcher,
     dispatcher_problem,
     grouped_gemm_problems,
-    grouped_gemm_unmet,
+    grouped_resume_problem,
 )
 from ascendfactory.config.schema import ExpConfig
-from ascendfactory.device_facts import grouped_matmul
 from ascendfactory.engine.device import Device
 from ascendfactory.errors import UserError, UserErrors
 from ascendfactory.logs import TRAIN
@@ -35,6 +35,8 @@ def config_overrides(cfg: ExpConfig, facts: ModelFacts, dev: Device) -> dict:
     implementation (moe_grouped_gemm: GroupedMLP or SequentialMLP, logged with the reason)."""
     if not facts.num_experts:
         return {}
+    if cfg.moe_grouped_gemm is True and (problems := grouped_gemm_problems(cfg, dev.kind)):
+        raise UserErrors(problems)
     grouped, why = choose_experts(cfg, dev.kind)
     train_log.info(f"experts: {'GroupedMLP' if grouped else 'SequentialMLP'} ({why})")
     if problem := dispatcher_problem(cfg, dev.kind):
@@ -45,26 +47,6 @@ def config_overrides(cfg: ExpConfig, facts: ModelFacts, dev: Device) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- the experts' implementation (moe_grouped_gemm)
-
-def choose_experts(cfg: ExpConfig, kind: str) -> tuple[bool, str]:
-    """(GroupedMLP?, why). true: GroupedMLP (UserErrors when it cannot run here; `plan` says so first); auto: where
-    the device has a real grouped matmul (the CPU's reference is no faster) and nothing else rules it out; false:
-    SequentialMLP."""
-    if cfg.moe_grouped_gemm is False:
-        return False, "moe_grouped_gemm: false"
-    matmul = grouped_matmul(kind)
-    if cfg.moe_grouped_gemm is True:
-        if problems := grouped_gemm_problems(cfg, kind):
-            raise UserErrors(problems)
-        return True, f"moe_grouped_gemm: true, grouped matmul: {matmul}"
-    if matmul == "reference":
-        return False, f"moe_grouped_gemm: auto; {kind} has only the reference grouped matmul, no faster"
-    if unmet := grouped_gemm_unmet(cfg, kind):
-        return False, f"moe_grouped_gemm: auto; GroupedMLP {unmet[0][0]}"
-    return True, f"moe_grouped_gemm: auto, grouped matmul: {matmul}"
-
-
 def checkpoint_args(tconfig) -> dict:
     """What a checkpoint records of the experts' implementation (Megatron-LM's arg name): the optimizer state
     follows its parameters (GroupedMLP: two per layer), so a full resume needs the same one."""
@@ -72,15 +54,9 @@ def checkpoint_args(tconfig) -> dict:
 
 
 def resume_problem(saved_args: dict, run_args: dict, where) -> str | None:
-    """A full resume across expert implementations: refused (weights alone load across it). Checkpoints without
-    the entry (converted, or of older runs) hold SequentialMLP's."""
-    saved, ours = (bool(a.get("moe_grouped_gemm")) for a in (saved_args, run_args))
-    if saved == ours:
-        return None
-    name = {True: "GroupedMLP (moe_grouped_gemm: true)", False: "SequentialMLP (moe_grouped_gemm: false)"}
-    return (f"{where}: its experts trained as {name[saved]}, this run builds {name[ours]}, and the optimizer state "
-            f"follows the experts' parameters; set moe_grouped_gemm: {str(saved).lower()} to resume, or "
-            "ckpt_load_type 1 to load its weights with a fresh optimizer")
+    """A full resume across expert implementations, from the args both record. Checkpoints without the entry
+    (converted, or of older runs) hold SequentialMLP's."""
+    return grouped_resume_problem(*(bool(a.get("moe_grouped_gemm")) for a in (saved_args, run_args)), where)
 
 
 # ---------------------------------------------------------------- GroupedMLP <-> one tensor per expert
