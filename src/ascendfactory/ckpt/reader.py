@@ -7,7 +7,7 @@ import functools
 import pickle
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -46,6 +46,7 @@ class CheckpointLayout:
     ep: int = 1
     format: str = "legacy"  # or "torch_dist"
     saved: tuple[int, int, int] | None = None  # torch_dist: (TP, PP, EP) it was saved at
+    recorded_args: dict = field(default_factory=dict, repr=False, compare=False)  # as read for the layout
 
     def file(self, tp_rank: int, pp_rank: int, ep_rank: int = 0) -> Path:
         """The rank's file; a torch_dist checkpoint's iteration folder (its one rank)."""
@@ -74,12 +75,9 @@ class CheckpointLayout:
         return resume_problem({**read_common(self.file(0, 0)), **dict.fromkeys(sharded)}, self.file(0, 0))
 
     def args(self) -> dict:
-        """The args the checkpoint records (its first rank file's; a torch_dist one's common.pt)."""
-        if self.format != "torch_dist":
-            return rank_args(self.file(0, 0))
-        from ascendfactory.ckpt.dist import read_common
-
-        return _args_dict(read_common(self.file(0, 0)).get("args"))
+        """The args the checkpoint records (its first rank file's; a torch_dist one's common.pt), read once with
+        the layout."""
+        return dict(self.recorded_args)
 
     def describe(self) -> str:
         if self.saved:
@@ -266,6 +264,7 @@ def read_checkpoint_layout(mg_dir: str | Path, iteration: int | None = None) -> 
         path=mg_dir, iteration=it, tp=tp, pp=pp, layers=tuple(layers), source_model=args.get("source_model"),
         architecture=args.get("architecture"), vocab_size=args.get("vocab_size"),
         padded_vocab_size=int(args.get("padded_vocab_size") or emb.shape[0] * tp), dtype=emb.dtype, ep=ep,
+        recorded_args=args,
     )
 
 
@@ -287,7 +286,7 @@ def _dist_layout(mg_dir: Path, it: int) -> CheckpointLayout:
     return CheckpointLayout(
         path=mg_dir, iteration=it, tp=1, pp=1, layers=(state.num_layers(),), source_model=args.get("source_model"),
         architecture=args.get("architecture"), vocab_size=args.get("vocab_size"), padded_vocab_size=rows,
-        dtype=state.index.dtype(emb), format="torch_dist", saved=saved)
+        dtype=state.index.dtype(emb), format="torch_dist", saved=saved, recorded_args=args)
 
 
 def expert_parallel(it_dir: str | Path) -> bool:
